@@ -1,0 +1,39 @@
+# convit-ssl: `make demo` runs the main job, `make test` the whole suite.
+# Both create .venv when it is missing and install everything into it; reruns are quick.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# torch and torchvision must be a matching pair; vissl 0.1.6 and classy-vision 0.7.0 pin
+# versions that cannot install on Python 3.11, so they go in with --no-deps and setup.cfg
+# declares what they really need at run time. classy-vision goes in after vissl because
+# vissl's wheel bundles an older copy that breaks on current torchvision.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_PINS)
+	$(PIP) install --no-deps vissl==0.1.6
+	$(PIP) install --no-deps --force-reinstall classy-vision==0.7.0
+	$(PIP) install -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m convit_ssl demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,254 @@
+"""Checkpoint interop: timm / official ConViT, timm DeiT/ViT, DINO-style and VISSL checkpoints.
+
+Our parameter names differ from timm's in four places (chosen so that VISSL's
+``non_regularized_parameters: [pos_embedding, class_token]`` matches, and so the names say what they are):
+
+    timm / official            convit_ssl
+    pos_embed                  pos_embedding
+    cls_token                  class_token
+    blocks.i.attn.gating_param blocks.i.attn.gating
+    blocks.i.attn.pos_proj.*   blocks.i.attn.positional_proj.*
+
+Everything else (patch_embed.proj, blocks.i.{norm1,attn.qk,attn.v,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm)
+is shared. The classifier (``head.*``) is not part of a trunk: it is dropped on import and reported.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from convit_ssl.models.convit import PRESETS, ConViT, create_trunk
+
+_TIMM_TO_OURS = [
+    (re.compile(r"^pos_embed$"), "pos_embedding"),
+    (re.compile(r"^cls_token$"), "class_token"),
+    (re.compile(r"^(blocks\.\d+\.attn\.)gating_param$"), r"\1gating"),
+    (re.compile(r"^(blocks\.\d+\.attn\.)pos_proj\.(weight|bias)$"), r"\1positional_proj.\2"),
+]
+_OURS_TO_TIMM = [
+    (re.compile(r"^pos_embedding$"), "pos_embed"),
+    (re.compile(r"^class_token$"), "cls_token"),
+    (re.compile(r"^(blocks\.\d+\.attn\.)gating$"), r"\1gating_param"),
+    (re.compile(r"^(blocks\.\d+\.attn\.)positional_proj\.(weight|bias)$"), r"\1pos_proj.\2"),
+]
+# Keys of timm models that a trunk has no use for: the classifier and timm's distillation extras.
+_DROPPED = re.compile(r"^(head|head_dist|fc_norm)\.")
+_WRAPPER_PREFIXES = ("module.", "backbone.", "trunk.", "encoder.", "model.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a ConViT/DeiT trunk; the message says why and what to do."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did: how many tensors were mapped, which source keys were dropped and why."""
+
+    arch: Optional[str]
+    mapped: int
+    dropped: List[str] = field(default_factory=list)
+    source_format: str = "timm"
+
+    def __str__(self) -> str:
+        dropped = f"; dropped (not part of a trunk): {', '.join(self.dropped)}" if self.dropped else ""
+        return f"loaded {self.mapped} tensors ({self.source_format} format, arch {self.arch}){dropped}"
+
+
+def _rename(key: str, table) -> str:
+    for pattern, replacement in table:
+        if pattern.match(key):
+            return pattern.sub(replacement, key)
+    return key
+
+
+def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (DDP ``module.``, DINO ``backbone.``, ...) shared by every key."""
+    state = dict(state_dict)
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(key.startswith(prefix) for key in state):
+                state = {key[len(prefix):]: value for key, value in state.items()}
+                changed = True
+    return state
+
+
+def _infer_kwargs(state: Mapping[str, torch.Tensor]) -> Dict[str, object]:
+    """Model keyword arguments read from the shapes of a timm-layout state dict."""
+    missing = [key for key in ("patch_embed.proj.weight", "pos_embed") if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"not a ConViT/DeiT state dict: no {', '.join(missing)} among {len(state)} keys "
+            f"(first keys: {', '.join(list(state)[:5])}); pass a timm ConViT/DeiT or convit_ssl checkpoint"
+        )
+    embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
+    block_ids = sorted({int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k))})
+    depth = len(block_ids)
+    gpsa = [i for i in block_ids if f"blocks.{i}.attn.gating_param" in state]
+    num_positions = state["pos_embed"].shape[1]
+    kwargs: Dict[str, object] = dict(
+        embed_dim=embed_dim, patch_size=patch_size, depth=depth, local_up_to_layer=len(gpsa),
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+    )
+    if gpsa:
+        kwargs["num_heads"] = state[f"blocks.{gpsa[0]}.attn.gating_param"].shape[0]
+        kwargs["qkv_bias"] = f"blocks.{gpsa[0]}.attn.qk.bias" in state
+    else:
+        kwargs["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
+        kwargs["pos_embed_class_token"] = int(round((num_positions - 1) ** 0.5)) ** 2 == num_positions - 1
+    grid = int(round((num_positions - int(kwargs.get("pos_embed_class_token", False))) ** 0.5))
+    kwargs["img_size"] = grid * patch_size
+    return kwargs
+
+
+def _match_preset(kwargs: Mapping[str, object]) -> Optional[str]:
+    shape_fields = ("embed_dim", "depth", "local_up_to_layer", "qkv_bias", "num_heads", "pos_embed_class_token")
+    for name, preset in PRESETS.items():
+        preset = {"pos_embed_class_token": False, **preset}
+        if all(kwargs[key] == preset[key] for key in shape_fields if key in kwargs):
+            return name
+    return None
+
+
+def from_timm_state_dict(
+    state_dict: Mapping[str, torch.Tensor], arch: Optional[str] = None, **overrides
+) -> Tuple[ConViT, LoadReport]:
+    """Build a trunk from a timm ``convit_*`` or ``deit_*``/``vit_*_patch16`` state dict.
+
+    ``arch=None`` infers the preset from the tensor shapes (for DeiT/ViT the width picks the
+    preset, since heads leave no trace in the shapes; pass ``arch`` or ``num_heads`` otherwise).
+    Returns the trunk and a report; raises ``CheckpointError`` listing missing, unexpected and
+    mis-shaped keys.
+    """
+    state = _strip_prefixes(state_dict)
+    dropped = sorted(key for key in state if _DROPPED.match(key))
+    state = {key: value for key, value in state.items() if not _DROPPED.match(key)}
+    inferred = _infer_kwargs(state)
+    arch = arch or _match_preset(inferred)
+    if arch is None:
+        if "num_heads" not in inferred and "num_heads" not in overrides:
+            raise CheckpointError(
+                f"no preset has width {inferred['embed_dim']} and depth {inferred['depth']}, and the number of "
+                f"heads of plain attention blocks cannot be read from shapes: pass num_heads=..."
+            )
+        base = "convit_tiny" if inferred["local_up_to_layer"] else "deit_tiny"
+        trunk = create_trunk(base, **{**inferred, **overrides})
+        arch_name = f"custom ({base} layout)"
+    else:
+        trunk = create_trunk(arch, **{"img_size": inferred["img_size"], **overrides})
+        arch_name = arch
+    ours = {_rename(key, _TIMM_TO_OURS): value for key, value in state.items()}
+    mapped = load_trunk_state(trunk, ours, source="timm")
+    return trunk, LoadReport(arch=arch_name, mapped=mapped, dropped=dropped, source_format="timm")
+
+
+def load_trunk_state(trunk: ConViT, state: Mapping[str, torch.Tensor], source: str = "convit_ssl") -> int:
+    """Strict load that names every missing, unexpected and mis-shaped key; returns the number loaded."""
+    expected = trunk.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in set(state) & set(expected) if state[key].shape != expected[key].shape
+    )
+    if missing or unexpected or misshaped:
+        problems = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (checkpoint vs model)", misshaped)):
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+                problems.append(f"{label}: {shown}")
+        raise CheckpointError(
+            f"{source} checkpoint does not fit the trunk ({'; '.join(problems)}); check the arch and its "
+            f"overrides (embed_dim, depth, num_heads, local_up_to_layer) against the checkpoint"
+        )
+    trunk.load_state_dict(state, strict=True)
+    return len(state)
+
+
+def to_timm_state_dict(trunk: ConViT) -> Dict[str, torch.Tensor]:
+    """timm keys for every trunk tensor (timm ``ConVit`` or ``VisionTransformer`` layout).
+
+    A timm model of the same size loads it with ``strict=False``, reporting only its classifier
+    (``head.*``) as missing, which a fine-tuning run initialises anyway.
+    """
+    return {_rename(key, _OURS_TO_TIMM): value.detach().clone() for key, value in trunk.state_dict().items()}
+
+
+def vissl_trunk_state(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
+    """The trunk's state dict inside a VISSL checkpoint (training checkpoint or extracted model)."""
+    node = checkpoint
+    for key in ("classy_state_dict", "base_model", "model", "trunk"):
+        if isinstance(node, Mapping) and key in node:
+            node = node[key]
+    if not isinstance(node, Mapping) or not node or not all(isinstance(v, torch.Tensor) for v in node.values()):
+        raise CheckpointError("not a VISSL checkpoint: no classy_state_dict/base_model/model/trunk tensors inside")
+    return _strip_prefixes(node)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Load a checkpoint file and return (timm-layout state dict, format name).
+
+    Formats: VISSL (``classy_state_dict``), official ConViT/DeiT (``{"model": ...}``), DINO
+    (``{"teacher": ...}``), convit_ssl or timm state dicts. Raises ``CheckpointError`` with a
+    one-line reason for a missing file or an unknown layout.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .torch or .pth file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(f"checkpoint {path} cannot be read by torch.load ({type(error).__name__}: {error})")
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
+    if "classy_state_dict" in checkpoint or "trunk" in checkpoint:
+        state, fmt = vissl_trunk_state(checkpoint), "vissl"
+    elif "teacher" in checkpoint:
+        state, fmt = checkpoint["teacher"], "dino"
+    elif "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
+        state, fmt = checkpoint["model"], "official"
+    elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        state, fmt = checkpoint["state_dict"], "state_dict"
+    else:
+        state, fmt = checkpoint, "state_dict"
+    state = {key: value for key, value in _strip_prefixes(state).items() if isinstance(value, torch.Tensor)}
+    # VISSL and convit_ssl checkpoints carry our names; bring them to timm's layout.
+    return {_rename(key, _OURS_TO_TIMM): value for key, value in state.items()}, fmt
+
+
+def load_trunk(path: str | os.PathLike, arch: Optional[str] = None, **overrides) -> Tuple[ConViT, LoadReport]:
+    """Trunk from any supported checkpoint file (see ``read_checkpoint``)."""
+    state, fmt = read_checkpoint(path)
+    trunk, report = from_timm_state_dict(state, arch=arch, **overrides)
+    report.source_format = fmt
+    return trunk, report
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Optional[str] = None) -> LoadReport:
+    """Write the trunk of ``checkpoint`` (VISSL or other) as a timm state dict at ``out``."""
+    trunk, report = load_trunk(checkpoint, arch=arch)
+    atomic_save(to_timm_state_dict(trunk), out)
+    return report
