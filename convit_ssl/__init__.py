@@ -3,6 +3,8 @@
 ``import convit_ssl`` registers the ``convit_ssl`` trunk with VISSL (when VISSL is installed) and
 exposes the public API below. The model itself (``convit_ssl.models``) is plain PyTorch.
 """
+import importlib.util
+
 from convit_ssl.checkpoint import (
     CheckpointError,
     LoadReport,
@@ -18,11 +20,7 @@ __all__ = [
     "to_timm_state_dict",
 ]
 
-try:
-    import vissl  # noqa: F401
-except ImportError:  # the model and checkpoint tools work without VISSL
-    pass
-else:
+if importlib.util.find_spec("vissl") is not None:  # the model and checkpoint tools work without VISSL
     from convit_ssl import vissl_glue
 
     vissl_glue.setup()

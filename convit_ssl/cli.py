@@ -1,0 +1,73 @@
+"""The ``convit-ssl`` command: one subcommand per module of ``convit_ssl.commands``.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only
+when its subcommand runs, so ``convit-ssl --help`` stays fast. Errors that a user can fix
+(``UsageError`` and the package's ``ValueError`` subclasses) print one line, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# (subcommand, module under convit_ssl.commands, one-line help)
+COMMANDS = [
+    ("train", "train", "SSL pretraining from a config: convit-ssl train config=dino model=convit_tiny data=digits"),
+    ("linear-probe", "linear_probe", "grid of linear probes on a frozen trunk, best head chosen on held-out data"),
+    ("knn", "knn", "weighted kNN evaluation of a frozen trunk (DINO protocol)"),
+    ("study", "study", "studies over several runs; 'study low-data' is the paper's sample-efficiency protocol"),
+    ("results", "results", "gather result JSON files into one Markdown (and CSV) table"),
+    ("report", "report", "figures and a summary of what the gates learned, for a run folder or a checkpoint"),
+    ("prepare-data", "prepare_data", "turn an image folder or a CIFAR archive into a dataset VISSL reads"),
+    ("export-timm", "export_timm", "write the trunk of a VISSL checkpoint as a timm state dict"),
+    ("demo", "demo", "the main job: pretrain on digits, probe ConViT vs DeiT vs random init, print one table"),
+]
+
+
+class UsageError(Exception):
+    """A mistake in the user's input; the message names the problem and the fix."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convit-ssl",
+        description="ConViT trunks for self-supervised pretraining and evaluation with VISSL.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        subparsers.add_parser(name, help=help_text, description=help_text, add_help=False)
+    return parser
+
+
+def _command_parser(name: str, module_name: str, help_text: str):
+    module = importlib.import_module(f"convit_ssl.commands.{module_name}")
+    parser = argparse.ArgumentParser(prog=f"convit-ssl {name}", description=help_text,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return module, parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    by_name = {name: (module, help_text) for name, module, help_text in COMMANDS}
+    if argv[0] not in by_name:
+        parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(by_name)}")
+    module, parser = _command_parser(argv[0], *by_name[argv[0]])
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError) as error:
+        print(f"convit-ssl {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"convit-ssl {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
