@@ -19,13 +19,12 @@ Building the trunk from a VISSL config (``MODEL`` section):
 """
 from __future__ import annotations
 
-import logging
+import os
 import warnings
-from typing import Any, Dict, Mapping
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
 
 from convit_ssl.models.convit import ConViT, preset_kwargs
-
-_log = logging.getLogger(__name__)
 
 # VISSL section -> (VISSL key, our keyword). MLP_DIM becomes mlp_ratio = MLP_DIM / HIDDEN_DIM.
 VISSL_KEYS = {
@@ -92,10 +91,64 @@ class VisslConViT(ConViT):
         self.model_name = model_name
 
 
+def _atomic_save_checkpoint(checkpoint_folder: str, state, checkpoint_file: str = "checkpoint.torch") -> str:
+    """classy-vision's save_checkpoint writes in place (its comment says atomically, it is not): a kill
+    during the write leaves a truncated file that auto-resume then picks. Write, fsync, rename."""
+    from convit_ssl.checkpoint import atomic_save
+
+    path = Path(checkpoint_folder) / checkpoint_file
+    atomic_save(state, path)
+    return str(path)
+
+
+def _atomic_symlink(source: str, link: str) -> None:
+    """VISSL removes checkpoint.torch and then links it again: a kill in between leaves no link."""
+    tmp = f"{link}.tmp{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(os.path.basename(source), tmp)
+    os.replace(tmp, link)
+
+
+def _latest_checkpoint_file(checkpoint_folder: str, config, skip_final: bool = False,
+                            latest_checkpoint_resume_num: int = 1) -> Optional[str]:
+    """VISSL picks the highest phase number, or only iteration files when CHECKPOINT_ITER_FREQUENCY > 0,
+    so a run that checkpoints both ways resumes from an older state. Take the newest written file;
+    the final checkpoint wins unless skipped. Atomic writes guarantee that every file is complete."""
+    folder = Path(checkpoint_folder)
+    files = [p for p in folder.glob("model_*.torch") if "_shard" not in p.name]
+    final = [p for p in files if p.name.startswith("model_final")]
+    if final and not skip_final:
+        return final[0].name
+    candidates = sorted((p for p in files if not p.name.startswith("model_final")),
+                        key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    if not candidates:
+        return None
+    return candidates[min(len(candidates), max(1, latest_checkpoint_resume_num)) - 1].name
+
+
+def register_datasets() -> None:
+    """Make every dataset of our catalog (convit_ssl.data) known to VISSL's dataset catalog."""
+    from vissl.data.dataset_catalog import VisslDatasetCatalog
+
+    from convit_ssl import data
+
+    for name, entry in data.read_catalog().items():
+        if VisslDatasetCatalog.has_data(name):
+            VisslDatasetCatalog.remove(name)
+        VisslDatasetCatalog.register_data(name, entry)
+
+
 def _patch_vissl() -> None:
     """Compatibility patches for VISSL 0.1.6 / classy-vision 0.7.0 on current torch, numpy and Python."""
+    # vissl imports pkg_resources and torchvision's deprecated video transforms at import time.
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-    warnings.filterwarnings("ignore", module="torchvision.transforms._transforms_video")
+    warnings.filterwarnings("ignore", message=".*torchvision.transforms._(functional|transforms)_video")
+    import vissl.utils.checkpoint as vissl_checkpoint
+
+    vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint
+    vissl_checkpoint.create_file_symlink = _atomic_symlink
+    vissl_checkpoint.get_checkpoint_resume_files = _latest_checkpoint_file
 
 
 _REGISTERED = False
@@ -111,4 +164,5 @@ def setup() -> None:
 
     if "convit_ssl" not in MODEL_TRUNKS_REGISTRY:
         register_model_trunk("convit_ssl")(VisslConViT)
+    register_datasets()
     _REGISTERED = True

@@ -55,6 +55,11 @@ def relative_positions(grid_size: GridSize, device: torch.device, dtype: torch.d
     return torch.stack([dx, dy, dx * dx + dy * dy], dim=-1).to(dtype)
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision types (softmax and bicubic resampling need the range), else dtype."""
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
 def _flush_subnormals(probs: torch.Tensor) -> torch.Tensor:
     """Zero the entries of a probability tensor that are below the smallest normal float."""
     return probs.masked_fill(probs < torch.finfo(probs.dtype).tiny, 0.0)
@@ -155,9 +160,11 @@ class GatedPositionalSelfAttention(nn.Module):
     def positional_attention(self, grid_size: GridSize, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Positional attention of every head, (H, N, N), rows summing to one; shared by all images."""
         weight = self.positional_proj.weight
-        rel = relative_positions(tuple(grid_size), weight.device, weight.dtype)
+        # torch.compile traces the table's construction into the graph; eager mode uses the cache
+        table = relative_positions.__wrapped__ if torch.compiler.is_compiling() else relative_positions
+        rel = table(tuple(grid_size), weight.device, weight.dtype)
         logits = F.linear(rel, weight, self.positional_proj.bias).permute(2, 0, 1)
-        probs = _flush_subnormals(logits.float().softmax(dim=-1))
+        probs = _flush_subnormals(logits.softmax(dim=-1, dtype=_at_least_float32(logits.dtype)))
         return probs.to(dtype or weight.dtype)
 
     def gate(self) -> torch.Tensor:
@@ -381,7 +388,7 @@ class ConViT(nn.Module):
         if tuple(grid_size) == self.grid_size:
             return pos
         pos = pos.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos.float(), size=tuple(grid_size), mode="bicubic", align_corners=False, antialias=True)
+        pos = F.interpolate(pos.to(_at_least_float32(pos.dtype)), size=tuple(grid_size), mode="bicubic", align_corners=False, antialias=True)
         return pos.to(self.pos_embedding.dtype).permute(0, 2, 3, 1).flatten(1, 2)
 
     def _add_class_token(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""Compose, validate and launch VISSL runs: the one code path of `convit-ssl train` and the launchers.
+
+``compose(args)`` turns command-line words into a validated VISSL config:
+
+* ``config=NAME``: a recipe; ``dino`` is short for our ``convit_ssl/pretrain/dino``; any VISSL
+  config name (``pretrain/simclr/simclr_8node_resnet``) works too.
+* ``model=PRESET``, ``data=NAME``: pick the model and dataset files of a recipe.
+* ``trunk.KEY=VALUE``: change a field of the preset (``trunk.local_up_to_layer=0``: the DeiT twin).
+* ``run_dir=PATH``: where checkpoints and logs go (default: ``runs/<recipe>-<model>-<data>-<hash>``,
+  the same folder for the same command, so rerunning it resumes).
+* anything else is a Hydra override (``config.OPTIMIZER.num_epochs=10``).
+
+``train(config)`` runs VISSL's engine: in this process for one process per node, else through
+VISSL's launcher, whose workers import ``convit_ssl`` through the hook generator defined here.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from convit_ssl.cli import UsageError
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+RECIPE_GROUP = "convit_ssl/pretrain"
+SHORTHAND_GROUPS = {"model": "config/convit_ssl/model", "data": "config/convit_ssl/data"}
+
+
+def config_names() -> List[str]:
+    """Every config name that ``config=`` accepts: ours (short and long form) and VISSL's."""
+    names = []
+    for root in (PACKAGE_CONFIGS / "config", _vissl_config_root()):
+        if root is not None and root.is_dir():
+            names += [str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")]
+    names += [p.stem for p in (PACKAGE_CONFIGS / "config" / RECIPE_GROUP).glob("*.yaml")]
+    return sorted(set(names))
+
+
+def _vissl_config_root() -> Optional[Path]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("configs")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "config"
+
+
+def _group_options(group: str) -> List[str]:
+    return sorted(p.stem for p in (PACKAGE_CONFIGS / group).glob("*.yaml"))
+
+
+def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
+    """Split command-line words into the recipe, the Hydra overrides and the run folder."""
+    recipe, overrides, run_dir, choices = None, [], None, {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise UsageError(f"argument {arg!r} is not KEY=VALUE: write e.g. config=dino or model=convit_small")
+        if key == "config":
+            recipe = value
+        elif key in SHORTHAND_GROUPS:
+            options = _group_options(SHORTHAND_GROUPS[key])
+            if value not in options:
+                raise UsageError(f"unknown {key} {value!r}; choose from {', '.join(options)}")
+            choices[key] = value
+            overrides.append(f"{SHORTHAND_GROUPS[key]}={value}")
+        elif key.startswith("trunk."):
+            overrides.append(f"++config.MODEL.TRUNK.CONVIT_SSL.OVERRIDES.{key[len('trunk.'):]}={value}")
+            if key == "trunk.embed_dim":  # the heads read the trunk's width from EMBED_DIM
+                overrides.append(f"config.MODEL.TRUNK.CONVIT_SSL.EMBED_DIM={value}")
+        elif key == "run_dir":
+            run_dir = value
+        else:
+            overrides.append(arg)
+    if recipe is None:
+        raise UsageError(f"no config given: add config=NAME, e.g. config=dino (recipes: "
+                         f"{', '.join(_group_options('config/' + RECIPE_GROUP))})")
+    known = config_names()
+    if recipe not in known:
+        close = difflib.get_close_matches(recipe, known, n=5, cutoff=0.5)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise UsageError(f"unknown config {recipe!r} (looked in {PACKAGE_CONFIGS / 'config'} and VISSL's "
+                         f"configs){hint}")
+    if (PACKAGE_CONFIGS / "config" / RECIPE_GROUP / f"{recipe}.yaml").is_file():
+        recipe = f"{RECIPE_GROUP}/{recipe}"
+    return dict(recipe=recipe, overrides=overrides, run_dir=run_dir, choices=choices)
+
+
+def default_run_dir(recipe: str, choices: Dict[str, str], overrides: Sequence[str], root: str = "runs") -> str:
+    """``runs/<recipe>-<model>-<data>-<hash of the overrides>``: the same command, the same folder."""
+    digest = hashlib.sha1("\n".join([recipe, *sorted(overrides)]).encode()).hexdigest()[:8]
+    parts = [Path(recipe).name, choices.get("model", ""), choices.get("data", ""), digest]
+    return str(Path(os.environ.get("CONVIT_SSL_RUNS", root)) / "-".join(p for p in parts if p))
+
+
+def compose(args: Sequence[str], run_dir: Optional[str] = None):
+    """Validated VISSL config (AttrDict) for command-line words (see the module docstring)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from vissl.utils.hydra_config import convert_to_attrdict
+
+    parsed = expand_arguments(args)
+    run_dir = run_dir or parsed["run_dir"] or default_run_dir(parsed["recipe"], parsed["choices"], parsed["overrides"])
+    overrides = [
+        f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]",
+        f"config={parsed['recipe']}",
+        *parsed["overrides"],
+    ]
+    try:
+        with initialize_config_module(config_module="vissl.config", version_base=None):
+            cfg = hydra_compose("defaults", overrides=overrides)
+        OmegaConf.resolve(cfg)  # our recipes interpolate crop sizes, statistics and head widths
+        resolve_device(cfg.config)  # before VISSL derives batch sizes and learning rates from it
+        _, config = convert_to_attrdict(cfg)
+    except (HydraException, OmegaConfBaseException) as error:
+        message = str(error).splitlines()[0]
+        raise UsageError(f"config {parsed['recipe']} does not compose: {message}") from None
+    config.CHECKPOINT.DIR = str(Path(run_dir).resolve())
+    validate(config)
+    derive_iteration_settings(config)
+    return config
+
+
+def resolve_device(config) -> None:
+    """``auto`` settings: gpu + nccl + one process per GPU when CUDA is present, else one cpu process
+    with gloo, without LARC (it needs apex) or AMP."""
+    import torch
+
+    if config.MACHINE.DEVICE == "auto":
+        config.MACHINE.DEVICE = "gpu" if torch.cuda.is_available() else "cpu"
+    if config.DISTRIBUTED.NUM_PROC_PER_NODE == "auto":
+        gpus = torch.cuda.device_count() if config.MACHINE.DEVICE == "gpu" else 0
+        config.DISTRIBUTED.NUM_PROC_PER_NODE = max(1, gpus)
+    if config.DISTRIBUTED.BACKEND == "auto":
+        config.DISTRIBUTED.BACKEND = "nccl" if config.MACHINE.DEVICE == "gpu" else "gloo"
+    if config.MACHINE.DEVICE == "cpu":
+        config.OPTIMIZER.use_larc = False
+        config.MODEL.AMP_PARAMS.USE_AMP = False
+        if config.MODEL.get("SYNC_BN_CONFIG"):
+            config.MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN = False
+
+
+def validate(config) -> None:
+    """Checks that fail in one line before any work starts."""
+    from convit_ssl import data
+    from convit_ssl.vissl_glue import trunk_kwargs
+
+    if config.MODEL.TRUNK.NAME == "convit_ssl":
+        kwargs = trunk_kwargs(config.MODEL)
+        expected = config.MODEL.TRUNK.get("CONVIT_SSL", {}).get("EMBED_DIM")
+        if expected and expected != kwargs["embed_dim"]:
+            raise UsageError(
+                f"trunk/head dimension mismatch: the trunk {config.MODEL.TRUNK.CONVIT_SSL.PRESET} is "
+                f"{kwargs['embed_dim']} wide but the heads expect EMBED_DIM={expected}; pick the model with "
+                f"model=PRESET rather than setting PRESET alone"
+            )
+    for source, name in zip(config.DATA.TRAIN.DATA_SOURCES, config.DATA.TRAIN.DATASET_NAMES):
+        if source in ("disk_folder", "disk_filelist"):
+            data.dataset_split_dir(name, "train")
+
+
+def derive_iteration_settings(config) -> None:
+    """Settings given in epochs in our recipes, converted to iterations for VISSL."""
+    epochs = config.get("CONVIT_SSL", {}).get("TEACHER_TEMP_WARMUP_EPOCHS")
+    if config.LOSS.name != "dino_loss" or not epochs:
+        return
+    from convit_ssl import data
+
+    split_dir = data.dataset_split_dir(config.DATA.TRAIN.DATASET_NAMES[0], "train")
+    images = sum(1 for path in split_dir.rglob("*") if path.is_file())
+    world = config.DISTRIBUTED.NUM_NODES * config.DISTRIBUTED.NUM_PROC_PER_NODE
+    iterations_per_epoch = max(1, math.floor(images / (config.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world)))
+    total = iterations_per_epoch * config.OPTIMIZER.num_epochs
+    config.LOSS.dino_loss.teacher_temp_warmup_iters = min(total, int(epochs * iterations_per_epoch))
+
+
+def hook_generator(config):
+    """VISSL's hooks plus ours. Being a function of this module, it makes every worker process that
+    VISSL spawns import ``convit_ssl`` (and so register the trunk) when it is unpickled there."""
+    from vissl.hooks import default_hook_generator
+
+    hooks = default_hook_generator(config)
+    try:
+        from convit_ssl.hooks import build_gating_hook
+    except ImportError:
+        return hooks
+    gating = build_gating_hook(config)
+    return hooks + ([gating] if gating is not None else [])
+
+
+def train(config, node_id: int = 0) -> Path:
+    """Run VISSL training for ``config`` on this node; returns the run folder."""
+    from vissl.utils.distributed_launcher import launch_distributed
+
+    run_dir = Path(config.CHECKPOINT.DIR)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    launch_distributed(config, node_id=node_id, engine_name="train", hook_generator=hook_generator)
+    return run_dir

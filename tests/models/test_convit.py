@@ -1,0 +1,188 @@
+"""The ConViT trunk against timm (the reference port of the official code) and against the definition."""
+import math
+
+import pytest
+import torch
+
+from convit_ssl.models import PRESETS, create_trunk
+from convit_ssl.models.convit import GatedPositionalSelfAttention, relative_positions
+from oracles import TINY_ARGS, naive_positional_attention, timm_and_ours
+
+
+def _relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name,img_size", [("convit_tiny", 224), ("convit_tiny", 160), ("convit_small", 224),
+                                           ("convit_small", 96)])
+def test_outputs_and_gradients_match_timm(name, img_size):
+    reference, trunk = timm_and_ours(name, img_size=img_size)
+    images = torch.randn(2, 3, img_size, img_size)
+    # train mode without dropout: the same function, and the gradients of every parameter
+    reference.train()
+    trunk.train()
+    ours = trunk(images)[0]
+    theirs = reference(images)
+    assert _relative_error(ours, theirs) < 1e-5
+    weights = torch.randn_like(ours)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    theirs_grads = {name: p.grad for name, p in reference.named_parameters()}
+    from convit_ssl.checkpoint import to_timm_state_dict
+
+    names = list(to_timm_state_dict(trunk))
+    for our_name, (timm_name, param) in zip(dict(trunk.named_parameters()), zip(names, trunk.parameters())):
+        assert param.grad is not None, our_name
+        # positional_proj.bias has an exactly zero gradient (softmax ignores a shift): compare to rounding noise
+        difference = (param.grad - theirs_grads[timm_name]).abs().max()
+        assert difference <= 1e-4 * theirs_grads[timm_name].abs().max() + 1e-6, our_name
+
+
+def test_float64_parity_is_tight():
+    reference, trunk = timm_and_ours("convit_tiny", img_size=64)
+    reference.double()
+    trunk.double()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert _relative_error(trunk(images)[0], reference(images)) < 1e-12
+
+
+def test_local_init_peaks_at_assigned_offsets():
+    trunk = create_trunk("convit_small", img_size=224)
+    attn = trunk.blocks[0].attn
+    kernel = 3
+    grid = (14, 14)
+    positional = attn.positional_attention(grid)
+    query_row, query_col = 7, 7
+    query = query_row * grid[1] + query_col
+    for h1 in range(kernel):
+        for h2 in range(kernel):
+            head = h1 + kernel * h2
+            peak = positional[head, query].argmax().item()
+            expected = (query_row + h1 - 1) * grid[1] + (query_col + h2 - 1)
+            assert peak == expected, (head, divmod(peak, grid[1]))
+    assert torch.allclose(attn.gate(), torch.full((9,), 1 / (1 + math.exp(-1))))
+    assert torch.equal(attn.v.weight, torch.eye(432))
+
+
+def test_non_square_grid_uses_real_grid_shape():
+    # 14 x 10 patches: sqrt(140) is not an integer, so a grid taken from sqrt(N) gives other offsets
+    trunk = create_trunk("convit_tiny", img_size=(224, 160))
+    attn = trunk.blocks[0].attn
+    ours = attn.positional_attention((14, 10)).double()
+    assert torch.allclose(ours, naive_positional_attention(attn, 14, 10), atol=1e-6)
+    # the head with offset (+0.5, +0.5) (H=4: half-integer centres) attends equally to its 2x2 neighbourhood
+    table = relative_positions((14, 10), torch.device("cpu"), torch.float32)
+    assert table.shape == (140, 140, 3)
+    assert table[0, 11].tolist() == [1.0, 1.0, 2.0]  # one row down, one column right on a 10-wide grid
+    images = torch.randn(1, 3, 224, 160)
+    assert trunk(images)[0].shape == (1, 192)
+
+
+def test_multi_crop_sizes_in_one_step():
+    trunk = create_trunk("convit_tiny", img_size=224)
+    global_crops = torch.randn(2, 3, 224, 224)
+    local_crops = torch.randn(4, 3, 96, 96)
+    loss = trunk(global_crops)[0].square().mean() + trunk(local_crops)[0].square().mean()
+    loss.backward()
+    assert trunk.pos_embedding.grad.abs().sum() > 0
+    assert trunk.blocks[0].attn.positional_proj.weight.grad.abs().sum() > 0
+
+
+def test_relative_position_table_cached_per_grid_device_dtype():
+    relative_positions.cache_clear()
+    trunk = create_trunk("convit_tiny", img_size=64)
+    trunk(torch.randn(1, 3, 64, 64))
+    trunk(torch.randn(1, 3, 32, 32))
+    trunk(torch.randn(1, 3, 64, 64))
+    info = relative_positions.cache_info()
+    assert info.misses == 2 and info.hits >= 2 * trunk.local_up_to_layer - 2
+
+
+def test_positional_attention_subnormals_flushed_below_rounding():
+    attn = GatedPositionalSelfAttention(dim=192, num_heads=4)
+    attn.local_init()
+    rel = relative_positions((14, 14), torch.device("cpu"), torch.float32)
+    logits = torch.nn.functional.linear(rel, attn.positional_proj.weight, attn.positional_proj.bias)
+    reference = logits.permute(2, 0, 1).softmax(-1)  # the reference's float32 softmax
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = (reference > 0) & (reference < tiny)
+    assert subnormal.float().mean() > 0.01, "at local init a few percent of the entries are subnormal"
+    with torch.no_grad():
+        ours = attn.positional_attention((14, 14))
+    assert not ((ours > 0) & (ours < tiny)).any()
+    assert torch.equal(ours[~subnormal], reference[~subnormal])
+    # the flushed entries moved by less than the smallest normal float, 1e-31 of the rounding step at 1
+    assert (ours - reference).abs().max() < tiny
+
+
+@pytest.mark.parametrize("arch", list(PRESETS))
+def test_preset_size_matches_timm_and_paper(arch):
+    import timm
+
+    from convit_ssl.models.flops import count_flops
+
+    paper_params = {"convit_tiny": 6e6, "convit_tiny_plus": 10e6, "convit_small": 27e6, "convit_small_plus": 48e6,
+                    "convit_base": 86e6, "convit_base_plus": 152e6}
+    timm_name = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
+                 "deit_base": "deit_base_patch16_224"}.get(arch)
+    trunk = create_trunk(arch)
+    params = sum(p.numel() for p in trunk.parameters())
+    flops = count_flops(trunk)
+    if timm_name is None:
+        heads = PRESETS[arch]["num_heads"]
+        reference = timm.create_model("convit_tiny", pretrained=False, num_classes=0,
+                                      embed_dim=PRESETS[arch]["embed_dim"] // heads, num_heads=heads)
+    else:
+        reference = timm.create_model(timm_name, num_classes=0)
+    assert params == sum(p.numel() for p in reference.parameters())
+    # our fast GPSA multiplies P by v separately: N^2 * C more multiply-adds per GPSA layer
+    extra = PRESETS[arch]["local_up_to_layer"] * 196**2 * PRESETS[arch]["embed_dim"]
+    assert abs(flops - (count_flops(reference) + extra)) / flops < 0.01
+    if arch in paper_params:
+        with_head = params + 1000 * PRESETS[arch]["embed_dim"] + 1000
+        assert abs(with_head - paper_params[arch]) / paper_params[arch] < 0.05
+
+
+def test_attention_dropout_keeps_reference_semantics():
+    trunk = create_trunk("convit_tiny", **TINY_ARGS, attn_drop_rate=0.5).train()
+    attn = trunk.blocks[0].attn
+    tokens = torch.randn(2, 16, 36)
+    torch.manual_seed(1)
+    out = attn(tokens, (4, 4))
+    torch.manual_seed(1)
+    content = attn.content_attention(tokens)
+    mixed = (1 - attn.gate().view(1, -1, 1, 1)) * content + attn.gate().view(1, -1, 1, 1) * attn.positional_attention((4, 4))
+    mixed = torch.nn.functional.dropout(mixed / mixed.sum(-1, keepdim=True), 0.5)
+    v = attn.v(tokens).reshape(2, 16, 9, 4).transpose(1, 2)
+    expected = attn.proj((mixed @ v).transpose(1, 2).reshape(2, 16, 36))
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    plain = create_trunk("convit_tiny", **TINY_ARGS)
+    checkpointed = create_trunk("convit_tiny", **TINY_ARGS, grad_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    for model in (plain, checkpointed):
+        model(images)[0].square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_torch_compile_matches_eager():
+    trunk = create_trunk("convit_tiny", **TINY_ARGS).eval()
+    images = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(trunk)
+    with torch.no_grad():
+        assert torch.allclose(compiled(images)[0], trunk(images)[0], atol=1e-5)
+
+
+def test_bfloat16_autocast_runs_and_stays_close():
+    trunk = create_trunk("convit_tiny", **TINY_ARGS).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = trunk(images)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = trunk(images)[0]
+    assert _relative_error(low.float(), reference) < 0.05

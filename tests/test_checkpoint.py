@@ -1,0 +1,96 @@
+"""Checkpoint interop: timm ConViT/DeiT state dicts, VISSL checkpoints, export, strict loading."""
+import pytest
+import timm
+import torch
+
+from convit_ssl import CheckpointError, create_trunk, from_timm_state_dict, load_trunk, to_timm_state_dict
+from convit_ssl.checkpoint import atomic_save, export_timm
+
+
+@pytest.mark.parametrize("timm_name,arch", [("convit_tiny", "convit_tiny"), ("convit_small", "convit_small"),
+                                            ("deit_tiny_patch16_224", "deit_tiny"),
+                                            ("vit_small_patch16_224", "deit_small")])
+def test_arch_inferred_and_outputs_match(timm_name, arch):
+    reference = timm.create_model(timm_name).eval()
+    trunk, report = from_timm_state_dict(reference.state_dict())
+    assert report.arch == arch and report.dropped == ["head.bias", "head.weight"]
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference.forward_head(reference.forward_features(images), pre_logits=True)
+        got = trunk.eval()(images)[0]
+    assert ((got - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+def test_round_trip_is_lossless():
+    reference = timm.create_model("convit_tiny")
+    trunk, _ = from_timm_state_dict(reference.state_dict())
+    exported = to_timm_state_dict(trunk)
+    original = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+    incompatible = timm.create_model("convit_tiny").load_state_dict(exported, strict=False)
+    assert incompatible.missing_keys == ["head.weight", "head.bias"] and not incompatible.unexpected_keys
+
+
+def test_wrapper_prefixes_are_stripped():
+    reference = timm.create_model("convit_tiny", num_classes=0)
+    wrapped = {f"module.backbone.{k}": v for k, v in reference.state_dict().items()}
+    trunk, report = from_timm_state_dict(wrapped)
+    assert report.mapped == len(reference.state_dict())
+
+
+def test_bad_keys_are_listed():
+    state = timm.create_model("convit_tiny", num_classes=0).state_dict()
+    del state["blocks.3.attn.qk.weight"]
+    state["blocks.3.attn.extra"] = torch.zeros(1)
+    state["norm.weight"] = torch.zeros(5)
+    with pytest.raises(CheckpointError) as error:
+        from_timm_state_dict(state, arch="convit_tiny")
+    message = str(error.value)
+    assert "missing: blocks.3.attn.qk.weight" in message
+    assert "unexpected: blocks.3.attn.extra" in message
+    assert "norm.weight (5,) vs (192,)" in message
+
+
+def test_not_a_convit_checkpoint():
+    with pytest.raises(CheckpointError, match="not a ConViT/DeiT state dict"):
+        from_timm_state_dict({"conv1.weight": torch.zeros(64, 3, 7, 7)})
+
+
+def test_vissl_checkpoint_exports_to_timm(tmp_path):
+    trunk = create_trunk("convit_tiny", img_size=64)
+    vissl_checkpoint = {"phase_idx": 3, "classy_state_dict": {"base_model": {"model": {
+        "trunk": trunk.state_dict(), "heads": {"0.weight": torch.zeros(2, 2)}}}}}
+    path = tmp_path / "model_phase3.torch"
+    torch.save(vissl_checkpoint, path)
+    report = export_timm(path, tmp_path / "convit.pth")
+    assert report.source_format == "vissl" and report.arch == "convit_tiny"
+    reference = timm.create_model("convit_tiny", img_size=64, num_classes=0).eval()
+    reference.load_state_dict(torch.load(tmp_path / "convit.pth"), strict=True)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(reference(images), trunk.eval()(images)[0], atol=1e-5)
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_trunk(tmp_path / "nope.torch")
+    (tmp_path / "junk.torch").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read by torch.load"):
+        load_trunk(tmp_path / "junk.torch")
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "out.pth"
+    atomic_save({"a": torch.ones(2)}, target)
+
+    def failing_save(obj, stream):
+        stream.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_save({"a": torch.zeros(2)}, target)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(target)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.pth"]
