@@ -4,7 +4,8 @@
 
 * ``config=NAME``: a recipe; ``dino`` is short for our ``convit_ssl/pretrain/dino``; any VISSL
   config name (``pretrain/simclr/simclr_8node_resnet``) works too.
-* ``model=PRESET``, ``data=NAME``: pick the model and dataset files of a recipe.
+* ``model=PRESET``: the model file of a recipe. ``data=NAME``: the data file of that name (crop
+  sizes and statistics for a standard dataset), or any dataset registered with ``prepare-data``.
 * ``trunk.KEY=VALUE``: change a field of the preset (``trunk.local_up_to_layer=0``: the DeiT twin).
 * ``run_dir=PATH``: where checkpoints and logs go (default: ``runs/<recipe>-<model>-<data>-<hash>``,
   the same folder for the same command, so rerunning it resumes).
@@ -63,10 +64,13 @@ def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
             recipe = value
         elif key in SHORTHAND_GROUPS:
             options = _group_options(SHORTHAND_GROUPS[key])
-            if value not in options:
-                raise UsageError(f"unknown {key} {value!r}; choose from {', '.join(options)}")
             choices[key] = value
-            overrides.append(f"{SHORTHAND_GROUPS[key]}={value}")
+            if value in options:
+                overrides.append(f"{SHORTHAND_GROUPS[key]}={value}")
+            elif key == "data":  # any dataset of the catalog, read with the recipe's crop sizes
+                overrides.append(f"config.CONVIT_SSL.DATASET={value}")
+            else:
+                raise UsageError(f"unknown {key} {value!r}; choose from {', '.join(options)}")
         elif key.startswith("trunk."):
             overrides.append(f"++config.MODEL.TRUNK.CONVIT_SSL.OVERRIDES.{key[len('trunk.'):]}={value}")
             if key == "trunk.embed_dim":  # the heads read the trunk's width from EMBED_DIM
@@ -117,11 +121,11 @@ def compose(args: Sequence[str], run_dir: Optional[str] = None):
             cfg = hydra_compose("defaults", overrides=overrides)
         OmegaConf.resolve(cfg)  # our recipes interpolate crop sizes, statistics and head widths
         resolve_device(cfg.config)  # before VISSL derives batch sizes and learning rates from it
+        cfg.config.CHECKPOINT.DIR = str(Path(run_dir).resolve())  # VISSL writes train_config.yaml there
         _, config = convert_to_attrdict(cfg)
     except (HydraException, OmegaConfBaseException) as error:
         message = str(error).splitlines()[0]
         raise UsageError(f"config {parsed['recipe']} does not compose: {message}") from None
-    config.CHECKPOINT.DIR = str(Path(run_dir).resolve())
     validate(config)
     derive_iteration_settings(config)
     return config
@@ -185,11 +189,9 @@ def hook_generator(config):
     VISSL spawns import ``convit_ssl`` (and so register the trunk) when it is unpickled there."""
     from vissl.hooks import default_hook_generator
 
+    from convit_ssl.hooks import build_gating_hook
+
     hooks = default_hook_generator(config)
-    try:
-        from convit_ssl.hooks import build_gating_hook
-    except ImportError:
-        return hooks
     gating = build_gating_hook(config)
     return hooks + ([gating] if gating is not None else [])
 

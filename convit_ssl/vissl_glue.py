@@ -144,6 +144,8 @@ def _patch_vissl() -> None:
     # vissl imports pkg_resources and torchvision's deprecated video transforms at import time.
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.transforms._(functional|transforms)_video")
+    # VISSL's Hydra plugin adds the relative search path file://configs, which exists only in its repo root.
+    warnings.filterwarnings("ignore", message="provider=vissl, path=configs is not available")
     import vissl.utils.checkpoint as vissl_checkpoint
 
     vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint

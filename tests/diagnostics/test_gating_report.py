@@ -1,0 +1,180 @@
+"""`convit-ssl report` on fake run folders and checkpoints: numbers in the summary, valid figures."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from convit_ssl import report
+from convit_ssl.checkpoint import to_timm_state_dict
+from convit_ssl.cli import main
+from convit_ssl.diagnostics import diagnostics_record, gating_diagnostics
+
+INIT = 1 / (1 + math.exp(-1))
+
+
+def logit(p):
+    return math.log(p / (1 - p))
+
+
+def assert_png(path, kind):
+    width, height = (round(side * report.DPI) for side in report.FIGURE_INCHES[kind])
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (width, height)
+        image.verify()
+
+
+def set_gates(trunk, gates):
+    with torch.no_grad():
+        for block, row in zip(trunk.blocks, gates):
+            block.attn.gating.copy_(torch.tensor([logit(g) for g in row]))
+
+
+# Layer 1 keeps heads 1-3 convolutional; layer 2's gates all fall below 0.5.
+FINAL_GATES = [[0.9, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02], [0.3] * 9]
+
+
+def make_run(folder, trunk, images, final_gates=FINAL_GATES, iterations=(0, 50, 100)):
+    """A VISSL-like run folder: gating records from init to ``final_gates``, a checkpoint, a result file."""
+    folder.mkdir(parents=True)
+    with open(folder / "gating_metrics.jsonl", "w") as stream:
+        for step, iteration in enumerate(iterations):
+            share = step / (len(iterations) - 1)
+            set_gates(trunk, [[INIT + share * (g - INIT) for g in row] for row in final_gates])
+            record = {"iteration": iteration, "epoch": step, "probe_images": 4,
+                      **diagnostics_record(gating_diagnostics(trunk, images))}
+            stream.write(json.dumps(record) + "\n")
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}},
+               folder / "model_final_checkpoint_phase2.torch")
+    (folder / "eval").mkdir()
+    (folder / "eval" / "linear_probe.json").write_text(json.dumps({"top1": 61.25, "top5": 88.5}))
+    (folder / "eval" / "knn.json").write_text(json.dumps({"k20": {"top1": 55.5}, "notes": "x"}))
+    return folder
+
+
+def summary_row(text, layer):
+    return next(line for line in text.splitlines() if line.startswith(f"| {layer} |"))
+
+
+def test_run_folder_report(trunk, images, tmp_path):
+    run = make_run(tmp_path / "run", trunk, images)
+    assert main(["report", str(run)]) == 0
+    out = run / "report"
+    for kind in ("gates_final", "gate_trajectories", "attention_distance"):
+        assert_png(out / f"{kind}.png", kind)
+    for layer in (1, 2):
+        assert_png(out / f"attention_maps_layer{layer}.png", "attention_maps")
+    text = (out / "summary.md").read_text()
+    layer1 = summary_row(text, 1).split(" | ")
+    mean_end = sum(FINAL_GATES[0]) / 9
+    assert layer1[1:4] == [f"{INIT:.3f}", f"{mean_end:.3f}", f"yes ({mean_end - INIT:+.3f})"]
+    assert layer1[-1] == "1, 2, 3 |"
+    assert summary_row(text, 2).endswith("| none |")
+    assert "**Layers whose heads stayed convolutional (gate > 0.5):** layer 1 (heads 1, 2, 3 of 9" in text
+    assert "layer 2 (" not in text
+    assert "iterations 0 to 100" in text
+    assert "| eval/linear_probe.json | - | 61.25 | 88.50 |" in text
+    assert "| eval/knn.json | k20 | 55.50 |  |" in text
+    for name in ("gates_final.png", "gate_trajectories.png", "attention_maps_layer2.png"):
+        assert f"]({name})" in text
+
+
+def test_gate_table_says_fell_rose_or_unchanged():
+    start = torch.full((3, 2), INIT)
+    end = torch.tensor([[0.9, 0.2], [INIT + 1e-4, INIT], [0.8, 0.9]])
+    rows = report.layer_rows(start, end)
+    assert [r["fell"] for r in rows] == [True, False, False]
+    assert [r["convolutional_heads"] for r in rows] == [[1], [1, 2], [1, 2]]
+    table = report._gate_table(rows, "at init", "at the end")
+    assert table[2].split(" | ")[3] == f"yes ({0.55 - INIT:+.3f})"
+    assert table[3].split(" | ")[3] == "no (unchanged)"
+    assert table[4].split(" | ")[3] == f"no ({0.85 - INIT:+.3f})"
+
+
+def test_checkpoint_discovery_and_metrics_reading(tmp_path):
+    for name in ("model_phase9.torch", "model_phase10.torch", "model_final_checkpoint_phase3.torch"):
+        (tmp_path / name).write_bytes(b"")
+    assert report.find_checkpoint(tmp_path).name == "model_final_checkpoint_phase3.torch"
+    (tmp_path / "model_final_checkpoint_phase3.torch").unlink()
+    assert report.find_checkpoint(tmp_path).name == "model_phase10.torch"
+    os.symlink("model_phase9.torch", tmp_path / "checkpoint.torch")
+    assert report.find_checkpoint(tmp_path).name == "checkpoint.torch"
+
+    metrics = tmp_path / "gating_metrics.jsonl"
+    lines = [{"iteration": i, "tag": tag, "layers": []} for i, tag in [(0, "a"), (10, "a"), (20, "a"), (10, "resumed")]]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"iteration": 30, "lay')
+    records = report.load_gating_metrics(metrics)  # a resume rewrites iteration 10; the cut last line is dropped
+    assert [(r["iteration"], r["tag"]) for r in records] == [(0, "a"), (10, "resumed"), (20, "a")]
+    metrics.write_text('{"iteration": 0}\nnot json\n{"iteration": 1}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        report.load_gating_metrics(metrics)
+
+
+@pytest.mark.parametrize("layout, format_name", [("vissl", "vissl"), ("timm", "state_dict")])
+def test_bare_checkpoint_report(make_trunk, layout, format_name, tmp_path):
+    trunk = make_trunk()
+    set_gates(trunk, FINAL_GATES)
+    checkpoint = tmp_path / "weights.torch"
+    state = trunk.state_dict() if layout == "vissl" else to_timm_state_dict(trunk)
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": state}}}} if layout == "vissl" else state,
+               checkpoint)
+    assert main(["report", str(checkpoint)]) == 2  # needs --out
+    out = tmp_path / "out"
+    assert main(["report", str(checkpoint), "--out", str(out)]) == 0
+    assert_png(out / "gates_final.png", "gates_final")
+    assert_png(out / "attention_maps_layer1.png", "attention_maps")
+    assert not (out / "gate_trajectories.png").exists()
+    text = (out / "summary.md").read_text()
+    assert f"({format_name} format" in text and "no trajectories" in text
+    assert summary_row(text, 2).split(" | ")[1:4] == [f"{INIT:.3f}", "0.300", f"yes ({0.3 - INIT:+.3f})"]
+    # Distances measured on the sample image: positional ones are exact and image-independent.
+    expected = gating_diagnostics(trunk, torch.zeros(1, 3, 32, 32))["positional_distance"][0].mean().item()
+    assert summary_row(text.split("## Mean attention distance")[1], 1).split(" | ")[1] == f"{expected:.2f}"
+
+
+def test_compare_two_runs(make_trunk, images, tmp_path):
+    run_a = make_run(tmp_path / "convit", make_trunk(), images)
+    run_b = make_run(tmp_path / "other", make_trunk(), images, final_gates=[[0.7] * 9, [0.1] * 9],
+                     iterations=(0, 40, 80, 120))
+    out = tmp_path / "cmp"
+    assert main(["report", "--compare", str(run_a), str(run_b)]) == 2  # needs --out
+    assert main(["report", "--compare", str(run_a), str(run_b), "--out", str(out)]) == 0
+    assert_png(out / "compare_gates.png", "gate_trajectories")
+    assert_png(out / "compare_attention_distance.png", "attention_distance")
+    text = (out / "summary.md").read_text()
+    final = summary_row(text.split("## Final mean gate")[1], 2).split(" | ")
+    assert final[1:3] == ["0.300", "0.100"]
+    assert "iterations 0 to 120" in text and "A: convit" in text and "B: other" in text
+    (run_b / "gating_metrics.jsonl").unlink()
+    assert main(["report", "--compare", str(run_a), str(run_b), "--out", str(out)]) == 2
+
+
+def test_attention_maps_use_an_image_of_the_runs_dataset(trunk, images, tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run", trunk, images)
+    val = tmp_path / "data" / "digits" / "val" / "class_b"
+    val.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(val / "img_001.png")
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(tmp_path / "data"))
+    catalog = {"digits": {"train": [str(tmp_path / "missing")] * 2, "val": [str(val.parent)] * 2}}
+    (tmp_path / "data" / "dataset_catalog.json").write_text(json.dumps(catalog))
+    (run / "train_config.yaml").write_text(
+        "DATA:\n  TRAIN:\n    DATA_PATHS: []\n    DATASET_NAMES: [digits]\n"
+        "    TRANSFORMS:\n    - {name: ToTensor}\n"
+        "    - {name: Normalize, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}\n")
+    config = report.run_config(run)
+    assert report.dataset_image_file(config) == val / "img_001.png"
+    assert report.normalisation(config) == ([0.5] * 3, [0.5] * 3)
+    image = report.read_image(val / "img_001.png", (32, 32))
+    torch.testing.assert_close(image[:, 5, 5], torch.tensor([200, 30, 30]) / 255)
+    torch.testing.assert_close(report.normalise(image, report.normalisation(config))[:, 5, 5],
+                               torch.tensor([200, 30, 30]) / 127.5 - 1)
+    summary = report.write_report(run)
+    assert "`img_001.png` (from the run's dataset)" in summary.read_text()
+
+
+def test_usage_errors(tmp_path):
+    assert main(["report"]) == 2
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert main(["report", str(tmp_path)]) == 2  # a folder with neither checkpoint nor metrics
