@@ -1,0 +1,272 @@
+"""Throughput, FLOPs and peak memory of our ConViT against timm's ConViT and DeiT, side by side.
+
+All models of a size class run in one process, interleaved round-robin after warm-up, so machine
+noise hits them alike; the ratios are what to read. Peak memory of a training step is measured
+with each model alone in a fresh process. Prints a table and writes JSON.
+
+    python benchmarks/throughput.py                       # CPU: tiny and small, fp32, batch 32, 224 px
+    python benchmarks/throughput.py --device cuda         # GPU: tiny, small, base; fp32 and bf16 autocast
+
+Targets (CPU, fp32, batch 32, 224 px), checked and printed at the end (``--check`` exits 1 on a miss):
+training >= 1.6x timm convit_tiny and >= 2.3x timm convit_small; >= 0.85x timm deit_tiny; for small,
+FLOP-normalised training throughput >= 0.9x deit_small; inference >= 1.6x timm ConViT; peak memory of a
+training step <= 0.8x timm ConViT's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+from torch.utils import flop_counter
+
+MODELS = ("convit_ssl", "timm_convit", "timm_deit")
+
+
+def build(name: str, size: str) -> torch.nn.Module:
+    """One of MODELS at ``size`` (tiny/small/base), without a classifier: (B, 3, 224, 224) -> (B, C)."""
+    import timm
+
+    from convit_ssl.models import create_trunk
+
+    if name == "convit_ssl":
+        trunk = create_trunk(f"convit_{size}")
+        return _FirstOutput(trunk)
+    if name == "timm_convit":
+        return timm.create_model(f"convit_{size}", num_classes=0)
+    return timm.create_model(f"deit_{size}_patch16_224", num_classes=0)
+
+
+class _FirstOutput(torch.nn.Module):
+    """Our trunk returns VISSL's list of features; benchmark the default one (final class token)."""
+
+    def __init__(self, trunk: torch.nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)[0]
+
+
+def _register_cpu_attention_flops() -> None:
+    """torch's FlopCounterMode counts the CUDA attention kernels but not the CPU flash kernel."""
+    ops = torch.ops.aten
+    forward = getattr(ops, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is None or forward in flop_counter.flop_registry:
+        return
+
+    def forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    flop_counter.register_flop_formula(forward, get_raw=False)(forward_flops)
+    flop_counter.register_flop_formula(backward, get_raw=False)(backward_flops)
+
+
+class Runner:
+    """A model with its optimizer and the two timed steps."""
+
+    def __init__(self, name: str, size: str, device: torch.device, batch: int, img_size: int, bf16: bool):
+        torch.manual_seed(0)
+        self.name = name
+        self.model = build(name, size).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.images = torch.randn(batch, 3, img_size, img_size, device=device)
+        self.device = device
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            loss = self.model(self.images).float().square().mean()
+        loss.backward()
+        self.optimizer.step()
+
+    def inference_step(self) -> None:
+        self.model.eval()
+        with torch.inference_mode(), self.autocast:
+            self.model(self.images)
+
+    def timed(self, step: Callable[[], None]) -> float:
+        _synchronize(self.device)
+        start = time.perf_counter()
+        step()
+        _synchronize(self.device)
+        return time.perf_counter() - start
+
+    def training_flops_per_image(self) -> float:
+        _register_cpu_attention_flops()
+        counter = flop_counter.FlopCounterMode(display=False)
+        with counter:
+            self.model.train()
+            with self.autocast:
+                loss = self.model(self.images).float().square().mean()
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / self.images.shape[0]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_speed(size: str, args, device: torch.device, bf16: bool) -> Dict[str, dict]:
+    """Median seconds per step of each model, round-robin over the models."""
+    runners = [Runner(name, size, device, args.batch, args.img_size, bf16) for name in MODELS]
+    results = {r.name: {"flops_per_image": r.training_flops_per_image()} for r in runners}
+    for kind in ("train", "inference"):
+        times: Dict[str, List[float]] = {r.name: [] for r in runners}
+        for round_index in range(args.warmup + args.rounds):
+            for runner in runners:
+                step = runner.train_step if kind == "train" else runner.inference_step
+                elapsed = runner.timed(step)
+                if round_index >= args.warmup:
+                    times[runner.name].append(elapsed)
+        for name, values in times.items():
+            results[name][f"{kind}_img_per_s"] = args.batch / statistics.median(values)
+    return results
+
+
+def peak_memory_child(name: str, size: str, args, device: torch.device, bf16: bool) -> int:
+    """Bytes a training step needs on top of weights and optimizer state (this process alone)."""
+    runner = Runner(name, size, device, args.batch, args.img_size, bf16)
+    runner.train_step()  # optimizer state exists from here on
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        runner.train_step()
+        return torch.cuda.max_memory_allocated(device) - baseline
+    baseline = _rss_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set size (VmHWM)
+    runner.train_step()
+    return _rss_bytes("VmHWM") - baseline
+
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_memory(size: str, args, bf16: bool) -> Dict[str, int]:
+    """Run peak_memory_child for each model in a fresh process."""
+    peaks = {}
+    # Large tensors go straight to mmap and back to the system when freed, so the peak RSS of
+    # a step is the memory it needs, not what the allocator kept from earlier steps.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    for name in MODELS:
+        command = [sys.executable, __file__, "--memory-child", name, "--sizes", size, "--device", args.device,
+                   "--batch", str(args.batch), "--img-size", str(args.img_size), "--threads", str(args.threads)]
+        if bf16:
+            command.append("--bf16")
+        output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+        peaks[name] = int(output.strip().splitlines()[-1])
+    return peaks
+
+
+TARGETS = {
+    # (size, metric, ratio name): minimum (or maximum for memory)
+    ("tiny", "train_img_per_s", "vs_timm_convit"): 1.6,
+    ("small", "train_img_per_s", "vs_timm_convit"): 2.3,
+    ("tiny", "train_img_per_s", "vs_timm_deit"): 0.85,
+    ("small", "train_flop_normalised", "vs_timm_deit"): 0.9,
+    ("tiny", "inference_img_per_s", "vs_timm_convit"): 1.6,
+    ("small", "inference_img_per_s", "vs_timm_convit"): 1.6,
+    ("tiny", "train_peak_memory", "vs_timm_convit"): 0.8,
+    ("small", "train_peak_memory", "vs_timm_convit"): 0.8,
+}
+
+
+def ratios(results: Dict[str, dict]) -> Dict[str, float]:
+    ours, convit, deit = (results[name] for name in MODELS)
+    out = {}
+    for metric in ("train_img_per_s", "inference_img_per_s", "train_peak_memory"):
+        if metric in ours:
+            out[f"{metric}/vs_timm_convit"] = ours[metric] / convit[metric]
+            out[f"{metric}/vs_timm_deit"] = ours[metric] / deit[metric]
+    out["train_flop_normalised/vs_timm_deit"] = (
+        ours["train_img_per_s"] * ours["flops_per_image"] / (deit["train_img_per_s"] * deit["flops_per_image"])
+    )
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--sizes", nargs="+", default=None, help="default: tiny small (+ base on CUDA)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (default: all)")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a CPU fp32 target is missed")
+    parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/throughput_<device>.json)")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if args.memory_child:
+        print(peak_memory_child(args.memory_child, args.sizes[0], args, device, args.bf16))
+        return 0
+
+    sizes = args.sizes or (["tiny", "small", "base"] if device.type == "cuda" else ["tiny", "small"])
+    precisions = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": args.threads, "batch": args.batch, "img_size": args.img_size, "torch": torch.__version__,
+              "runs": []}
+    print(f"{'size':6} {'prec':5} {'model':12} {'train img/s':>12} {'infer img/s':>12} {'train GFLOP/img':>16} "
+          f"{'step peak MiB':>14}")
+    missed = []
+    for precision in precisions:
+        for size in sizes:
+            bf16 = precision == "bf16"
+            results = measure_speed(size, args, device, bf16)
+            if not args.skip_memory:
+                for name, peak in measure_memory(size, args, bf16).items():
+                    results[name]["train_peak_memory"] = peak
+            for name in MODELS:
+                r = results[name]
+                memory = f"{r['train_peak_memory'] / 2**20:14.0f}" if "train_peak_memory" in r else f"{'-':>14}"
+                print(f"{size:6} {precision:5} {name:12} {r['train_img_per_s']:12.2f} {r['inference_img_per_s']:12.2f} "
+                      f"{r['flops_per_image'] / 1e9:16.2f} {memory}")
+            run_ratios = ratios(results)
+            print("  ratios: " + ", ".join(f"{k}={v:.2f}" for k, v in run_ratios.items()))
+            if device.type == "cpu" and precision == "fp32":
+                for (target_size, metric, versus), bound in TARGETS.items():
+                    key = f"{metric}/{versus}"
+                    if target_size != size or key not in run_ratios:
+                        continue
+                    ok = run_ratios[key] <= bound if "memory" in metric else run_ratios[key] >= bound
+                    sign = "<=" if "memory" in metric else ">="
+                    print(f"  target {size} {key} {sign} {bound}: {run_ratios[key]:.2f} {'met' if ok else 'MISSED'}")
+                    if not ok:
+                        missed.append(f"{size} {key}")
+            report["runs"].append({"size": size, "precision": precision, "models": results, "ratios": run_ratios})
+    out = Path(args.out or Path(__file__).parent / "results" / f"throughput_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 1 if (args.check and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
