@@ -1,0 +1,66 @@
+"""The command line: help, one-line errors before any work, export-timm."""
+import pytest
+import timm
+import torch
+
+from convit_ssl import cli, create_trunk
+
+
+def _error(capsys, *argv):
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_help_lists_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, _, _ in cli.COMMANDS:
+        assert name in out
+
+
+def test_unknown_config_lists_close_matches(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(tmp_path))
+    err = _error(capsys, "train", "config=dinno")
+    assert "unknown config 'dinno'" in err and "looked in" in err and "close matches: dino" in err
+
+
+def test_unknown_preset(capsys):
+    err = _error(capsys, "train", "config=dino", "model=convit_huge")
+    assert "unknown model 'convit_huge'; choose from" in err and "convit_tiny" in err
+
+
+def test_missing_dataset_is_named(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(tmp_path))
+    err = _error(capsys, "train", "config=dino", "data=imagenet1k", f"run_dir={tmp_path / 'run'}")
+    assert "unknown dataset 'imagenet1k'" in err and "convit-ssl prepare-data imagenet1k --from PATH" in err
+
+
+def test_trunk_head_dimension_mismatch(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(tmp_path))
+    err = _error(capsys, "train", "config=dino", "data=digits", "config.MODEL.TRUNK.CONVIT_SSL.PRESET=convit_base",
+                 f"run_dir={tmp_path / 'run'}")
+    assert "trunk/head dimension mismatch" in err and "768" in err and "EMBED_DIM=432" in err
+
+
+def test_config_that_does_not_compose(capsys, tmp_path):
+    err = _error(capsys, "train", "config=dino", "config.OPTIMIZER.no_such_key=1", f"run_dir={tmp_path / 'run'}")
+    assert "does not compose" in err and "no_such_key" in err
+
+
+def test_export_timm_from_vissl_checkpoint(capsys, tmp_path):
+    trunk = create_trunk("convit_tiny", img_size=64)
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}}, tmp_path / "ck.torch")
+    assert cli.main(["export-timm", str(tmp_path / "ck.torch"), str(tmp_path / "out.pth")]) == 0
+    model = timm.create_model("convit_tiny", img_size=64)
+    missing = model.load_state_dict(torch.load(tmp_path / "out.pth"), strict=False).missing_keys
+    assert missing == ["head.weight", "head.bias"]
+
+
+def test_export_timm_of_missing_or_foreign_file(capsys, tmp_path):
+    assert "does not exist" in _error(capsys, "export-timm", str(tmp_path / "nope.torch"), str(tmp_path / "o.pth"))
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pth")
+    assert "not a ConViT/DeiT state dict" in _error(capsys, "export-timm", str(tmp_path / "resnet.pth"),
+                                                     str(tmp_path / "o.pth"))
