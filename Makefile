@@ -14,7 +14,10 @@ PYTEST_ARGS ?=
 # vissl's wheel bundles an older copy that breaks on current torchvision.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+# The throwaway SLURM cluster of tests/slurm needs Debian's slurm and munge (installed when root, as in CI).
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+
+.PHONY: install slurm-packages demo test bench clean
 
 install: $(STAMP)
 
@@ -29,7 +32,11 @@ $(STAMP): setup.cfg setup.py Makefile
 demo: install
 	$(PY) -m convit_ssl demo
 
-test: install
+slurm-packages:
+	@if [ "$$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES); fi
+
+test: install slurm-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install

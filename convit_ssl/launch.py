@@ -1,0 +1,635 @@
+"""Launch pretraining on SLURM with submitit: one job over many nodes, sweeps as job arrays,
+evaluations chained after pretraining, checkpoint and requeue on time-out or preemption.
+
+    python launchers/slurm.py --nodes 4 --gpus-per-node 8 --partition P config=dino model=convit_small data=imagenet1k
+
+``launchers/slurm.py`` only calls ``main``. ``--local`` runs the same jobs through submitit's
+``LocalExecutor`` on this machine, each node as one process, and waits for them.
+
+How a job runs
+--------------
+sbatch asks for ``--nodes N --ntasks-per-node 1 --gpus-per-node G``; srun starts one Python process per
+node, which unpickles a ``PretrainJob`` and calls it. That process composes the config on the node
+(the launcher composed it once already, to fail early) with ``DISTRIBUTED.NUM_NODES=N`` and
+``NUM_PROC_PER_NODE=G``, takes its node rank from the allocation (``SLURM_PROCID``; one task per
+node), and calls ``convit_ssl.engine.train``, which spawns the G per-GPU processes itself. The
+rendezvous (``DISTRIBUTED.RUN_ID``) is the first node of the allocation and a port that node 0 finds
+free, starting from one derived from the job id, and publishes in ``<run folder>/.rendezvous/``; no
+port is fixed, so jobs sharing a node do not collide. ``--cpu``: gloo, one process per node, no GPUs.
+
+Folders: a run lives in ``--job-dir`` (default ``$CONVIT_SSL_RUNS/<job name>-<job id>``, or
+``./runs/...`` when ``CONVIT_SSL_RUNS`` is unset), on a file system every node sees. It holds
+submitit's files (``<job id>_<node>_log.out`` and ``.err``, the pickled job and its result), VISSL's
+checkpoints (``CHECKPOINT.DIR``), TensorBoard (``tb_logs/``), and one folder per chained evaluation
+(``linear-probe/``, ``knn/``). A sweep is one job array in ``<job name>-<array id>/`` with one run
+folder per point, named after its values (``base_value=0.1,model=convit_small``). A ``--job-dir``
+without ``%j`` that already holds a run continues it.
+
+Preemption and time limits
+--------------------------
+submitit submits with ``--signal=USR2@<delay>``: SLURM sends SIGUSR2 to every process of the job
+``--signal-delay-s`` seconds before the time limit (and on preemption, where the cluster's
+PreemptMode sends it). USR2 and not USR1, because NCCL may install its own SIGUSR1 handler, which
+swallowed the signal and broke requeue for GPU jobs; ``SUBMITIT_PREEMPT_SIGNAL`` changes it (both
+at submission and in the job). On node 0, submitit's handler calls ``PretrainJob.checkpoint``,
+which returns the same run (same job folder, so the same ``CHECKPOINT.DIR`` and ``tb_logs``);
+submitit runs ``scontrol requeue``, and the requeued job starts again from the top with VISSL's
+``AUTO_RESUME`` loading the newest complete checkpoint. Nothing is saved on the signal itself: the
+per-GPU processes are stopped, and the run continues from its last checkpoint, written at the end
+of every epoch (``CHECKPOINT.CHECKPOINT_FREQUENCY``) and, for long epochs, every
+``CHECKPOINT.CHECKPOINT_ITER_FREQUENCY`` iterations; the engine writes checkpoints atomically, so
+an interrupted save leaves the previous one. Requeues after a time-out are counted against
+``--max-requeues``; preemptions are not. Jobs are submitted with ``--requeue``, so SLURM may also
+requeue them after a node failure, and ``scontrol requeue JOBID`` restarts a run by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+RUNS_ENV = "CONVIT_SSL_RUNS"
+EVALUATIONS = ("linear-probe", "knn")
+PORT_RANGE = (15000, 30000)  # below Linux's ephemeral range (32768+), where client sockets live
+RENDEZVOUS_TIMEOUT_S = 600
+
+
+class LaunchError(Exception):
+    """A problem found before anything is submitted; the message names it and the fix, in one line."""
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Resources and scheduling options; shared by SLURM and ``--local`` runs."""
+    resources = parser.add_argument_group("resources")
+    resources.add_argument("--nodes", type=int, default=1, help="nodes; one submitit task per node")
+    resources.add_argument("--gpus-per-node", type=int, default=8,
+                           help="GPUs per node; VISSL starts one training process per GPU (default: 8)")
+    resources.add_argument("--cpus-per-task", type=int, default=None,
+                           help="CPUs per node, shared by its GPU processes and their data loaders: "
+                                "about 8-10 per GPU (default: the cluster's)")
+    resources.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the cluster's)")
+    resources.add_argument("--time", default="1440",
+                           help="time limit: minutes, HH:MM:SS or D-HH:MM:SS; the run checkpoints and is requeued "
+                                "when it runs out (default: 1440, one day)")
+    resources.add_argument("--cpu", action="store_true",
+                           help="CPU-only nodes: gloo backend, one process per node, no GPUs requested")
+
+    slurm = parser.add_argument_group("SLURM")
+    slurm.add_argument("--partition", default=None, help="partition (default: the cluster's default partition)")
+    for name, help_text in (("account", "account to charge"), ("qos", "quality of service"),
+                            ("constraint", "node features, e.g. volta32gb"), ("comment", "job comment"),
+                            ("exclude", "nodes to avoid, e.g. node[12-14]")):
+        slurm.add_argument(f"--{name}", default=None, help=help_text)
+    slurm.add_argument("--job-name", default=None,
+                       help="job name (default: from the config choices, e.g. dino-convit_tiny-digits)")
+    slurm.add_argument("--job-dir", default=None,
+                       help=f"job folder (or run_dir=), on a file system every node sees; %%j is the job id (%%A "
+                            f"for a sweep) (default: ${RUNS_ENV}/NAME-%%j, or ./runs/NAME-%%j)")
+    slurm.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra sbatch option, repeatable: --slurm mail-type=END --slurm reservation=R")
+    slurm.add_argument("--max-requeues", type=int, default=10,
+                       help="requeues after time-outs before the run gives up; preemptions do not count "
+                            "(default: 10; submitit's own default is 3)")
+    slurm.add_argument("--signal-delay-s", type=int, default=120,
+                       help="seconds between SIGUSR2 and the time limit, for the requeue (default: 120)")
+
+    plan = parser.add_argument_group("what to launch")
+    plan.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                      help="sweep an override over values, repeatable; the grid is one job array, e.g. "
+                           "--sweep config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_value=0.0005,0.001 "
+                           "--sweep model=convit_tiny,convit_small")
+    plan.add_argument("--then", action="append", default=[], metavar="EVAL=ARGS",
+                      help="evaluation to run when pretraining succeeds, repeatable: linear-probe=ARGS or knn=ARGS, "
+                           "ARGS as for 'convit-ssl linear-probe' (--checkpoint, --out and --name are added)")
+    plan.add_argument("--dry-run", action="store_true",
+                      help="print the sbatch script and the resolved config; submit nothing")
+    plan.add_argument("--local", action="store_true",
+                      help="run on this machine through submitit's LocalExecutor (each node is a process); waits")
+    plan.add_argument("--wait", action="store_true", help="wait for every job and exit non-zero if one failed")
+    return parser
+
+
+EPILOG = """examples:
+  launchers/slurm.py --nodes 4 --gpus-per-node 8 --partition gpu config=dino model=convit_small data=imagenet1k
+  launchers/slurm.py --nodes 2 --partition gpu --sweep model=convit_tiny,deit_tiny --then 'knn=--recipe imagenet1k' \\
+      config=dino data=imagenet1k
+  launchers/slurm.py --local --cpu --nodes 2 --time 30 config=dino model=convit_tiny data=digits
+  launchers/slurm.py --dry-run --nodes 4 config=dino model=convit_small data=imagenet1k   # the sbatch script"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``convit-ssl train``'s arguments (the overrides, --print-config) and the cluster options."""
+    from convit_ssl.commands import train
+
+    parser = argparse.ArgumentParser(prog="launchers/slurm.py",
+                                     description="Submit ConViT SSL pretraining to SLURM as one multi-node job.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(parser)
+    parser.epilog = EPILOG
+    return add_cluster_arguments(parser)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@dataclass
+class Point:
+    """One pretraining run: its overrides, and its folder inside the job folder ('' outside a sweep)."""
+    overrides: List[str]
+    subdir: str = ""
+    config: object = None
+
+
+@dataclass
+class Plan:
+    """What passed every check: the runs, their job folder and name, the evaluations, the partition."""
+    points: List[Point]
+    job_dir: str
+    job_name: str
+    evaluations: List[Tuple[str, List[str]]] = field(default_factory=list)
+    partition: Optional[str] = None
+
+
+def parse_minutes(text: str) -> int:
+    """SLURM time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) to whole minutes."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise LaunchError(f"--time {text!r} is not a SLURM time: use minutes, HH:MM:SS or D-HH:MM:SS")
+    days, *parts = match.groups()
+    numbers = [int(p) for p in parts if p is not None]
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        numbers += [0] * (3 - len(numbers))
+        seconds = ((int(days) * 24 + numbers[0]) * 60 + numbers[1]) * 60 + numbers[2]
+    elif len(numbers) == 3:
+        seconds = (numbers[0] * 60 + numbers[1]) * 60 + numbers[2]
+    else:  # M or M:S
+        seconds = numbers[0] * 60 + (numbers[1] if len(numbers) == 2 else 0)
+    if seconds <= 0:
+        raise LaunchError(f"--time {text!r} is zero: give the run some time")
+    return -(-seconds // 60)
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _split_values(text: str) -> List[str]:
+    """Split 'a,[1,2],b' at the commas outside brackets and quotes."""
+    values, depth, quote, current = [], 0, None, ""
+    for char in text:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append(current)
+            current = ""
+            continue
+        current += char
+    return values + [current]
+
+
+def sweep_points(overrides: Sequence[str], sweeps: Sequence[str]) -> List[Point]:
+    """The grid of --sweep KEY=V1,V2 options; each point's values replace the same key in ``overrides``."""
+    if not sweeps:
+        return [Point(list(overrides))]
+    axes = []
+    for sweep in sweeps:
+        key, sep, values = sweep.partition("=")
+        if not sep or not key or not values:
+            raise LaunchError(f"--sweep {sweep!r} is not KEY=V1,V2: e.g. --sweep model=convit_tiny,convit_small")
+        axes.append([(key, value) for value in _split_values(values)])
+    short = [key.rsplit(".", 1)[-1] for key, _ in (axis[0] for axis in axes)]
+    names = short if len(set(short)) == len(short) else [axis[0][0] for axis in axes]
+    points = []
+    for combination in itertools.product(*axes):
+        swept = {_key(key) for key, _ in combination}
+        kept = [o for o in overrides if _key(o) not in swept]
+        subdir = ",".join(f"{name}={value}" for name, (_, value) in zip(names, combination))
+        points.append(Point(kept + [f"{key}={value}" for key, value in combination],
+                            subdir=re.sub(r"[^\w.,=+-]", "_", subdir)))
+    return points
+
+
+def default_job_name(overrides: Sequence[str]) -> str:
+    """'config=dino model=convit_tiny data=digits' -> 'dino-convit_tiny-digits'."""
+    choices = [o.split("=", 1)[1] for o in overrides if "=" in o and "." not in _key(o) and not o.startswith("~")]
+    name = "-".join(re.sub(r"[^\w.+-]", "_", choice.rsplit("/", 1)[-1]) for choice in choices)
+    return name or "convit-ssl"
+
+
+def launcher_overrides(args: argparse.Namespace) -> List[str]:
+    """What the allocation decides: nodes, processes per node, device and backend."""
+    procs = 1 if args.cpu else args.gpus_per_node
+    return [
+        f"config.DISTRIBUTED.NUM_NODES={args.nodes}",
+        f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}",
+        "config.DISTRIBUTED.INIT_METHOD=tcp",
+        f"config.DISTRIBUTED.BACKEND={'gloo' if args.cpu else 'nccl'}",
+        f"config.MACHINE.DEVICE={'cpu' if args.cpu else 'gpu'}",
+    ]
+
+
+def parse_then(specs: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """``--then linear-probe=ARGS``: the command and its arguments, checked by the command's own parser."""
+    from convit_ssl import cli
+
+    modules = {name: module for name, module, _ in cli.COMMANDS}
+    evaluations = []
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        if name not in EVALUATIONS:
+            raise LaunchError(f"--then {spec!r}: choose {' or '.join(EVALUATIONS)}, "
+                              f"e.g. --then 'linear-probe=--recipe digits'")
+        parser = argparse.ArgumentParser(prog=f"convit-ssl {name}", exit_on_error=False)
+        importlib.import_module(f"convit_ssl.commands.{modules[name]}").add_arguments(parser)
+        try:
+            _, unknown = parser.parse_known_args(["--checkpoint", "CHECKPOINT", *shlex.split(rest)])
+        except argparse.ArgumentError as error:
+            raise LaunchError(f"--then {name}: {error}") from None
+        if unknown:
+            raise LaunchError(f"--then {name}: unknown arguments {' '.join(unknown)}; see convit-ssl {name} --help")
+        evaluations.append((name, shlex.split(rest)))
+    return evaluations
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_submitit() -> None:
+    if importlib.util.find_spec("submitit") is None:
+        raise LaunchError("submitit is not installed: pip install 'submitit>=1.5' (or make install)")
+
+
+def partitions() -> Tuple[Dict[str, int], Optional[str]]:
+    """Node count of every partition, and the default partition (sinfo marks it with '*')."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P %N"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise LaunchError(f"sinfo failed ({error}): is SLURM reachable from here? Or use --local")
+    if out.returncode != 0:
+        last_line = (out.stderr.strip() or out.stdout.strip()).splitlines()[-1:]
+        raise LaunchError(f"sinfo failed ({' '.join(last_line)}): is SLURM reachable from here? Or use --local")
+    nodes: Dict[str, set] = {}
+    default = None
+    for line in out.stdout.split("\n"):
+        if not line.strip():
+            continue
+        name, node = line.split()
+        if name.endswith("*"):
+            name = default = name[:-1]
+        nodes.setdefault(name, set()).add(node)
+    return {name: len(members) for name, members in nodes.items()}, default
+
+
+def check_cluster(args: argparse.Namespace) -> Optional[str]:
+    """The partition exists and has enough nodes; returns the partition jobs go to."""
+    if shutil.which("sbatch") is None:
+        raise LaunchError("sbatch not found: run on a SLURM login node, or use --local or --dry-run")
+    counts, default = partitions()
+    partition = args.partition or default
+    if partition is None:
+        raise LaunchError(f"this cluster has no default partition: pass --partition ({', '.join(sorted(counts))})")
+    if partition not in counts:
+        raise LaunchError(f"unknown partition {partition!r}: this cluster has {', '.join(sorted(counts))}")
+    if args.nodes > counts[partition]:
+        raise LaunchError(f"--nodes {args.nodes} but partition {partition!r} has {counts[partition]} nodes")
+    return partition
+
+
+def check_job_dir(job_dir: str, create: bool) -> None:
+    """The id-independent part of the job folder can be written: checked, or created and written (``create``)."""
+    from submitit.core.utils import JobPaths
+
+    base = JobPaths.get_first_id_independent_folder(job_dir)
+    fix = f"pick another --job-dir or set {RUNS_ENV}"
+    if not create:
+        existing = next(p for p in [base, *base.parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise LaunchError(f"job folder {base} is not writable ({existing} is not a writable folder): {fix}")
+        return
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as error:
+        raise LaunchError(f"job folder {base} is not writable ({error.strerror}): {fix}") from None
+
+
+def compose_points(points: Sequence[Point], job_dir: str) -> None:
+    """Compose every point now, to fail before submitting; the node composes again with its job id."""
+    from convit_ssl import engine
+    from convit_ssl.cli import UsageError
+
+    for point in points:
+        # compose writes train_config.yaml into the run folder, which has no job id yet
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                point.config = engine.compose(point.overrides, run_dir=scratch)
+            except (UsageError, ValueError, FileNotFoundError) as error:
+                where = f" (sweep point {point.subdir})" if point.subdir else ""
+                raise LaunchError(f"{error}{where}") from None
+        point.config.CHECKPOINT.DIR = str(Path(job_dir) / point.subdir)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Every check that can fail, in order of cost, before anything is submitted."""
+    check_submitit()
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise LaunchError("--nodes and --gpus-per-node must be at least 1")
+    if args.local and args.nodes > 1 and not args.cpu:
+        raise LaunchError("--local runs every node on this machine's GPUs: use --nodes 1, or --cpu")
+    parse_minutes(args.time)
+    if not any(o.startswith("config=") for o in args.overrides):
+        raise LaunchError("no config=NAME among the overrides: e.g. config=dino model=convit_tiny data=digits")
+    run_dirs = [o.split("=", 1)[1] for o in args.overrides if _key(o) == "run_dir"]
+    if run_dirs and args.job_dir:
+        raise LaunchError("run_dir= and --job-dir both name the job folder: keep one")
+    overrides = [o for o in args.overrides if _key(o) != "run_dir"]
+    for option in args.slurm:
+        if "=" not in option:
+            raise LaunchError(f"--slurm {option!r} is not KEY=VALUE: e.g. --slurm mail-type=END")
+    evaluations = parse_then(args.then)
+    points = sweep_points(overrides + launcher_overrides(args), args.sweep)
+    submits = not (args.local or args.dry_run or args.print_config)
+    partition = check_cluster(args) if submits else args.partition
+    swept = {_key(sweep) for sweep in args.sweep}
+    job_name = args.job_name or default_job_name([o for o in overrides if _key(o) not in swept])
+    root = os.environ.get(RUNS_ENV) or "runs"
+    default_dir = Path(root) / f"{job_name}-{'%A' if args.sweep else '%j'}"
+    job_dir = args.job_dir or (run_dirs[-1] if run_dirs else str(default_dir))
+    job_dir = str(Path(job_dir).expanduser().absolute())
+    check_job_dir(job_dir, create=False)
+    compose_points(points, job_dir)
+    return Plan(points, job_dir, job_name, evaluations, partition)
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+def rendezvous_address(env, run_dir: Path, attempt: int) -> str:
+    """``host:port`` of node 0 for torch.distributed.
+
+    Node 0 takes the first free port at or after one derived from the job id, the restart count and
+    the attempt, and writes it to ``run_dir/.rendezvous/KEY``; the other nodes wait for that file. A
+    requeued job has a new key (SLURM_RESTART_COUNT, or the attempt after submitit's requeue), so
+    nobody reads a stale port.
+    """
+    local = env.cluster == "local"
+    host = "127.0.0.1" if local else env.hostnames[0]
+    key = f"{env.raw_job_id}_{os.environ.get('SLURM_RESTART_COUNT', '0')}_{attempt}"
+    path = run_dir / ".rendezvous" / key
+    if env.global_rank == 0:
+        low, high = PORT_RANGE
+        start = low + zlib.crc32(key.encode()) % (high - low)
+        port = next(p for p in itertools.chain(range(start, high), range(low, start)) if _port_is_free(p))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{key}.tmp"
+        tmp.write_text(str(port))
+        tmp.rename(path)
+    else:
+        deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node 0 did not write its rendezvous port to {path} in {RENDEZVOUS_TIMEOUT_S} s")
+            time.sleep(0.5)
+        port = int(path.read_text())
+    return f"{host}:{port}"
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+class PretrainJob:
+    """What submitit runs on every node: compose the config there and call ``engine.train`` for this node.
+
+    One task per node, so the task's global rank is the node rank. ``checkpoint`` makes the job
+    requeueable: it returns the same run (same folder), which resumes from its last checkpoint.
+    """
+
+    def __init__(self, overrides: Sequence[str], subdir: str = "", attempt: int = 0) -> None:
+        self.overrides = list(overrides)
+        self.subdir = subdir
+        self.attempt = attempt
+
+    def __call__(self) -> str:
+        import submitit
+
+        from convit_ssl import engine
+
+        env = submitit.JobEnvironment()
+        run_dir = env.paths.folder / self.subdir
+        if env.cluster == "local":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every "node" is this machine
+        config = engine.compose(self.overrides, run_dir=str(run_dir))
+        config.CHECKPOINT.APPEND_DISTR_RUN_ID = False  # the port changes on requeue, the folder must not
+        config.DISTRIBUTED.RUN_ID = rendezvous_address(env, run_dir, self.attempt)
+        engine.train(config, node_id=env.global_rank)
+        return str(run_dir)
+
+    def checkpoint(self):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.overrides, self.subdir, self.attempt + 1))
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint VISSL writes at the end of training."""
+    found = sorted(run_dir.glob("model_final_checkpoint_phase*.torch"),
+                   key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
+    if not found:
+        raise FileNotFoundError(f"no model_final_checkpoint_phase*.torch in {run_dir}: did pretraining finish?")
+    return found[-1]
+
+
+class EvaluationJob:
+    """``convit-ssl EVAL --checkpoint <final checkpoint of run_dir> ARGS``, run after pretraining succeeded.
+
+    Unless ARGS set them: ``--out <run_dir>/EVAL``, ``--name <run folder name>``, and ``--device cpu`` with ``--cpu``.
+    """
+
+    def __init__(self, command: str, args: Sequence[str], run_dir: str, cpu: bool) -> None:
+        self.command = command
+        self.args = list(args)
+        self.run_dir = run_dir
+        self.cpu = cpu
+
+    def __call__(self) -> str:
+        from convit_ssl import cli
+
+        checkpoint = final_checkpoint(Path(self.run_dir))
+        defaults = {"--out": str(Path(self.run_dir) / self.command), "--name": Path(self.run_dir).name,
+                    **({"--device": "cpu"} if self.cpu else {})}
+        given = {arg.split("=", 1)[0] for arg in self.args}
+        argv = [self.command, "--checkpoint", str(checkpoint), *self.args]
+        for flag, value in defaults.items():
+            if flag not in given:
+                argv += [flag, value]
+        print("convit-ssl " + shlex.join(argv), flush=True)
+        code = cli.main(argv)
+        if code:
+            raise RuntimeError(f"convit-ssl {self.command} exited with status {code}; its error is in this log")
+        return str(checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------- submit
+def _slurm_executor(folder: str, max_num_timeout: int, script_only: bool):
+    """submitit's SlurmExecutor; ``script_only`` builds one where srun is absent, to print the script."""
+    import submitit
+
+    if not script_only:
+        return submitit.SlurmExecutor(folder, max_num_timeout=max_num_timeout)
+
+    class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 2
+
+    return ScriptOnlySlurmExecutor(folder, max_num_timeout=max_num_timeout)
+
+
+def make_executor(args: argparse.Namespace, folder: str, *, nodes: int, gpus: int, name: str,
+                  partition: Optional[str], dependency: Optional[str] = None):
+    """A SlurmExecutor (or LocalExecutor with --local) for ``nodes`` nodes, one task each."""
+    import submitit
+
+    minutes = parse_minutes(args.time)
+    if args.local:
+        executor = submitit.LocalExecutor(folder, max_num_timeout=args.max_requeues)
+        executor.update_parameters(timeout_min=minutes, tasks_per_node=nodes, gpus_per_node=gpus,
+                                   signal_delay_s=args.signal_delay_s)
+        return executor
+    executor = _slurm_executor(folder, args.max_requeues, script_only=args.dry_run and shutil.which("srun") is None)
+    extra = {"requeue": True}
+    extra.update(option.split("=", 1) for option in args.slurm)
+    parameters = dict(
+        job_name=name, partition=partition, time=minutes, nodes=nodes, ntasks_per_node=1,
+        cpus_per_task=args.cpus_per_task, gpus_per_node=gpus or None,
+        mem=f"{int(args.mem_gb * 1024)}MB" if args.mem_gb else None, account=args.account, qos=args.qos,
+        constraint=args.constraint, comment=args.comment, exclude=args.exclude, dependency=dependency,
+        signal_delay_s=args.signal_delay_s, additional_parameters=extra,
+    )
+    executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
+    return executor
+
+
+@dataclass
+class Submitted:
+    """A submitted job: what it is, its submitit job, and its run folder."""
+    kind: str
+    job: object
+    run_dir: Path
+    after: Optional[str] = None
+
+
+def submit(args: argparse.Namespace, plan: Plan) -> List[Submitted]:
+    check_job_dir(plan.job_dir, create=True)
+    gpus = 0 if args.cpu else args.gpus_per_node
+    executor = make_executor(args, plan.job_dir, nodes=args.nodes, gpus=gpus, name=plan.job_name,
+                             partition=plan.partition)
+    jobs = [PretrainJob(point.overrides, point.subdir) for point in plan.points]
+    if len(jobs) == 1:
+        pretraining = [executor.submit(jobs[0])]
+    else:
+        with executor.batch():
+            pretraining = [executor.submit(job) for job in jobs]
+    submitted = [Submitted("pretrain", job, job.paths.folder / point.subdir)
+                 for job, point in zip(pretraining, plan.points)]
+    for pretrain in list(submitted):
+        for name, eval_args in plan.evaluations:
+            if args.local and pretrain.job.exception() is not None:  # no scheduler to hold it: wait here
+                continue
+            folder = pretrain.run_dir / name
+            eval_executor = make_executor(args, str(folder), nodes=1, gpus=min(gpus, 1), name=f"{name}-{plan.job_name}",
+                                          partition=plan.partition, dependency=f"afterok:{pretrain.job.job_id}")
+            job = eval_executor.submit(EvaluationJob(name, eval_args, str(pretrain.run_dir), args.cpu))
+            submitted.append(Submitted(name, job, folder, after=pretrain.job.job_id))
+    return submitted
+
+
+def print_plan(args: argparse.Namespace, plan: Plan) -> None:
+    """--dry-run: the sbatch script and every resolved config; --print-config: the configs only."""
+    import yaml
+
+    if args.dry_run and args.local:
+        print(f"# --local: {args.nodes} process(es) on this machine under {plan.job_dir}; no sbatch script")
+    elif args.dry_run:
+        gpus = 0 if args.cpu else args.gpus_per_node
+        executor = make_executor(args, plan.job_dir, nodes=args.nodes, gpus=gpus, name=plan.job_name,
+                                 partition=plan.partition)
+        if len(plan.points) > 1:
+            executor.parameters["map_count"] = len(plan.points)
+        print("# sbatch script")
+        print(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
+    for point in plan.points:
+        print(f"# resolved config{' for ' + point.subdir if point.subdir else ''}: overrides "
+              + " ".join(point.overrides))
+        print(yaml.safe_dump(json.loads(json.dumps(point.config, default=str)), sort_keys=False), end="")
+    for name, eval_args in plan.evaluations:
+        print(f"# then: convit-ssl {name} --checkpoint <final checkpoint> {shlex.join(eval_args)}"
+              f" (afterok on pretraining)")
+
+
+def describe(submitted: Sequence[Submitted]) -> str:
+    lines = []
+    for item in submitted:
+        job = item.job
+        after = f" after {item.after} succeeds" if item.after else ""
+        lines.append(f"submitted {item.kind} job {job.job_id}{after}")
+        lines.append(f"  job folder: {item.run_dir}")
+        lines.append(f"  logs:       {job.paths.stdout}")
+        lines.append(f"              {job.paths.stderr}")
+        if job.num_tasks > 1:
+            lines.append(f"              (node 0; node K writes {job.job_id}_K_log.out and .err)")
+    return "\n".join(lines)
+
+
+def wait_all(submitted: Sequence[Submitted]) -> int:
+    """Wait for every job; one line per job, with the job's own error for those that failed."""
+    failed = 0
+    for item in submitted:
+        error = item.job.exception()
+        if error is None:
+            print(f"{item.kind} job {item.job.job_id} finished: {item.run_dir}")
+            continue
+        failed += 1
+        # submitit's message holds the job's traceback between two dashed lines: keep its last line
+        parts = re.split(r"\n-{10,}\n", str(error))
+        reason = parts[1].strip().splitlines()[-1] if len(parts) > 2 else str(error).splitlines()[0]
+        print(f"{item.kind} job {item.job.job_id} failed: {reason}; see {item.job.paths.stderr}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        plan = make_plan(args)
+        if args.dry_run or args.print_config:
+            print_plan(args, plan)
+            return 0
+        submitted = submit(args, plan)
+    except LaunchError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(describe(submitted), flush=True)
+    return wait_all(submitted) if args.local or args.wait else 0

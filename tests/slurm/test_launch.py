@@ -1,0 +1,173 @@
+"""The SLURM launcher against a real two-node SLURM cluster on this machine, and through ``--local``.
+
+Every run is the tiny digits pretraining (the ``tiny`` fixture) on CPU with gloo.
+"""
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from convit_ssl import launch
+
+REPO = Path(__file__).resolve().parents[2]
+CPU = ["--cpu", "--cpus-per-task", "1", "--time", "10"]
+
+
+def run_launcher(*args, timeout=240):
+    """``python launchers/slurm.py ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO / "launchers" / "slurm.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def submitted_ids(stdout):
+    return re.findall(r"submitted \S+ job (\S+)", stdout)
+
+
+def replaced(overrides, *new):
+    """``overrides`` with the keys of ``new`` set to their new values."""
+    keys = {o.split("=", 1)[0] for o in new}
+    return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(new)
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.3)
+
+
+def ranks_joined(log_files, world_size):
+    """The ranks that VISSL reports as initialised in one process group of ``world_size``."""
+    text = "".join(Path(f).read_text() for f in log_files)
+    assert f"world_size: {world_size}" in text
+    return sorted({int(rank) for rank in re.findall(r"initialized host \S+ as rank (\d+)", text)})
+
+
+def final_iteration(run_dir):
+    checkpoint = launch.final_checkpoint(Path(run_dir))
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["iteration"]
+
+
+# ------------------------------------------------------------------------------------------ SLURM
+def test_two_node_pretraining_then_linear_probe(slurm, tiny):
+    done = run_launcher("--nodes", "2", *CPU, "--wait",
+                        "--then", "linear-probe=--recipe digits --epochs 1 --lrs 0.1 --wds 0 --no-cache --quiet", *tiny)
+    assert done.returncode == 0, done.stdout + done.stderr + slurm.logs()
+    pretrain_id, probe_id = submitted_ids(done.stdout)
+    run_dir = Path(re.search(r"job folder: (\S+)", done.stdout).group(1))
+    assert run_dir.name.endswith(f"-{pretrain_id}")
+    assert ranks_joined(run_dir.glob(f"{pretrain_id}_*_log.out"), world_size=2) == [0, 1]
+    assert final_iteration(run_dir) == 2 * 2  # 2 epochs of 32 images, batch 8 on each of 2 nodes
+    pretrain, probe = slurm.job_state(pretrain_id), slurm.job_state(probe_id)
+    assert pretrain["NumNodes"] == "2" and probe["StartTime"] >= pretrain["EndTime"]
+    assert list((run_dir / "linear-probe").glob("*.json")), "the linear probe wrote no result"
+
+
+def test_sweep_is_one_job_array(slurm, tiny):
+    done = run_launcher("--nodes", "1", *CPU, "--wait", "--sweep", "config.OPTIMIZER.num_epochs=1,2", *tiny)
+    assert done.returncode == 0, done.stdout + done.stderr + slurm.logs()
+    ids = submitted_ids(done.stdout)
+    assert len(ids) == 2 and len({i.split("_")[0] for i in ids}) == 1 and all("_" in i for i in ids)
+    job_dir = Path(re.search(r"job folder: (\S+)", done.stdout).group(1)).parent
+    assert final_iteration(job_dir / "num_epochs=1") == 4
+    assert final_iteration(job_dir / "num_epochs=2") == 8
+
+
+def test_preempted_job_resumes_from_its_checkpoint(slurm, capsys, tiny):
+    overrides = replaced(tiny, "config.OPTIMIZER.num_epochs=4", "config.DATA.TRAIN.DATA_LIMIT=64")
+    args = launch.build_parser().parse_args(["--nodes", "2", *CPU, "--max-requeues", "4", *overrides])
+    (pretrain,) = launch.submit(args, launch.make_plan(args))
+    job_id = pretrain.job.job_id
+    wait_for(lambda: (pretrain.run_dir / "model_phase0.torch").exists(), 120, "the first checkpoint")
+    slurm.run("scancel", "--signal=USR2", job_id)  # what SLURM sends before the time limit
+    wait_for(lambda: slurm.job_state(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 180,
+             "the requeued job to finish")
+    state = slurm.job_state(job_id)
+    assert state["JobState"] == "COMPLETED", pretrain.job.paths.stderr.read_text()
+    assert int(state["Restarts"]) == 1
+    log = pretrain.job.paths.stdout.read_text()  # node 0, both attempts
+    assert f"Requeued job {job_id} (3 remaining timeouts)" in log  # a 10-minute job always counts as timed out
+    assert "Resume from file" in log and "model_phase" in log.split("Resume from file")[1].splitlines()[0]
+    assert final_iteration(pretrain.run_dir) == 4 * 4  # every iteration done once: nothing lost, nothing repeated
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--partition", "nope"], "unknown partition 'nope': this cluster has test"),
+    (["--nodes", "3"], "--nodes 3 but partition 'test' has 2 nodes"),
+])
+def test_cluster_errors_before_submitting(slurm, capsys, option, message, tiny):
+    assert launch.main([*option, *CPU, *tiny]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert slurm.queue() == []
+
+
+# ------------------------------------------------------------------------------------------ no SLURM needed
+def test_local_two_node_pretraining_then_knn(job_env, tiny):
+    done = run_launcher("--local", "--nodes", "2", *CPU, "--then", "knn=--recipe digits --ks 5 --no-cache --quiet",
+                        *tiny)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = Path(re.search(r"job folder: (\S+)", done.stdout).group(1))
+    assert ranks_joined(run_dir.glob("*_log.out"), world_size=2) == [0, 1]
+    assert final_iteration(run_dir) == 4
+    assert "knn job" in done.stdout and list((run_dir / "knn").glob("*.json")), "the kNN evaluation wrote no result"
+
+
+def test_dry_run_prints_the_sbatch_script_and_config(job_env, capsys, tiny):
+    assert launch.main(["--dry-run", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--qos", "high",
+                        "--slurm", "mail-type=END", "--max-requeues", "5", *tiny]) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --qos=high", "#SBATCH --mail-type=END", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR2@120", "srun --unbuffered"):
+        assert line in out
+    assert "NUM_NODES: 4" in out and "NUM_PROC_PER_NODE: 8" in out and "BACKEND: nccl" in out
+    assert not job_env.exists(), "a dry run created the job folder"
+
+
+def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
+    assert launch.main(["--dry-run", "--partition", "gpu", "--sweep", "model=convit_tiny,convit_small",
+                        "--sweep", "config.OPTIMIZER.num_epochs=1,2", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-3%4" in out
+    names = re.findall(r"# resolved config for (\S+):", out)
+    assert names == ["model=convit_tiny,num_epochs=1", "model=convit_tiny,num_epochs=2",
+                     "model=convit_small,num_epochs=1", "model=convit_small,num_epochs=2"]
+
+
+@pytest.mark.parametrize("option, message", [
+    (["config=nope"], "unknown config 'nope'"),
+    (["--job-dir", "{file}/run-%j"], "is not writable"),
+    (["--time", "soon"], "--time 'soon' is not a SLURM time"),
+    (["--then", "probe=x"], "choose linear-probe or knn"),
+    (["--then", "knn=--ks 20 --bogus"], "--then knn: unknown arguments --bogus"),
+    (["--then", "linear-probe=--epochs many"], "--then linear-probe: argument --epochs: invalid int value"),
+    (["--nodes", "2", "--gpus-per-node", "2"], "use --nodes 1, or --cpu"),
+    (["--sweep", "model"], "is not KEY=V1,V2"),
+    (["run_dir=/somewhere", "--job-dir", "/elsewhere"], "run_dir= and --job-dir both name the job folder"),
+])
+def test_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, option, message, tiny):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = ["--local", *tiny, *[o.format(file=a_file) for o in option]]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not job_env.exists()
+
+
+def test_missing_submitit_is_a_one_line_error(job_env, capsys, monkeypatch, tiny):
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    assert launch.main(["--local", *CPU, *tiny]) == 2
+    assert "submitit is not installed: pip install" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("10:30", 11), ("1:30:00", 90), ("2-12", 3600),
+                                           ("3-00:00:00", 4320), ("1-0:1", 1441)])
+def test_slurm_time_formats_in_minutes(text, minutes):
+    assert launch.parse_minutes(text) == minutes
