@@ -189,11 +189,26 @@ def hook_generator(config):
     VISSL spawns import ``convit_ssl`` (and so register the trunk) when it is unpickled there."""
     from vissl.hooks import default_hook_generator
 
-    from convit_ssl.hooks import build_gating_hook
+    from convit_ssl.hooks import PreemptionCheckpointHook, build_gating_hook
 
-    hooks = default_hook_generator(config)
+    hooks = default_hook_generator(config) + [PreemptionCheckpointHook()]
     gating = build_gating_hook(config)
     return hooks + ([gating] if gating is not None else [])
+
+
+def wait_for_preemption_checkpoint(run_dir, signalled_at: float, timeout_s: float = 90.0) -> bool:
+    """Wait until the run in ``run_dir`` saved its checkpoint after the signal (True), or ``timeout_s`` passed."""
+    import time
+
+    from convit_ssl.hooks import PREEMPTION_MARKER
+
+    marker = Path(run_dir) / PREEMPTION_MARKER
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if marker.exists() and marker.stat().st_mtime >= signalled_at - 5:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def train(config, node_id: int = 0) -> Path:

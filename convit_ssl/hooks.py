@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from typing import Any, Mapping, Optional
 
 import torch
@@ -171,3 +173,57 @@ def build_gating_hook(config: Mapping, output_dir: Optional[str] = None) -> Opti
     tensorboard = bool((hooks.get("TENSORBOARD_SETUP", None) or {}).get("USE_TENSORBOARD", False))
     return GatingDiagnosticsHook(frequency=values["FREQUENCY"], probe_batch=values["PROBE_BATCH"],
                                  output_dir=output_dir, tensorboard=tensorboard)
+
+
+PREEMPTION_MARKER = "preemption_checkpoint.json"
+
+
+class PreemptionCheckpointHook(ClassyHook):
+    """Save an iteration checkpoint at the next step after SIGUSR2, the signal SLURM sends before a time limit
+    or a preemption (``--signal=USR2@120``), so a requeued run loses only the step in flight.
+
+    Every rank installs the handler; the ranks agree through an all-reduce of the flag at each step (one
+    integer), save together through VISSL's checkpoint hook, and rank 0 then writes ``PREEMPTION_MARKER``
+    in the run folder (the launcher waits for it before it requeues the job).
+    """
+
+    on_start = ClassyHook._noop
+    on_phase_start = ClassyHook._noop
+    on_forward = ClassyHook._noop
+    on_loss_and_meter = ClassyHook._noop
+    on_backward = ClassyHook._noop
+    on_update = ClassyHook._noop
+    on_phase_end = ClassyHook._noop
+    on_end = ClassyHook._noop
+
+    def __init__(self, signum: int = signal.SIGUSR2):
+        super().__init__()
+        self.requested = False
+        self.previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signum, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = (signum, frame)
+
+    def on_step(self, task) -> None:
+        if not task.train:
+            return
+        flag = torch.tensor([int(bool(self.requested))], device=task.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return
+        request, self.requested = self.requested, False
+        checkpointer = next(hook for hook in task.hooks if hasattr(hook, "_checkpoint_model"))
+        checkpointer._checkpoint_model(task, mode_frequency=1, mode_num=task.iteration, mode="iteration")
+        if is_primary():
+            marker = os.path.join(task.checkpoint_folder, PREEMPTION_MARKER)
+            with open(marker + ".tmp", "w") as stream:
+                json.dump({"iteration": task.iteration, "checkpoint": f"model_iteration{task.iteration}.torch"}, stream)
+            os.replace(marker + ".tmp", marker)
+            logging.info(f"Saved the preemption checkpoint of iteration {task.iteration}")
+        # Training in the launcher's own process (one process per node): hand the signal on to the handler it
+        # replaced, submitit's, which requeues the job now that the checkpoint exists.
+        if request and callable(self.previous_handler):
+            self.previous_handler(*request)

@@ -437,7 +437,7 @@ class PretrainJob:
         from convit_ssl import engine
 
         env = submitit.JobEnvironment()
-        run_dir = env.paths.folder / self.subdir
+        run_dir = self.run_dir()
         if env.cluster == "local":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every "node" is this machine
         config = engine.compose(self.overrides, run_dir=str(run_dir))
@@ -446,9 +446,21 @@ class PretrainJob:
         engine.train(config, node_id=env.global_rank)
         return str(run_dir)
 
-    def checkpoint(self):
+    def run_dir(self) -> Path:
         import submitit
 
+        return submitit.JobEnvironment().paths.folder / self.subdir
+
+    def checkpoint(self):
+        """On SLURM's signal: let the training processes save a mid-epoch checkpoint (they got the signal
+        too, see ``PreemptionCheckpointHook``), then requeue the same run."""
+        import submitit
+
+        from convit_ssl import engine
+
+        run_dir = self.run_dir()
+        if not engine.wait_for_preemption_checkpoint(run_dir, time.time()):
+            print(f"no checkpoint after the signal in {run_dir}: resuming from the last complete one", flush=True)
         return submitit.helpers.DelayedSubmission(PretrainJob(self.overrides, self.subdir, self.attempt + 1))
 
 

@@ -146,6 +146,8 @@ def _patch_vissl() -> None:
     warnings.filterwarnings("ignore", message=".*torchvision.transforms._(functional|transforms)_video")
     # VISSL's Hydra plugin adds the relative search path file://configs, which exists only in its repo root.
     warnings.filterwarnings("ignore", message="provider=vissl, path=configs is not available")
+    # classy-vision scripts a helper with torch.jit.script at import time.
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     import vissl.utils.checkpoint as vissl_checkpoint
 
     vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint

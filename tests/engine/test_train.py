@@ -112,3 +112,27 @@ def test_kill_during_checkpoint_write_leaves_previous_file(tmp_path):
     assert not (tmp_path / "model_iteration10.torch").exists()
     assert _latest_checkpoint_file(str(tmp_path), config=None) == "model_iteration5.torch"
     assert torch.load(tmp_path / "model_iteration5.torch")["iteration"] == 5
+
+
+def test_sigusr2_saves_a_mid_epoch_checkpoint_then_resume(tmp_path, train_env):
+    """SLURM sends SIGUSR2 before a time limit: the run saves at its next step, and a rerun resumes there."""
+    import json
+
+    run_dir = tmp_path / "run"
+    command = _train_command(run_dir, "config.OPTIMIZER.num_epochs=2")
+    process = subprocess.Popen(command, env=train_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    log = run_dir / "log.txt"
+    assert _wait_for(lambda: log.exists() and "iter: 5;" in log.read_text(), 300, process), "training never started"
+    process.send_signal(signal.SIGUSR2)
+    marker = run_dir / "preemption_checkpoint.json"
+    saved = _wait_for(marker.exists, 120, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert saved, "no checkpoint after SIGUSR2"
+    iteration = json.loads(marker.read_text())["iteration"]
+    assert 5 <= iteration < 22 and (run_dir / f"model_iteration{iteration}.torch").is_file()  # mid-epoch 0
+    result = _run(command, train_env)
+    assert f"model_iteration{iteration}.torch" in result.stdout + result.stderr
+    final = torch.load(run_dir / "model_final_checkpoint_phase1.torch", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 2 * 22
