@@ -223,10 +223,39 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], s
     return {_rename(key, _OURS_TO_TIMM): value for key, value in state.items()}, fmt
 
 
+def run_trunk_kwargs(path: str | os.PathLike) -> Optional[Dict[str, object]]:
+    """The trunk's keyword arguments from the ``train_config.yaml`` VISSL writes beside its checkpoints.
+
+    Shapes cannot tell the number of heads of plain attention blocks (a DeiT twin); the run's config can.
+    """
+    config_file = Path(path).parent / "train_config.yaml"
+    if not config_file.is_file():
+        return None
+    import yaml
+
+    from convit_ssl.vissl_glue import trunk_kwargs
+
+    with open(config_file) as stream:
+        model = (yaml.safe_load(stream) or {}).get("MODEL", {})
+    if model.get("TRUNK", {}).get("NAME") != "convit_ssl":
+        return None
+    return trunk_kwargs(model)
+
+
 def load_trunk(path: str | os.PathLike, arch: Optional[str] = None, **overrides) -> Tuple[ConViT, LoadReport]:
-    """Trunk from any supported checkpoint file (see ``read_checkpoint``)."""
+    """Trunk from any supported checkpoint file (see ``read_checkpoint``).
+
+    For a checkpoint in a VISSL run folder, the model is the one the run's config describes (unless ``arch``
+    or overrides are given); otherwise it is inferred from the tensor shapes.
+    """
     state, fmt = read_checkpoint(path)
-    trunk, report = from_timm_state_dict(state, arch=arch, **overrides)
+    run_kwargs = run_trunk_kwargs(path) if fmt == "vissl" and arch is None and not overrides else None
+    if run_kwargs is not None:
+        trunk = ConViT(**run_kwargs)
+        ours = {_rename(key, _TIMM_TO_OURS): value for key, value in state.items()}
+        report = LoadReport(arch="from the run's train_config.yaml", mapped=load_trunk_state(trunk, ours, "vissl"))
+    else:
+        trunk, report = from_timm_state_dict(state, arch=arch, **overrides)
     report.source_format = fmt
     return trunk, report
 

@@ -117,6 +117,9 @@ def _top1_entries(node, prefix: str = "") -> List[Tuple[str, dict]]:
             entries.append((prefix or "-", node))
         for key, value in node.items():
             entries += _top1_entries(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, list):  # e.g. a linear probe's summary rows
+        for index, value in enumerate(node):
+            entries += _top1_entries(value, f"{prefix}.{index}" if prefix else str(index))
     return entries
 
 

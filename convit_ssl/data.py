@@ -1,0 +1,401 @@
+"""Datasets on disk: the catalog VISSL reads, the built-in digits dataset, CIFAR archives and image folders.
+
+Everything lives under the data root: ``$CONVIT_SSL_DATA``, else ``~/.cache/convit_ssl/data``. The root holds
+``dataset_catalog.json`` in VISSL's dataset-catalog format, ``{name: {"train": [images, labels], "val": [images,
+labels]}}``; for VISSL's ``disk_folder`` source both entries of a split are the split's folder (class folders of
+images, torchvision ``ImageFolder`` layout). The split called ``val`` is the one every evaluation reports on.
+
+Built-in datasets (written on first use, no download):
+
+* ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8 x 8 scans, 10 classes) as RGB PNGs upscaled
+  to 32 x 32 (patch sizes 4, 8 and 16 divide it), split 80/20 stratified with seed 0: ``train`` 1,437 images,
+  ``val`` the 360 test images.
+* ``digits_val``: the training images only, split again 80/20 stratified with seed 0: ``train`` 1,149 images,
+  ``val`` 288 held-out training images. Choose recipes on it; report on ``digits``.
+
+``prepare_cifar`` and ``check_image_folder`` turn a CIFAR-10/100 python archive or an ImageNet-layout folder into a
+catalog entry (``convit-ssl prepare-data``). This module does not import VISSL.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+DATA_ENV = "CONVIT_SSL_DATA"
+CATALOG_FILE = "dataset_catalog.json"
+SPLITS = ("train", "val")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+DIGITS_IMAGE_SIZE = 32
+DIGITS_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_VAL_FRACTION = 0.2
+_DONE = "prepared.json"  # written last into a prepared folder: its presence means the folder is complete
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data root and catalog
+# ---------------------------------------------------------------------------------------------------------------
+def data_root() -> Path:
+    """``$CONVIT_SSL_DATA`` if set, else ``~/.cache/convit_ssl/data``."""
+    return Path(os.environ.get(DATA_ENV) or Path.home() / ".cache" / "convit_ssl" / "data").expanduser()
+
+
+def catalog_path(root: Optional[Path] = None) -> Path:
+    return Path(root or data_root()) / CATALOG_FILE
+
+
+def read_catalog(root: Optional[Path] = None) -> Dict[str, Dict[str, List[str]]]:
+    """The catalog as a dict (empty when there is no catalog file yet)."""
+    path = catalog_path(root)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"dataset catalog {path} is not valid JSON ({error}): fix or delete it and run "
+                         f"convit-ssl prepare-data again")
+
+
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Exclusive lock on the data root, so that concurrent read-modify-writes of the catalog do not lose entries."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".catalog.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write to a temporary file in the same folder, then rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(obj, path: str | os.PathLike) -> Path:
+    """``obj`` as indented JSON, written atomically (see ``write_text_atomic``)."""
+    return write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
+
+
+def register_dataset(name: str, train_dir: str | os.PathLike, val_dir: str | os.PathLike,
+                     root: Optional[Path] = None) -> None:
+    """Add or replace catalog entry ``name`` with two ``disk_folder`` splits (absolute paths)."""
+    if not name or any(char in name for char in "/\\ ") or name.startswith("."):
+        raise ValueError(f"dataset name {name!r} is not a plain name: use letters, digits, '_' or '-'")
+    root = Path(root or data_root())
+    entry = {split: [str(Path(folder).resolve())] * 2 for split, folder in zip(SPLITS, (train_dir, val_dir))}
+    with _locked(root):
+        catalog = read_catalog(root)
+        catalog[name] = entry
+        write_json_atomic(catalog, catalog_path(root))
+
+
+# Datasets that need no input: written on first use.
+def _builtin_datasets() -> Dict[str, Callable[[Optional[Path]], Path]]:
+    return {"digits": ensure_digits, "digits_val": ensure_digits}
+
+
+def dataset_split_dir(name: str, split: str, root: Optional[Path] = None) -> Path:
+    """Folder of split ``split`` ('train' or 'val') of catalog dataset ``name``.
+
+    The built-in datasets (``digits``, ``digits_val``) are written on first use. Raises ``ValueError`` naming the
+    known datasets for an unknown name, and the missing folder when the catalog points at nothing.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    root = Path(root or data_root())
+    catalog = read_catalog(root)
+    if name not in catalog and name in _builtin_datasets():
+        _builtin_datasets()[name](root)
+        catalog = read_catalog(root)
+    if name not in catalog:
+        known = sorted(set(catalog) | set(_builtin_datasets()))
+        raise ValueError(
+            f"unknown dataset {name!r} (catalog {catalog_path(root)}); known: {', '.join(known)}; "
+            f"add it with: convit-ssl prepare-data {name} --from PATH"
+        )
+    folder = Path(catalog[name][split][0])
+    if not folder.is_dir():
+        raise ValueError(f"dataset {name!r}: the {split} folder {folder} does not exist; prepare it again with "
+                         f"convit-ssl prepare-data {name} --from PATH (or restore the folder)")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing image folders
+# ---------------------------------------------------------------------------------------------------------------
+def _class_folder_names(class_names: Sequence[str]) -> List[str]:
+    """Folder names whose sorted order is the label order: '03_cat' (ImageFolder sorts class folders by name)."""
+    width = len(str(len(class_names) - 1))
+    return [f"{index:0{width}d}_{name}".replace("/", "-") for index, name in enumerate(class_names)]
+
+
+def _write_split(folder: Path, images: np.ndarray, labels: Sequence[int], class_folders: Sequence[str],
+                 names: Sequence[str], progress: Optional[Callable[[int], None]] = None) -> None:
+    """Write (N, H, W, 3) uint8 ``images`` as PNGs ``folder/<class folder>/<name>.png``."""
+    for class_folder in class_folders:
+        (folder / class_folder).mkdir(parents=True, exist_ok=True)
+    for image, label, name in zip(images, labels, names):
+        Image.fromarray(image).save(folder / class_folders[int(label)] / f"{name}.png")
+        if progress:
+            progress(1)
+
+
+def _publish(tmp: Path, target: Path, description: dict) -> bool:
+    """Mark ``tmp`` complete and rename it to ``target``; False if another process published first."""
+    write_json_atomic(description, tmp / _DONE)
+    try:
+        os.rename(tmp, target)
+        return True
+    except OSError:  # target exists: a concurrent writer won; its copy is complete, drop ours
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / _DONE).is_file():
+            raise
+        return False
+
+
+def _fresh_tmp(parent: Path, name: str) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+
+
+def _clear_incomplete(target: Path) -> None:
+    """Remove ``target`` left half-written by an older version or a crash (no completion marker)."""
+    if target.exists() and not (target / _DONE).is_file():
+        shutil.rmtree(target)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-in digits
+# ---------------------------------------------------------------------------------------------------------------
+def _stratified_split(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(indices, test_size=fraction, stratify=labels[indices], random_state=seed)
+
+
+def ensure_digits(root: Optional[Path] = None) -> Path:
+    """Write the digits datasets once and register ``digits`` and ``digits_val``; returns their folder.
+
+    Layout under ``<root>/digits``: ``train`` and ``test`` (the ``digits`` splits), ``val_train`` and ``val_heldout``
+    (the ``digits_val`` splits); class folders ``0`` .. ``9``; file ``<index>.png`` with the index of the image in
+    ``sklearn.datasets.load_digits``. Safe to call from several processes at once: the folder is built under a
+    temporary name and renamed when complete.
+    """
+    from sklearn.datasets import load_digits
+
+    root = Path(root or data_root())
+    target = root / "digits"
+    if not (target / _DONE).is_file():
+        _clear_incomplete(target)
+        bunch = load_digits()
+        labels = bunch.target.astype(np.int64)
+        gray = np.round(bunch.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)  # scans are 0..16
+        scale = DIGITS_IMAGE_SIZE // gray.shape[-1]
+        images = np.repeat(gray.repeat(scale, axis=1).repeat(scale, axis=2)[..., None], 3, axis=-1)
+        train, test = _stratified_split(labels, np.arange(len(labels)), DIGITS_TEST_FRACTION, DIGITS_SEED)
+        val_train, val_heldout = _stratified_split(labels, np.sort(train), DIGITS_VAL_FRACTION, DIGITS_SEED)
+        splits = {"train": train, "test": test, "val_train": val_train, "val_heldout": val_heldout}
+        tmp = _fresh_tmp(root, "digits")
+        classes = [str(digit) for digit in range(10)]
+        for split, indices in splits.items():
+            indices = np.sort(indices)
+            _write_split(tmp / split, images[indices], labels[indices], classes, [f"{i:04d}" for i in indices])
+        _publish(tmp, target, {
+            "source": "sklearn.datasets.load_digits", "image_size": DIGITS_IMAGE_SIZE, "seed": DIGITS_SEED,
+            "test_fraction": DIGITS_TEST_FRACTION, "val_fraction": DIGITS_VAL_FRACTION,
+            "counts": {split: len(indices) for split, indices in splits.items()},
+        })
+    catalog = read_catalog(root)
+    wanted = {"digits": ("train", "test"), "digits_val": ("val_train", "val_heldout")}
+    for name, (train_split, val_split) in wanted.items():
+        folders = (target / train_split, target / val_split)
+        expected = {split: [str(folder.resolve())] * 2 for split, folder in zip(SPLITS, folders)}
+        if catalog.get(name) != expected:
+            register_dataset(name, target / train_split, target / val_split, root)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 python archives
+# ---------------------------------------------------------------------------------------------------------------
+# variant -> (train member names, test member name, meta member name, label key, label-names key)
+_CIFAR = {
+    "cifar-10": (["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"], "test_batch",
+                 "batches.meta", "labels", "label_names"),
+    "cifar-100": (["train"], "test", "meta", "fine_labels", "fine_label_names"),
+}
+_CIFAR_FOLDERS = {"cifar-10-batches-py": "cifar-10", "cifar-100-python": "cifar-100"}
+
+
+def _unpickle(stream) -> dict:
+    # The archives hold Python 2 pickles with byte-string keys; this is how their authors say to read them.
+    data = pickle.load(stream, encoding="bytes")
+    return {key.decode() if isinstance(key, bytes) else key: value for key, value in data.items()}
+
+
+def _as_text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@contextmanager
+def _cifar_members(path: Path) -> Iterator[Optional[Tuple[str, Dict[str, Callable[[], dict]]]]]:
+    """Yields (variant, {member name: loader}) for a CIFAR python archive or extracted folder, else None."""
+    if path.is_file() and tarfile.is_tarfile(path):
+        with tarfile.open(path) as archive:
+            files = {Path(member.name).as_posix(): member for member in archive.getmembers() if member.isfile()}
+            for folder, variant in _CIFAR_FOLDERS.items():
+                names = {name.split("/", 1)[1] for name in files if name.startswith(f"{folder}/")}
+                if {_CIFAR[variant][1], _CIFAR[variant][2]} <= names:  # the test batch and the meta file
+                    yield variant, {name: (lambda member=files[f"{folder}/{name}"]:
+                                           _unpickle(archive.extractfile(member))) for name in names}
+                    return
+        yield None
+        return
+    if path.is_dir():
+        for folder in (path, *(path / name for name in _CIFAR_FOLDERS)):
+            for variant, (_, test, meta, _, _) in _CIFAR.items():
+                if (folder / meta).is_file() and (folder / test).is_file():
+                    def load(file: Path) -> dict:
+                        with open(file, "rb") as stream:
+                            return _unpickle(stream)
+                    yield variant, {file.name: (lambda file=file: load(file)) for file in folder.iterdir()}
+                    return
+    yield None
+
+
+def is_cifar(path: Path) -> bool:
+    """Whether ``path`` is a CIFAR-10/100 python archive or its extracted folder."""
+    with _cifar_members(path) as found:
+        return found is not None
+
+
+def prepare_cifar(path: Path, out_dir: Path, progress: bool = True) -> Tuple[Path, Path, Dict[str, int]]:
+    """Write a CIFAR-10/100 python archive (or extracted folder) as PNG folders ``out_dir/{train,val}``.
+
+    Class folders are ``<label>_<name>`` (e.g. ``03_cat``) so ImageFolder's sorted class order is CIFAR's label
+    order; files are ``<batch file>_<index in it>.png``. A complete ``out_dir`` from an earlier run is kept as it
+    is. Returns (train folder, val folder, image counts).
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    if not (out_dir / _DONE).is_file():
+        _clear_incomplete(out_dir)
+        with _cifar_members(path) as found:
+            if found is None:
+                raise ValueError(f"{path} is not a CIFAR-10/100 python archive or folder")
+            variant, members = found
+            train_members, test_member, meta_member, label_key, names_key = _CIFAR[variant]
+            class_folders = _class_folder_names([_as_text(name) for name in members[meta_member]()[names_key]])
+            # CIFAR-10 ships five training batches; a cut-down archive with fewer is accepted.
+            splits = {"train": [name for name in train_members if name in members], "val": [test_member]}
+            if not splits["train"]:
+                raise ValueError(f"{path} holds no training batch ({', '.join(train_members)}): not a CIFAR archive")
+            tmp = _fresh_tmp(out_dir.parent, out_dir.name)
+            per_class = {split: np.zeros(len(class_folders), dtype=np.int64) for split in splits}
+            with tqdm(desc=f"writing {variant} PNGs", unit="img", disable=not progress) as bar:
+                for split, names in splits.items():
+                    for member in names:
+                        batch = members[member]()
+                        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                        files = [f"{member}_{index:05d}" for index in range(len(images))]
+                        _write_split(tmp / split, images, batch[label_key], class_folders, files, bar.update)
+                        per_class[split] += np.bincount(batch[label_key], minlength=len(class_folders))
+        empty = {split: [class_folders[i] for i in np.flatnonzero(seen == 0)] for split, seen in per_class.items()}
+        if any(empty.values()):
+            shutil.rmtree(tmp)
+            split, names = next((split, names) for split, names in empty.items() if names)
+            raise ValueError(f"{path}: the {split} split has no image of class(es) {', '.join(names[:5])}: a class "
+                             f"without images would shift every label after it; use the complete archive")
+        counts = {split: int(seen.sum()) for split, seen in per_class.items()}
+        _publish(tmp, out_dir, {"source": str(path.resolve()), "variant": variant, "counts": counts})
+    counts = json.loads((out_dir / _DONE).read_text())["counts"]
+    return out_dir / "train", out_dir / "val", counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ImageNet-layout folders
+# ---------------------------------------------------------------------------------------------------------------
+def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, Dict[str, int]]:
+    """Validate an ImageNet-layout folder (``train/`` and ``val/`` of class folders of images), in place.
+
+    Returns (train folder, val folder, image counts). Raises ``ValueError`` naming the first problem: a missing
+    split, no class folders, a class folder without images, or train and val with different classes (labels would
+    not match).
+    """
+    from tqdm import tqdm
+
+    counts = {}
+    classes = {}
+    for split in SPLITS:
+        split_dir = path / split
+        if not split_dir.is_dir():
+            raise ValueError(f"{path} has no {split}/ folder: expected {path}/train/<class>/<image> and "
+                             f"{path}/val/<class>/<image> (ImageNet layout) or a CIFAR python archive")
+        class_dirs = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+        if not class_dirs:
+            raise ValueError(f"{split_dir} has no class folders: put the images of each class in a folder of its own")
+        per_class = {}
+        for name in tqdm(class_dirs, desc=f"checking {split}", unit="class", disable=not progress):
+            per_class[name] = sum(1 for f in os.scandir(split_dir / name) if f.name.lower().endswith(IMAGE_EXTENSIONS))
+        empty = [name for name, count in per_class.items() if count == 0]
+        if empty:
+            raise ValueError(f"{split_dir}: class folder(s) without images: {', '.join(empty[:5])}; image extensions: "
+                             f"{' '.join(IMAGE_EXTENSIONS)}")
+        classes[split] = class_dirs
+        counts[split] = sum(per_class.values())
+    if classes["train"] != classes["val"]:
+        only = sorted(set(classes["train"]) ^ set(classes["val"]))
+        raise ValueError(f"{path}: train/ and val/ have different class folders ({', '.join(only[:5])}"
+                         f"{', ...' if len(only) > 5 else ''}): labels would not match; give both splits the same "
+                         f"classes")
+    counts["classes"] = len(classes["train"])
+    return path / "train", path / "val", counts
+
+
+def prepare_dataset(name: str, source: Path, out_dir: Optional[Path] = None, progress: bool = True,
+                    root: Optional[Path] = None) -> Dict[str, object]:
+    """Register ``source`` (CIFAR archive/folder, or ImageNet-layout folder) as catalog dataset ``name``.
+
+    CIFAR is written as PNGs to ``out_dir`` (default ``<data root>/<name>``); an image folder is registered in place.
+    Returns a description: kind, train and val folders, counts.
+    """
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise ValueError(f"--from {source} does not exist: pass an ImageNet-layout folder or a CIFAR python archive")
+    root = Path(root or data_root())
+    if is_cifar(source):
+        train_dir, val_dir, counts = prepare_cifar(source, Path(out_dir or root / name), progress=progress)
+        kind = "cifar"
+    elif source.is_dir():
+        train_dir, val_dir, counts = check_image_folder(source, progress=progress)
+        kind = "image folder"
+    else:
+        raise ValueError(f"{source} is neither a folder with train/ and val/ class folders nor a CIFAR-10/100 python "
+                         f"archive (cifar-10-python.tar.gz, cifar-100-python.tar.gz or their extracted folder)")
+    register_dataset(name, train_dir, val_dir, root)
+    return {"name": name, "kind": kind, "train": str(train_dir), "val": str(val_dir), "counts": counts}

@@ -1,0 +1,227 @@
+"""Features of a frozen trunk over a dataset split: one pass for several feature keys, optionally cached on disk.
+
+A *feature choice* is a trunk ``out_feat_keys`` key (``lastCLS``, ``lastPOOL``, ``concatCLS<n>``,
+``concatPOOL<n>``, ``blkCLS<i>``, ``blkPOOL<i>``) or several joined by ``+``: ``lastCLS+lastPOOL`` is the final
+class token concatenated with the mean of the final patch tokens. The trunk runs once per batch for all the keys
+that the choices need, in eval mode under ``torch.no_grad``; its training flag is restored afterwards.
+
+Images go through ``Preprocess.eval_transform`` (resize, centre crop, the trunk's normalisation).
+
+Cache layout (``cache_dir``): one folder per (trunk weights, dataset split, image transform), named by a hash of
+its description, holding ``meta.json`` (that description, the checkpoint it came from, feature sizes) and one
+``<key>.npy`` per trunk key (rows in the split's sample order; labels come from the folder). Arrays are written
+through a numpy memmap and renamed when complete; later calls memory-map them and compute only missing keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from convit_ssl.data import dataset_split_dir, write_json_atomic
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become trunk inputs; use the normalisation the trunk was trained with.
+
+    Evaluation: bicubic resize of the short side to ``image_size / crop_ratio``, centre crop to ``image_size``,
+    normalisation by ``mean`` and ``std`` (``crop_ratio=0.875`` is the usual 256 -> 224; 1 keeps the whole image).
+    Training of streamed probes adds augmentation: a random resized crop (DINO's: 8-100% of the area) and a flip.
+    """
+
+    image_size: int
+    crop_ratio: float = 0.875
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def eval_transform(self):
+        from torchvision import transforms as T
+
+        return T.Compose([
+            T.Resize(round(self.image_size / self.crop_ratio), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(self.image_size),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ])
+
+    def train_transform(self, crop_scale: Tuple[float, float] = (0.08, 1.0), hflip: bool = True):
+        """Random resized crop covering ``crop_scale`` of the image area, optional horizontal flip, normalisation."""
+        from torchvision import transforms as T
+
+        return T.Compose([
+            T.RandomResizedCrop(self.image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+            *([T.RandomHorizontalFlip()] if hflip else []),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ])
+
+
+def image_folder(dataset: str, split: str, transform=None):
+    """torchvision ``ImageFolder`` of a catalog dataset split ('train' or 'val')."""
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(str(dataset_split_dir(dataset, split)), transform=transform)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feature choices
+# ---------------------------------------------------------------------------------------------------------------
+def trunk_keys(choices: Sequence[str]) -> List[str]:
+    """The trunk keys that ``choices`` need, each once, in first-use order."""
+    keys: List[str] = []
+    for choice in choices:
+        parts = choice.split("+")
+        if not all(parts):
+            raise ValueError(f"feature choice {choice!r} has an empty part: join keys with '+', e.g. lastCLS+lastPOOL")
+        keys.extend(part for part in parts if part not in keys)
+    return keys
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """The module in eval mode inside the block; its previous mode restored on exit."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def check_feature_choices(trunk: nn.Module, choices: Sequence[str], image_size: int) -> Dict[str, int]:
+    """Feature size of each choice, from one forward pass of a blank image; raises the trunk's error for a bad key."""
+    keys = trunk_keys(choices)
+    device = next(trunk.parameters()).device
+    with torch.no_grad(), eval_mode(trunk):
+        outputs = trunk(torch.zeros(1, 3, image_size, image_size, device=device), out_feat_keys=keys)
+    sizes = {key: output.shape[-1] for key, output in zip(keys, outputs)}
+    return {choice: sum(sizes[key] for key in choice.split("+")) for choice in choices}
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 of a module's state dict (names, dtypes, shapes and values): equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def frozen_check(trunk: nn.Module, digest_before: str, feature_sizes: Mapping[str, int]) -> dict:
+    """The result's ``trunk`` entry: state sha256 before and now, whether they match, the feature sizes."""
+    digest_after = state_digest(trunk)
+    return {"sha256_before": digest_before, "sha256_after": digest_after, "unchanged": digest_before == digest_after,
+            "feature_sizes": dict(feature_sizes)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Features:
+    """Trunk features of one dataset split: ``arrays[key]`` (N, C_key), labels (N,), class names, file names."""
+
+    arrays: Mapping[str, np.ndarray]
+    labels: np.ndarray
+    classes: List[str]
+    files: List[str] = field(default_factory=list)
+
+    def choice(self, name: str, indices: Optional[np.ndarray] = None) -> np.ndarray:
+        """(N, C) float32 features of choice ``name`` (keys joined by '+' are concatenated), rows ``indices``."""
+        parts = [self.arrays[key] if indices is None else self.arrays[key][indices] for key in name.split("+")]
+        return np.concatenate(parts, axis=1, dtype=np.float32) if len(parts) > 1 else np.array(parts[0], np.float32)
+
+
+@torch.no_grad()
+def extract(trunk: nn.Module, dataset: Dataset, keys: Sequence[str], batch_size: int = 256, num_workers: int = 0,
+            allocate: Optional[Callable[[str, Tuple[int, int]], np.ndarray]] = None, progress: bool = False,
+            description: str = "features") -> Dict[str, np.ndarray]:
+    """Features ``{key: (N, C_key) float32}`` of every item of ``dataset`` (in order), one trunk pass per batch.
+
+    ``allocate(key, shape)`` makes the array of a key on the first batch, once the feature sizes are known (e.g. a
+    memmap); by default an in-memory array.
+    """
+    from tqdm import tqdm
+
+    device = next(trunk.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    arrays: Dict[str, np.ndarray] = {}
+    start = 0
+    with eval_mode(trunk):
+        for images, _ in tqdm(loader, desc=description, unit="batch", disable=not progress):
+            outputs = trunk(images.to(device, non_blocking=True), out_feat_keys=list(keys))
+            for key, output in zip(keys, outputs):
+                if key not in arrays:
+                    shape = (len(dataset), output.shape[-1])
+                    arrays[key] = allocate(key, shape) if allocate else np.empty(shape, dtype=np.float32)
+                arrays[key][start:start + len(images)] = output.float().cpu().numpy()
+            start += len(images)
+    return arrays
+
+
+def _files_digest(samples) -> str:
+    digest = hashlib.sha256()
+    for path, label in samples:
+        digest.update(f"{path}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def split_features(trunk: nn.Module, dataset: str, split: str, keys: Sequence[str], preprocess: Preprocess,
+                   batch_size: int = 256, num_workers: int = 0, cache_dir: Optional[Path] = None,
+                   trunk_digest: Optional[str] = None, model: Optional[Mapping] = None,
+                   progress: bool = False) -> Features:
+    """Features of catalog dataset ``dataset``, split ``split``, for trunk ``keys``; cached when ``cache_dir``.
+
+    ``trunk_digest`` (default: ``state_digest(trunk)``) identifies the weights in the cache; ``model`` (e.g. the
+    checkpoint path and sha256) is recorded in the cache's ``meta.json``.
+    """
+    folder = image_folder(dataset, split, preprocess.eval_transform())
+    root = Path(folder.root)
+    labels = np.asarray(folder.targets, dtype=np.int64)
+    files = [os.path.relpath(path, root) for path, _ in folder.samples]
+    run = dict(batch_size=batch_size, num_workers=num_workers, progress=progress, description=f"{dataset}/{split}")
+    if cache_dir is None:
+        return Features(extract(trunk, folder, keys, **run), labels, folder.classes, files)
+    description = {
+        "trunk_sha256": trunk_digest or state_digest(trunk), "dataset": dataset, "split": split,
+        "folder": str(root), "samples_sha256": _files_digest(folder.samples), "num_samples": len(labels),
+        "preprocess": dataclasses.asdict(preprocess),
+    }
+    entry = Path(cache_dir) / hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+    missing = [key for key in keys if not (entry / f"{key}.npy").is_file()]
+    if missing:
+        entry.mkdir(parents=True, exist_ok=True)
+        tmp_paths = {key: entry / f".{key}.{os.getpid()}.npy.tmp" for key in missing}
+
+        def allocate(key, shape):
+            return np.lib.format.open_memmap(tmp_paths[key], mode="w+", dtype=np.float32, shape=shape)
+
+        arrays = extract(trunk, folder, missing, allocate=allocate, **run)
+        for key, array in arrays.items():
+            array.flush()
+            os.replace(tmp_paths[key], entry / f"{key}.npy")
+        sizes = {path.stem: int(np.load(path, mmap_mode="r").shape[1]) for path in sorted(entry.glob("*.npy"))}
+        meta = entry / "meta.json"
+        known = json.loads(meta.read_text()).get("model", {}) if meta.is_file() else {}  # the model of earlier keys
+        write_json_atomic({**description, "model": dict(model or known), "feature_sizes": sizes}, meta)
+    arrays = {key: np.load(entry / f"{key}.npy", mmap_mode="r") for key in keys}
+    return Features(arrays, labels, folder.classes, files)

@@ -1,0 +1,118 @@
+"""Weighted k-nearest-neighbour classification of frozen features, the protocol of DINO (Caron et al. 2021).
+
+Features are L2-normalised; a test image's k most similar training images (cosine similarity s) vote for their
+labels with weight exp(s / T), T = 0.07. The predicted classes are the classes ranked by their total vote.
+
+Exact where DINO's code is not: only classes that received a vote are predictions. DINO sorts all classes and
+takes the first ``min(5, k)``, so classes with no vote (score 0) fill the ranks after the voted ones in an order
+that depends on the sort, and can count as top-5 hits; here a class with no vote never does. So with k < 5, or
+when fewer than 5 classes got votes, top-5 is "the true class got a vote" (top-5 equals top-1 for k = 1).
+Equal votes rank the lower class index first. The test set is processed in chunks (memory is chunk x train),
+and the result does not depend on the chunk size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from convit_ssl.evaluation.features import (
+    Preprocess, check_feature_choices, frozen_check, split_features, state_digest, trunk_keys,
+)
+from convit_ssl.evaluation.subsets import class_subset
+
+KS = (10, 20, 100, 200)
+TEMPERATURE = 0.07
+_CHUNK_BYTES = 2**28  # similarity matrix budget per chunk: 256 MiB
+
+
+def knn_predict(train_features, train_labels, test_features, ks: Sequence[int] = KS,
+                temperature: float = TEMPERATURE, num_classes: Optional[int] = None,
+                chunk_size: Optional[int] = None, max_rank: int = 5) -> Dict[int, torch.Tensor]:
+    """Ranked class predictions ``{k: (M, max_rank) int64}``; -1 where fewer than ``max_rank`` classes got votes.
+
+    train_features (N, C), train_labels (N,), test_features (M, C): tensors or arrays. ``chunk_size`` test images
+    at a time (default: as many as fit 256 MiB of similarities).
+    """
+    train = F.normalize(torch.as_tensor(np.asarray(train_features), dtype=torch.float32), dim=1)
+    test = torch.as_tensor(np.asarray(test_features), dtype=torch.float32)
+    labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.int64)
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1 or ks[-1] > len(train):
+        raise ValueError(f"k must be between 1 and the number of training samples {len(train)}, got {ks}: "
+                         f"pass smaller --ks")
+    num_classes = int(num_classes or int(labels.max()) + 1)
+    chunk_size = chunk_size or max(1, _CHUNK_BYTES // (4 * len(train)))
+    predictions = {k: [] for k in ks}
+    for start in range(0, len(test), chunk_size):
+        queries = F.normalize(test[start:start + chunk_size], dim=1)
+        top_similarity, top_index = (queries @ train.T).topk(ks[-1], dim=1)
+        neighbour_labels = labels[top_index]
+        weights = (top_similarity / temperature).exp()
+        for k in ks:
+            votes = torch.zeros(len(queries), num_classes).scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+            ranked_votes, ranked = votes.sort(dim=1, descending=True, stable=True)
+            ranked = ranked[:, :max_rank].masked_fill(ranked_votes[:, :max_rank] <= 0, -1)
+            predictions[k].append(F.pad(ranked, (0, max_rank - ranked.shape[1]), value=-1))
+    return {k: torch.cat(chunks) for k, chunks in predictions.items()}
+
+
+def knn_classify(train_features, train_labels, test_features, test_labels, ks: Sequence[int] = KS,
+                 temperature: float = TEMPERATURE, num_classes: Optional[int] = None,
+                 chunk_size: Optional[int] = None) -> Dict[int, Dict[str, float]]:
+    """``{k: {"top1": %, "top5": %}}`` of weighted kNN (see the module docstring for the exact rule)."""
+    targets = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64).view(-1, 1)
+    predictions = knn_predict(train_features, train_labels, test_features, ks, temperature, num_classes, chunk_size)
+    results = {}
+    for k, ranked in predictions.items():
+        hits = ranked == targets
+        results[k] = {"top1": 100.0 * int(hits[:, 0].sum()) / len(hits),
+                      "top5": 100.0 * int(hits.any(dim=1).sum()) / len(hits)}
+    return results
+
+
+def knn_evaluation(trunk: nn.Module, dataset: str, preprocess: Preprocess, features: Sequence[str] = ("lastCLS",),
+                   ks: Sequence[int] = KS, temperature: float = TEMPERATURE, fraction: float = 1.0,
+                   subset_rule: str = "random", seed: int = 0, batch_size: int = 256, num_workers: int = 0,
+                   cache_dir: Optional[Path] = None, model: Optional[Mapping] = None, progress: bool = False) -> dict:
+    """kNN accuracy of ``trunk`` on catalog dataset ``dataset`` (train split as memory, val split as queries).
+
+    ``fraction`` < 1 keeps that fraction of the training labels per class (``subsets.class_subset``). Values of k
+    above the number of kept training images are skipped and listed under ``skipped_ks``. Returns the result body.
+    """
+    started = time.time()
+    model = dict(model or {})
+    digest = state_digest(trunk)
+    sizes = check_feature_choices(trunk, features, preprocess.image_size)
+    run = dict(batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir, trunk_digest=digest,
+               model=model, progress=progress)
+    train = split_features(trunk, dataset, "train", trunk_keys(features), preprocess, **run)
+    test = split_features(trunk, dataset, "val", trunk_keys(features), preprocess, **run)
+    memory = class_subset(train.labels, fraction, seed, subset_rule, train.files)
+    usable = [k for k in ks if k <= len(memory)]
+    if not usable:
+        raise ValueError(f"every k in {list(ks)} exceeds the {len(memory)} training images kept: pass smaller --ks")
+    rows, accuracies = [], {}
+    for choice in features:
+        accuracies[choice] = knn_classify(train.choice(choice, memory), train.labels[memory], test.choice(choice),
+                                          test.labels, usable, temperature, num_classes=len(train.classes))
+        rows += [{"kind": "knn", "model": model.get("name", ""), "dataset": dataset, "fraction": fraction,
+                  "feature": choice, "k": k, "temperature": temperature, **accuracy}
+                 for k, accuracy in accuracies[choice].items()]
+    return {
+        "kind": "knn",
+        "dataset": {"name": dataset, "fraction": fraction, "subset_rule": subset_rule, "train": len(memory),
+                    "test": len(test.labels), "classes": len(train.classes)},
+        "preprocess": dataclasses.asdict(preprocess), "seed": seed, "temperature": temperature, "ks": usable,
+        "skipped_ks": [k for k in ks if k not in usable],
+        "accuracy": {choice: {str(k): value for k, value in by_k.items()} for choice, by_k in accuracies.items()},
+        "trunk": frozen_check(trunk, digest, sizes),
+        "eval_time_s": round(time.time() - started, 3),
+        "rows": rows,
+    }

@@ -1,0 +1,388 @@
+"""Linear probes: a grid of linear heads trained side by side on frozen features, the best chosen on held-out data.
+
+Protocol (the choices below are the documented ones; the numbers come from a recipe, see ``load_recipe``):
+
+* Grid: every (feature choice, learning rate, weight decay) gets its own linear head and its own optimizer state.
+  All heads see the same batches in the same order, so the trunk runs once per batch for the whole grid.
+* Selection: a stratified ``heldout_fraction`` of the training images (fixed seed, see ``subsets.heldout_split``)
+  is kept out of training; the head with the best held-out top-1 is chosen (first in grid order on ties). The test
+  split (the dataset's ``val``) never takes part: every head's test accuracy is reported next to its held-out one.
+  With no held-out image (e.g. one labelled image per class) the choice falls back to training accuracy, and the
+  result says so (``selected_on``).
+* Optimiser: SGD with momentum 0.9 (``torch.optim.SGD`` semantics), weight decay on the weights only, the
+  learning rate following a cosine from its grid value to 0 over all steps, no warm-up. Heads start at
+  N(0, 0.01^2) weights and zero biases, all from the same draw.
+* Features are standardised per dimension (zero mean, unit variance) with statistics of the training images:
+  exact ones over all of them for cached features; for streamed ones, those of at most ``stats_samples`` random
+  augmented training images, the distribution the heads train on (what BatchNorm's running statistics estimate in
+  MAE's probe). Standardisation lets one learning-rate grid fit every feature choice.
+* Cached mode (``stream: false``): features are extracted once without augmentation (and cached on disk when asked)
+  and every epoch reuses them. Streamed mode (``stream: true``): each training batch is augmented (random resized
+  crop over ``crop_scale`` of the area, flip if ``hflip``) and goes through the trunk, once for all heads; held-out
+  and test features are extracted once, without augmentation.
+
+The trunk is in eval mode under ``torch.no_grad`` whenever it runs; the sha256 of its state before and after the
+probe is part of the result (``trunk.unchanged``), the sanity check of MoCo v3's linear probe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from convit_ssl.evaluation.features import (
+    Features, Preprocess, check_feature_choices, eval_mode, extract, frozen_check, image_folder, split_features,
+    state_digest, trunk_keys,
+)
+from convit_ssl.evaluation.subsets import class_subset, heldout_split
+
+MOMENTUM = 0.9
+INIT_STD = 0.01
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "config" / "convit_ssl" / "benchmark" / "linear"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a probe needs besides the trunk; the YAML files in ``RECIPE_DIR`` document each field."""
+
+    dataset: str
+    image_size: int
+    crop_ratio: float
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    epochs: int
+    batch_size: int
+    lrs: Tuple[float, ...]
+    wds: Tuple[float, ...]
+    features: Tuple[str, ...]
+    heldout_fraction: float
+    stream: bool
+    crop_scale: Tuple[float, float]
+    hflip: bool
+    stats_samples: int
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.image_size, self.crop_ratio, self.mean, self.std)
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with the changes that are not None (command-line overrides)."""
+        changes = {key: value for key, value in changes.items() if value is not None}
+        return _coerce(dataclasses.replace(self, **changes), "overrides")
+
+
+def recipe_names() -> List[str]:
+    return sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
+
+
+def _coerce(recipe: Recipe, source: str) -> Recipe:
+    try:
+        values = {
+            "dataset": str(recipe.dataset), "image_size": int(recipe.image_size),
+            "crop_ratio": float(recipe.crop_ratio), "mean": tuple(float(v) for v in recipe.mean),
+            "std": tuple(float(v) for v in recipe.std), "epochs": int(recipe.epochs),
+            "batch_size": int(recipe.batch_size), "lrs": tuple(float(v) for v in recipe.lrs),
+            "wds": tuple(float(v) for v in recipe.wds), "features": tuple(str(v) for v in recipe.features),
+            "heldout_fraction": float(recipe.heldout_fraction), "stream": bool(recipe.stream),
+            "crop_scale": tuple(float(v) for v in recipe.crop_scale), "hflip": bool(recipe.hflip),
+            "stats_samples": int(recipe.stats_samples),
+        }
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"recipe {source}: a field has the wrong type ({error}); lrs, wds and features are lists")
+    for field_name in ("lrs", "wds", "features"):
+        if not values[field_name]:
+            raise ValueError(f"recipe {source}: {field_name} is empty; give at least one value")
+    if values["epochs"] < 1 or values["batch_size"] < 1 or not 0 < values["crop_ratio"] <= 1:
+        raise ValueError(f"recipe {source}: epochs and batch_size must be >= 1 and crop_ratio in (0, 1]")
+    if len(values["mean"]) != 3 or len(values["std"]) != 3:
+        raise ValueError(f"recipe {source}: mean and std need one value per RGB channel")
+    if len(values["crop_scale"]) != 2 or not 0 < values["crop_scale"][0] <= values["crop_scale"][1] <= 1:
+        raise ValueError(f"recipe {source}: crop_scale is [smallest, largest] share of the image area, in (0, 1]")
+    return Recipe(**values)
+
+
+def load_recipe(name: str) -> Recipe:
+    """Recipe ``name`` from ``RECIPE_DIR`` (or a path to a YAML file); every field must be given, no other."""
+    import yaml
+
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = RECIPE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(recipe_names())} (or pass a .yaml path)")
+    data = yaml.safe_load(path.read_text()) or {}
+    fields = [field.name for field in dataclasses.fields(Recipe)]
+    unknown, missing = sorted(set(data) - set(fields)), [key for key in fields if key not in data]
+    if unknown or missing:
+        raise ValueError(f"recipe {path.name}: " + "; ".join(
+            part for part in (f"unknown field(s) {', '.join(unknown)}" if unknown else "",
+                              f"missing field(s) {', '.join(missing)}" if missing else "") if part)
+            + f"; the fields are {', '.join(fields)}")
+    return _coerce(Recipe(**data), path.name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A grid of heads on one feature choice
+# ---------------------------------------------------------------------------------------------------------------
+class HeadGrid(nn.Module):
+    """G linear heads on one feature choice, stacked: weight (G, K, D), bias (G, K); head g has lrs[g], wds[g].
+
+    Inputs are standardised with ``mean`` and ``std`` (D,). ``sgd_step`` is ``torch.optim.SGD(momentum=0.9)``
+    run per head, with weight decay on the weight only.
+    """
+
+    def __init__(self, dim: int, num_classes: int, lrs: Sequence[float], wds: Sequence[float],
+                 mean: torch.Tensor, std: torch.Tensor, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randn(num_classes, dim, generator=generator) * INIT_STD
+        self.weight = nn.Parameter(weight.expand(len(lrs), -1, -1).clone())
+        self.bias = nn.Parameter(torch.zeros(len(lrs), num_classes))
+        self.register_buffer("lrs", torch.tensor(lrs, dtype=torch.float32))
+        self.register_buffer("wds", torch.tensor(wds, dtype=torch.float32))
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+        self.register_buffer("weight_momentum", torch.zeros_like(self.weight))
+        self.register_buffer("bias_momentum", torch.zeros_like(self.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every head, (G, B, K), for raw features x (B, D)."""
+        z = (x - self.mean) / self.std
+        return torch.einsum("bd,gkd->gbk", z, self.weight) + self.bias[:, None, :]
+
+    def losses(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of each head over the batch, (G,)."""
+        logits = self(x)
+        G, B, K = logits.shape
+        return F.cross_entropy(logits.reshape(G * B, K), labels.repeat(G), reduction="none").view(G, B).mean(dim=1)
+
+    @torch.no_grad()
+    def sgd_step(self, lr_scale: float) -> None:
+        """One SGD-with-momentum step of every head from the current gradients, then zero them."""
+        lr = (self.lrs * lr_scale).view(-1, 1, 1)
+        self.weight_momentum.mul_(MOMENTUM).add_(self.weight.grad + self.wds.view(-1, 1, 1) * self.weight)
+        self.bias_momentum.mul_(MOMENTUM).add_(self.bias.grad)
+        self.weight.sub_(lr * self.weight_momentum)
+        self.bias.sub_(lr[:, :, 0] * self.bias_momentum)
+        self.weight.grad = None
+        self.bias.grad = None
+
+    @torch.no_grad()
+    def accuracy(self, x: np.ndarray, labels: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """(G, 2) top-1 and top-5 accuracy in percent of every head (top-5 is top-K with K < 5 classes)."""
+        hits = torch.zeros(self.weight.shape[0], 2, dtype=torch.float64)
+        device = self.weight.device
+        for start in range(0, len(labels), chunk):
+            logits = self(torch.as_tensor(x[start:start + chunk], device=device))
+            targets = torch.as_tensor(labels[start:start + chunk], device=device)
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == targets.view(1, -1, 1)
+            hits[:, 0] += top[..., 0].sum(dim=1).cpu()
+            hits[:, 1] += top.any(dim=-1).sum(dim=1).cpu()
+        return (100.0 * hits / max(1, len(labels))).numpy()
+
+
+def standardisation(features: np.ndarray, chunk: int = 65536) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of (N, D) features (float64 sums; constant dimensions get std 1)."""
+    total = np.zeros(features.shape[1])
+    squares = np.zeros(features.shape[1])
+    for start in range(0, len(features), chunk):
+        block = np.asarray(features[start:start + chunk], dtype=np.float64)
+        total += block.sum(axis=0)
+        squares += (block * block).sum(axis=0)
+    mean = total / len(features)
+    std = np.sqrt(np.maximum(squares / len(features) - mean * mean, 0.0))
+    std[std < 1e-6] = 1.0
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
+
+Batches = Callable[[int], Iterable[Tuple[Dict[str, torch.Tensor], torch.Tensor]]]
+
+
+def train_heads(grids: Mapping[str, HeadGrid], batches: Batches, epochs: int,
+                steps_per_epoch: int) -> Dict[str, np.ndarray]:
+    """Train every grid on ``batches(epoch)`` ((features by choice, labels) pairs); cosine learning rate per step.
+
+    Returns each grid's mean training loss per head over the last epoch.
+    """
+    total_steps = epochs * steps_per_epoch
+    step = 0
+    last_losses: Dict[str, List[torch.Tensor]] = {}
+    for epoch in range(epochs):
+        last_losses = {choice: [] for choice in grids}
+        for features, labels in batches(epoch):
+            lr_scale = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            for choice, grid in grids.items():
+                losses = grid.losses(features[choice], labels)
+                losses.sum().backward()
+                grid.sgd_step(lr_scale)
+                last_losses[choice].append(losses.detach())
+            step += 1
+    return {choice: torch.stack(values).mean(dim=0).cpu().numpy() for choice, values in last_losses.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probes
+# ---------------------------------------------------------------------------------------------------------------
+def _grid_points(recipe: Recipe) -> List[Tuple[float, float]]:
+    return list(itertools.product(recipe.lrs, recipe.wds))
+
+
+def _make_grids(recipe: Recipe, dims: Mapping[str, int], num_classes: int,
+                stats: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], seed: int, device) -> Dict[str, HeadGrid]:
+    lrs, wds = zip(*_grid_points(recipe))
+    return {choice: HeadGrid(dims[choice], num_classes, lrs, wds, *stats[choice], seed=seed).to(device)
+            for choice in recipe.features}
+
+
+def _assemble(recipe: Recipe, grids: Mapping[str, HeadGrid], losses: Mapping[str, np.ndarray],
+              accuracies: Mapping[str, Mapping[str, np.ndarray]], counts: Mapping[str, int], dataset: str,
+              fraction: float, subset_rule: str, seed: int, name: str) -> dict:
+    """The result body: the whole grid with its numbers, the chosen head, one summary row."""
+    grid = []
+    for choice in recipe.features:
+        for g, (lr, wd) in enumerate(_grid_points(recipe)):
+            entry = {"feature": choice, "lr": lr, "wd": wd, "final_train_loss": float(losses[choice][g])}
+            for split, by_choice in accuracies.items():
+                entry[f"{split}_top1"], entry[f"{split}_top5"] = (float(v) for v in by_choice[choice][g])
+            grid.append(entry)
+    if len(grid) == 1:
+        selected_on = "single head"
+    elif counts["heldout"] > 0:
+        selected_on = "heldout"
+    else:
+        selected_on = "train (no held-out images)"
+    criterion = "train_top1" if selected_on.startswith("train") else "heldout_top1"
+    best = int(np.argmax([entry.get(criterion, 0.0) for entry in grid]))
+    chosen = {"index": best, "selected_on": selected_on, **grid[best]}
+    row = {"kind": "linear_probe", "model": name, "dataset": dataset, "fraction": fraction,
+           "feature": chosen["feature"], "lr": chosen["lr"], "wd": chosen["wd"], "selected_on": selected_on,
+           "top1": chosen["test_top1"], "top5": chosen["test_top5"]}
+    return {
+        "kind": "linear_probe",
+        "dataset": {"name": dataset, "fraction": fraction, "subset_rule": subset_rule, **counts},
+        "recipe": dataclasses.asdict(recipe), "seed": seed, "grid": grid, "chosen": chosen, "rows": [row],
+    }
+
+
+def probe_features(train: Features, test: Features, recipe: Recipe, fraction: float = 1.0,
+                   subset_rule: str = "random", seed: int = 0, dataset: Optional[str] = None, name: str = "",
+                   device: str | torch.device = "cpu") -> dict:
+    """Train and evaluate the recipe's grid on extracted features (cached mode); returns the result body.
+
+    ``fraction`` < 1 keeps that fraction of the training labels per class (``subsets.class_subset``, drawn with
+    ``seed`` by ``subset_rule``) before the held-out split.
+    """
+    pool = class_subset(train.labels, fraction, seed, subset_rule, train.files)
+    fit, heldout = heldout_split(train.labels, recipe.heldout_fraction, seed, indices=pool)
+    fit_x = {choice: torch.from_numpy(train.choice(choice, fit)).to(device) for choice in recipe.features}
+    fit_y = torch.from_numpy(train.labels[fit]).to(device)
+    stats = {choice: standardisation(x.cpu().numpy()) for choice, x in fit_x.items()}
+    dims = {choice: x.shape[1] for choice, x in fit_x.items()}
+    grids = _make_grids(recipe, dims, len(train.classes), stats, seed, device)
+    order = torch.Generator().manual_seed(seed)
+
+    def batches(epoch: int):
+        permutation = torch.randperm(len(fit), generator=order).to(device)
+        for start in range(0, len(fit), recipe.batch_size):
+            index = permutation[start:start + recipe.batch_size]
+            yield {choice: x[index] for choice, x in fit_x.items()}, fit_y[index]
+
+    losses = train_heads(grids, batches, recipe.epochs, math.ceil(len(fit) / recipe.batch_size))
+    splits = {"train": (train, fit), "heldout": (train, heldout), "test": (test, None)}
+    accuracies = {
+        split: {choice: grids[choice].accuracy(features.choice(choice, index), features.labels if index is None
+                                               else features.labels[index]) for choice in recipe.features}
+        for split, (features, index) in splits.items() if index is None or len(index)
+    }
+    counts = {"train": len(fit), "heldout": len(heldout), "test": len(test.labels), "classes": len(train.classes)}
+    return _assemble(recipe, grids, losses, accuracies, counts, dataset or recipe.dataset, fraction, subset_rule,
+                     seed, name)
+
+
+def _probe_streamed(trunk: nn.Module, recipe: Recipe, dataset: str, fraction: float, subset_rule: str, seed: int,
+                    num_workers: int, cache_dir: Optional[Path], trunk_digest: str, model: Mapping, name: str,
+                    progress: bool) -> dict:
+    keys = trunk_keys(recipe.features)
+    plain = image_folder(dataset, "train", recipe.preprocess.eval_transform())
+    augmented = image_folder(dataset, "train", recipe.preprocess.train_transform(recipe.crop_scale, recipe.hflip))
+    labels = np.asarray(plain.targets, dtype=np.int64)
+    pool = class_subset(labels, fraction, seed, subset_rule, [path for path, _ in plain.samples])
+    fit, heldout = heldout_split(labels, recipe.heldout_fraction, seed, indices=pool)
+    if len(heldout) == 0:
+        raise ValueError("a streamed probe chooses its head on held-out images, and there are none: raise "
+                         "heldout_fraction (e.g. --heldout-fraction 0.1) or probe cached features (stream: false)")
+    run = dict(batch_size=recipe.batch_size, num_workers=num_workers, progress=progress)
+    sample = np.sort(np.random.default_rng(seed).permutation(fit)[:recipe.stats_samples])
+    at_rest = {
+        "stats": Features(extract(trunk, Subset(augmented, sample.tolist()), keys, description="statistics", **run),
+                          labels[sample], plain.classes),
+        "heldout": Features(extract(trunk, Subset(plain, heldout.tolist()), keys, description="held-out", **run),
+                            labels[heldout], plain.classes),
+        "test": split_features(trunk, dataset, "val", keys, recipe.preprocess, cache_dir=cache_dir,
+                               trunk_digest=trunk_digest, model=model, **run),
+    }
+    device = next(trunk.parameters()).device
+    stats = {choice: standardisation(at_rest["stats"].choice(choice)) for choice in recipe.features}
+    dims = {choice: len(mean) for choice, (mean, _) in stats.items()}
+    grids = _make_grids(recipe, dims, len(plain.classes), stats, seed, device)
+    loader_seed = torch.Generator().manual_seed(seed)
+    loader = DataLoader(Subset(augmented, fit.tolist()), batch_size=recipe.batch_size, shuffle=True,
+                        generator=loader_seed, num_workers=num_workers, pin_memory=device.type == "cuda")
+
+    def batches(epoch: int):
+        for images, targets in loader:
+            with torch.no_grad():
+                outputs = dict(zip(keys, trunk(images.to(device, non_blocking=True), out_feat_keys=keys)))
+            yield ({choice: torch.cat([outputs[key] for key in choice.split("+")], dim=1).float()
+                    for choice in recipe.features}, targets.to(device))
+
+    with eval_mode(trunk):
+        losses = train_heads(grids, batches, recipe.epochs, len(loader))
+    accuracies = {split: {choice: grids[choice].accuracy(at_rest[split].choice(choice), at_rest[split].labels)
+                          for choice in recipe.features} for split in ("heldout", "test")}
+    counts = {"train": len(fit), "heldout": len(heldout), "test": len(at_rest["test"].labels),
+              "classes": len(plain.classes)}
+    return _assemble(recipe, grids, losses, accuracies, counts, dataset, fraction, subset_rule, seed, name)
+
+
+def linear_probe(trunk: nn.Module, recipe: Recipe, dataset: Optional[str] = None, fraction: float = 1.0,
+                 subset_rule: str = "random", seed: int = 0, num_workers: int = 0, cache_dir: Optional[Path] = None,
+                 model: Optional[Mapping] = None, progress: bool = False) -> dict:
+    """Probe ``trunk`` with ``recipe`` on catalog dataset ``dataset`` (default: the recipe's); returns the result body.
+
+    ``model`` describes the trunk for the cache and the result (its ``name`` labels the summary row). The body has
+    ``grid`` (every head: feature, lr, wd, held-out / test / train accuracy, last-epoch loss), ``chosen``, ``rows``
+    and ``trunk`` (state sha256 before and after, ``unchanged``, feature sizes).
+    """
+    started = time.time()
+    dataset = dataset or recipe.dataset
+    model = dict(model or {})
+    digest_before = state_digest(trunk)
+    sizes = check_feature_choices(trunk, recipe.features, recipe.image_size)
+    common = dict(fraction=fraction, subset_rule=subset_rule, seed=seed, name=model.get("name", ""))
+    if recipe.stream:
+        body = _probe_streamed(trunk, recipe, dataset, num_workers=num_workers, cache_dir=cache_dir,
+                               trunk_digest=digest_before, model=model, progress=progress, **common)
+    else:
+        keys = trunk_keys(recipe.features)
+        extract_args = dict(batch_size=recipe.batch_size, num_workers=num_workers, cache_dir=cache_dir,
+                            trunk_digest=digest_before, model=model, progress=progress)
+        train = split_features(trunk, dataset, "train", keys, recipe.preprocess, **extract_args)
+        test = split_features(trunk, dataset, "val", keys, recipe.preprocess, **extract_args)
+        body = probe_features(train, test, recipe, dataset=dataset, device=next(trunk.parameters()).device, **common)
+    body["trunk"] = frozen_check(trunk, digest_before, sizes)
+    body["probe_time_s"] = round(time.time() - started, 3)
+    return body

@@ -1,0 +1,116 @@
+"""linear-probe, knn, study and results from the command line: happy paths and one-line errors."""
+import json
+import re
+
+import pytest
+import torch
+
+from convit_ssl.checkpoint import to_timm_state_dict
+from convit_ssl.cli import main
+from convit_ssl.evaluation.results import file_sha256
+
+TINY_OPTIONS = ["--trunk-option", "patch_size=8", "--trunk-option", "embed_dim=48", "--trunk-option", "depth=3",
+                "--trunk-option", "local_up_to_layer=2"]
+QUICK = ["--epochs", "5", "--lrs", "0.3", "--wds", "0", "--features", "lastCLS+lastPOOL", "--no-cache", "--quiet"]
+
+
+def results_in(folder):
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+
+
+def test_probe_knn_and_results_from_a_checkpoint(digits_data, make_trunk, tmp_path, capsys):
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save({"model": to_timm_state_dict(make_trunk())}, checkpoint)  # official/timm layout
+    out = tmp_path / "eval"
+    assert main(["linear-probe", "--checkpoint", str(checkpoint), "--out", str(out), "--cache", str(tmp_path / "c"),
+                 "--epochs", "5", "--lrs", "0.1", "1.0", "--wds", "0", "--features", "lastCLS", "lastPOOL",
+                 "--quiet"]) == 0
+    (probe,) = results_in(out)
+    model = probe["manifest"]["models"][0]
+    assert model["source"] == "checkpoint" and model["sha256"] == file_sha256(checkpoint) and model["name"] == "tiny"
+    assert probe["manifest"]["seeds"] == {"seed": 0} and probe["manifest"]["args"]["lrs"] == [0.1, 1.0]
+    assert len(probe["grid"]) == 4 and probe["recipe"]["epochs"] == 5 and probe["trunk"]["unchanged"]
+    printed = capsys.readouterr().out
+    assert f"test top-1 {probe['chosen']['test_top1']:.2f}" in printed
+
+    assert main(["knn", "--checkpoint", str(checkpoint), "--out", str(out), "--ks", "1", "20", "2000",
+                 "--cache", str(tmp_path / "c"), "--quiet"]) == 0
+    knn = next(result for result in results_in(out) if result["kind"] == "knn")
+    assert knn["skipped_ks"] == [2000] and [row["k"] for row in knn["rows"]] == [1, 20]
+    assert knn["rows"][0]["top1"] == knn["rows"][0]["top5"] and knn["rows"][1]["top1"] > 20  # chance: 10
+    assert "skipped k = 2000" in capsys.readouterr().out
+
+    assert main(["results", str(out), "--csv", str(tmp_path / "all.csv")]) == 0
+    table = capsys.readouterr().out
+    assert f"| {probe['chosen']['test_top1']:.2f} |" in table and f"| {knn['rows'][1]['top1']:.2f} |" in table
+    assert len((tmp_path / "all.csv").read_text().splitlines()) == 1 + 1 + 2
+
+
+def test_random_trunk_probe_with_a_label_fraction(digits_data, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["linear-probe", "--random", "convit_tiny", *TINY_OPTIONS, "--fraction", "0.1", "--seed", "2",
+                 "--out", str(out), *QUICK]) == 0
+    (probe,) = results_in(out)
+    model = probe["manifest"]["models"][0]
+    assert model["source"] == "random" and model["options"]["img_size"] == 32 and model["init_seed"] == 2
+    assert probe["dataset"]["fraction"] == 0.1 and probe["dataset"]["train"] + probe["dataset"]["heldout"] == 139
+
+
+def test_study_command(digits_data, tmp_path, capsys):
+    assert main(["study", "low-data", *TINY_OPTIONS, "--fractions", "0.1", "1", "--out", str(tmp_path), *QUICK]) == 0
+    (folder,) = tmp_path.iterdir()
+    assert {"study.md", "study.csv", "low_data.png", "probe-ConViT-f0.1.json", "probe-DeiT-f1.json"} <= {
+        path.name for path in folder.iterdir()}
+    assert "| fraction | top1 ConViT | top1 DeiT | gain top1 (%) |" in capsys.readouterr().out
+
+
+def one_line_error(capsys, command):
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and error.startswith(f"convit-ssl {command}: error: "), error
+    return error
+
+
+@pytest.mark.parametrize("command", ["linear-probe", "knn"])
+def test_errors_are_one_line_and_name_the_fix(digits_data, tmp_path, capsys, command):
+    base = [command, "--out", str(tmp_path), "--no-cache", "--quiet"]
+    not_torch = tmp_path / "notes.txt"
+    not_torch.write_text("hello")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"conv1.weight": torch.zeros(2, 3)}, foreign)
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope.pth")], r"checkpoint .*nope.pth does not exist: pass the path"),
+        (["--checkpoint", str(not_torch)], r"cannot be read by torch.load"),
+        (["--checkpoint", str(foreign)], r"not a ConViT/DeiT state dict: no patch_embed.proj.weight"),
+        (["--random", "convit_tiny", "--data", "imagenet1k"], r"unknown dataset 'imagenet1k'.*prepare-data imagenet1k"),
+        (["--random", "convit_tiny", "--data", "mydata"], r"no recipe is named like dataset 'mydata': pass --recipe"),
+        (["--random", "convit_tiny", "--recipe", "imagenet"], r"unknown recipe 'imagenet'; known: cifar10"),
+        (["--random", "convit_tiny", *TINY_OPTIONS, "--features", "lastFOO"], r"unknown feature key 'lastFOO'"),
+        (["--random", "convit_tiny", "--trunk-option", "patch_size"], r"--trunk-option 'patch_size' is not KEY=VALUE"),
+        (["--random", "convit_huge"], r"unknown arch 'convit_huge'; known presets"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert re.search(message, one_line_error(capsys, command)), extra
+    assert not list(tmp_path.glob("*.json"))  # nothing written for a failed command
+
+
+def test_results_without_results(tmp_path, capsys):
+    assert main(["results", str(tmp_path)]) == 2
+    assert "no result rows in" in one_line_error(capsys, "results")
+    assert main(["results", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in one_line_error(capsys, "results")
+
+
+def test_study_of_two_checkpoints(digits_data, make_trunk, tmp_path, capsys):
+    paths = []
+    for name, local in (("convit", 2), ("deit", 0)):
+        paths.append(tmp_path / f"{name}.pth")
+        torch.save({"model": to_timm_state_dict(make_trunk(local_up_to_layer=local))}, paths[-1])
+    base = ["study", "low-data", "--checkpoints", *map(str, paths), "--fractions", "1", "--out", str(tmp_path), *QUICK]
+    assert main(base) == 2  # the twin's head count is not in its weights
+    assert "pass num_heads=" in one_line_error(capsys, "study")
+    assert main([*base, "--trunk-option", "num_heads=4"]) == 0
+    (folder,) = [path for path in tmp_path.iterdir() if path.is_dir()]
+    models = json.loads((folder / "study.json").read_text())["manifest"]["models"]
+    assert [(m["name"], m["sha256"]) for m in models] == [("ConViT", file_sha256(paths[0])),
+                                                         ("DeiT", file_sha256(paths[1]))]
