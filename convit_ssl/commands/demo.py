@@ -29,13 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", help="catalog dataset to pretrain and evaluate on")
 
 
-def _evaluate(trunk, dataset: str, name: str) -> Dict[str, float]:
+def _evaluate(trunk, dataset: str, name: str, model: Dict, out: Path) -> Dict[str, float]:
+    """Linear-probe grid and kNN of a frozen trunk; both results (with manifests) are written into ``out``."""
     from convit_ssl.evaluation.knn import knn_evaluation
     from convit_ssl.evaluation.linear_probe import linear_probe, load_recipe
+    from convit_ssl.evaluation.results import make_manifest, write_result
 
+    started = time.time()
     recipe = load_recipe("digits")
-    probe = linear_probe(trunk, recipe, dataset=dataset, model={"name": name})
-    knn = knn_evaluation(trunk, dataset, recipe.preprocess, features=("lastCLS",), ks=(KNN_K,), model={"name": name})
+    model = {"name": name, **model}
+    probe = linear_probe(trunk, recipe, dataset=dataset, model=model)
+    knn = knn_evaluation(trunk, dataset, recipe.preprocess, features=("lastCLS",), ks=(KNN_K,), model=model)
+    for kind, body in (("linear_probe", probe), ("knn", knn)):
+        body["manifest"] = make_manifest([model], {"command": "demo", "dataset": dataset}, {"seed": 0}, started)
+        write_result(body, out / f"{kind}-{name}.json")
     chosen = probe["chosen"]
     return {"linear_top1": chosen["test_top1"], "linear_feature": chosen["feature"],
             "knn_top1": knn["accuracy"]["lastCLS"][str(KNN_K)]["top1"]}
@@ -106,9 +113,11 @@ def run(args: argparse.Namespace) -> int:
         trunk, _ = load_trunk(run_dir / "checkpoint.torch")
         torch.manual_seed(config.SEED_VALUE)
         random_trunk = ConViT(**trunk_kwargs(config.MODEL))
-        for method, model in (("SimCLR", trunk), ("random init", random_trunk)):
+        models = (("SimCLR", trunk, {"source": "checkpoint", "checkpoint": str(run_dir / "checkpoint.torch")}),
+                  ("random init", random_trunk, {"source": "random", "init_seed": config.SEED_VALUE}))
+        for method, model, description in models:
             started = time.time()
-            scores = _evaluate(model, args.dataset, f"{method}-{label}")
+            scores = _evaluate(model, args.dataset, f"{_slug(method)}-{_slug(label)}", description, run_dir / "eval")
             spent = time.time() - started + (pretrain_s if method == "SimCLR" else 0.0)
             rows.append({"method": method, "trunk": label, **scores, "wall_s": round(spent, 1)})
 
