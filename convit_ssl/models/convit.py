@@ -183,24 +183,30 @@ class GatedPositionalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
         B, N, C = x.shape
-        q, k = self._queries_keys(x)
-        v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
-        positional = self.positional_attention(grid_size, dtype=v.dtype)
-        gate = self.gate().to(v.dtype).view(1, -1, 1, 1)
         if self.training and self.attn_drop_rate > 0:
             # Dropout acts on the mixed, renormalised attention matrix: keep the reference's order.
+            q, k = self._queries_keys(x)
+            v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+            positional, gate = self.positional_attention(grid_size, dtype=v.dtype), self.gate().to(v.dtype)
             content = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-            attn = (1.0 - gate) * content + gate * positional
-            attn = self.attn_drop(attn / attn.sum(dim=-1, keepdim=True))
-            out = attn @ v
+            attn = torch.lerp(content, positional.expand(B, -1, -1, -1), gate.view(1, -1, 1, 1))
+            out = (self.attn_drop(attn / attn.sum(dim=-1, keepdim=True)) @ v).transpose(1, 2)
         else:
-            content_out = F.scaled_dot_product_attention(q, k, v)
+            # One matrix product for q, k and v (the parameters stay qk and v, as in the reference).
+            qkv = F.linear(x, torch.cat([self.qk.weight, self.v.weight]), _cat_bias(self.qk.bias, self.v.bias))
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            positional, gate = self.positional_attention(grid_size, dtype=v.dtype), self.gate().to(v.dtype)
+            content_out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
             # (H, N, N) @ (H, N, B * D): one batched matmul per head, no per-image copy of P.
             v_heads = v.permute(1, 2, 0, 3).reshape(self.num_heads, N, B * self.head_dim)
             positional_out = (positional @ v_heads).reshape(self.num_heads, N, B, self.head_dim)
-            out = (1.0 - gate) * content_out + gate * positional_out.permute(2, 0, 1, 3)
-        out = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(out))
+            # (1 - g) * content + g * positional in one pass, written in (B, N, H, D) order for the projection.
+            out = torch.lerp(content_out.transpose(1, 2), positional_out.permute(2, 1, 0, 3), gate.view(1, 1, -1, 1))
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+
+def _cat_bias(qk_bias: Optional[torch.Tensor], v_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if qk_bias is None else torch.cat([qk_bias, v_bias])
 
 
 class MultiHeadSelfAttention(nn.Module):
