@@ -12,6 +12,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """A data root holding the digits datasets (``digits``, ``digits_val``), written once per session."""
+    from convit_ssl.data import ensure_digits
+
+    root = tmp_path_factory.mktemp("data")
+    ensure_digits(root)
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.set_num_threads(1)

@@ -1,16 +1,7 @@
-"""A data root with the digits dataset, shared by the training tests of this folder."""
+"""The environment of `convit-ssl train` subprocesses (the digits data root comes from tests/conftest.py)."""
 import os
 
 import pytest
-
-from convit_ssl import data
-
-
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    data.ensure_digits(root)
-    return root
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from convit_ssl.data import DATA_ENV, ensure_digits
+from convit_ssl.data import DATA_ENV
 from convit_ssl.evaluation.linear_probe import load_recipe
 from convit_ssl.models import create_trunk
 
@@ -11,18 +11,11 @@ torch.set_num_threads(1)  # also for session fixtures, which run before the per-
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, local_up_to_layer=2)
 
 
-@pytest.fixture(scope="session")
-def digits_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    ensure_digits(root)
-    return root
-
-
 @pytest.fixture
-def digits_data(digits_root, monkeypatch):
+def digits_data(data_root, monkeypatch):
     """CONVIT_SSL_DATA pointing at a data root that holds digits and digits_val."""
-    monkeypatch.setenv(DATA_ENV, str(digits_root))
-    return digits_root
+    monkeypatch.setenv(DATA_ENV, str(data_root))
+    return data_root
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ def test_ensure_digits_is_idempotent_and_safe_concurrently(empty_data, monkeypat
     assert set(data.read_catalog()) == {"digits", "digits_val"}
 
 
-def test_split_dir_errors_name_the_fix(digits_root, empty_data, tmp_path):
+def test_split_dir_errors_name_the_fix(data_root, empty_data, tmp_path):
     data.register_dataset("mine", tmp_path / "gone" / "train", tmp_path / "gone" / "val")
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*known: digits, digits_val, mine; add it with: "
                                          r"convit-ssl prepare-data imagenet --from PATH"):
@@ -77,4 +77,4 @@ def test_split_dir_errors_name_the_fix(digits_root, empty_data, tmp_path):
     with pytest.raises(ValueError, match="is not a plain name"):
         data.register_dataset("a/b", tmp_path, tmp_path)
     assert json.loads(data.catalog_path().read_text())["mine"]["val"] == [str(tmp_path / "gone" / "val")] * 2
-    assert data.dataset_split_dir("digits", "val", root=digits_root) == digits_root / "digits" / "test"
+    assert data.dataset_split_dir("digits", "val", root=data_root) == data_root / "digits" / "test"

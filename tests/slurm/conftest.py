@@ -36,15 +36,6 @@ def tiny():
     return list(TINY)
 
 
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    from convit_ssl.data import ensure_digits
-
-    root = tmp_path_factory.mktemp("data")
-    ensure_digits(root)
-    return root
-
-
 @pytest.fixture
 def job_env(monkeypatch, tmp_path, data_root):
     """A fresh runs folder per test (job ids restart at 1 with every cluster), threads, loopback gloo, no cluster."""
