@@ -31,14 +31,15 @@ submitit submits with ``--signal=USR2@<delay>``: SLURM sends SIGUSR2 to every pr
 ``--signal-delay-s`` seconds before the time limit (and on preemption, where the cluster's
 PreemptMode sends it). USR2 and not USR1, because NCCL may install its own SIGUSR1 handler, which
 swallowed the signal and broke requeue for GPU jobs; ``SUBMITIT_PREEMPT_SIGNAL`` changes it (both
-at submission and in the job). On node 0, submitit's handler calls ``PretrainJob.checkpoint``,
-which returns the same run (same job folder, so the same ``CHECKPOINT.DIR`` and ``tb_logs``);
-submitit runs ``scontrol requeue``, and the requeued job starts again from the top with VISSL's
-``AUTO_RESUME`` loading the newest complete checkpoint. Nothing is saved on the signal itself: the
-per-GPU processes are stopped, and the run continues from its last checkpoint, written at the end
-of every epoch (``CHECKPOINT.CHECKPOINT_FREQUENCY``) and, for long epochs, every
-``CHECKPOINT.CHECKPOINT_ITER_FREQUENCY`` iterations; the engine writes checkpoints atomically, so
-an interrupted save leaves the previous one. Requeues after a time-out are counted against
+at submission and in the job). The training processes get the signal too: their
+``PreemptionCheckpointHook`` (convit_ssl.hooks) saves an iteration checkpoint at the next step, also
+mid-epoch, and marks it done. On node 0, submitit's handler calls ``PretrainJob.checkpoint``, which
+waits for that checkpoint (up to 90 s) and returns the same run (same job folder, so the same
+``CHECKPOINT.DIR`` and ``tb_logs``); submitit runs ``scontrol requeue``, and the requeued job starts
+again with VISSL's ``AUTO_RESUME`` loading the newest complete checkpoint: the one saved on the
+signal, else the last one written at the end of an epoch or every
+``CHECKPOINT.CHECKPOINT_ITER_FREQUENCY`` iterations. Checkpoints are written atomically, so an
+interrupted save leaves the previous one. Requeues after a time-out are counted against
 ``--max-requeues``; preemptions are not. Jobs are submitted with ``--requeue``, so SLURM may also
 requeue them after a node failure, and ``scontrol requeue JOBID`` restarts a run by hand.
 """

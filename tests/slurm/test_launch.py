@@ -2,6 +2,7 @@
 
 Every run is the tiny digits pretraining (the ``tiny`` fixture) on CPU with gloo.
 """
+import json
 import re
 import subprocess
 import sys
@@ -92,7 +93,10 @@ def test_preempted_job_resumes_from_its_checkpoint(slurm, capsys, tiny):
     assert int(state["Restarts"]) == 1
     log = pretrain.job.paths.stdout.read_text()  # node 0, both attempts
     assert f"Requeued job {job_id} (3 remaining timeouts)" in log  # a 10-minute job always counts as timed out
-    assert "Resume from file" in log and "model_phase" in log.split("Resume from file")[1].splitlines()[0]
+    # the training processes saved at their next step after the signal, and the requeued run resumed there
+    marker = json.loads((pretrain.run_dir / "preemption_checkpoint.json").read_text())
+    resumed_from = log.split("Resume from file")[1].splitlines()[0]
+    assert resumed_from.endswith(marker["checkpoint"]) and marker["iteration"] >= 4, (resumed_from, marker)
     assert final_iteration(pretrain.run_dir) == 4 * 4  # every iteration done once: nothing lost, nothing repeated
 
 
