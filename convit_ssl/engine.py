@@ -164,6 +164,10 @@ def validate(config) -> None:
                 f"{kwargs['embed_dim']} wide but the heads expect EMBED_DIM={expected}; pick the model with "
                 f"model=PRESET rather than setting PRESET alone"
             )
+    tensorboard = config.HOOKS.TENSORBOARD_SETUP
+    if tensorboard.USE_TENSORBOARD and tensorboard.FLUSH_EVERY_N_MIN <= 0:
+        raise UsageError("HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_MIN must be at least 1: at 0 TensorBoard's writer "
+                         "thread flushes in a busy loop and holds the GIL, slowing training many times over")
     for source, name in zip(config.DATA.TRAIN.DATA_SOURCES, config.DATA.TRAIN.DATASET_NAMES):
         if source in ("disk_folder", "disk_filelist"):
             data.dataset_split_dir(name, "train")

@@ -149,14 +149,6 @@ class GatedPositionalSelfAttention(nn.Module):
             self.positional_proj.bias.zero_()
             self.v.weight.copy_(torch.eye(self.v.weight.shape[0]))
 
-    def head_offsets(self) -> torch.Tensor:
-        """(H, 2) offsets (dx, dy) at which each head's positional attention peaks, from its weights.
-
-        Exact for weights of the form alpha * (2 dx0, 2 dy0, -1), as set by ``local_init``.
-        """
-        weight = self.positional_proj.weight.detach()
-        return weight[:, :2] / (-2 * weight[:, 2:3])
-
     def positional_attention(self, grid_size: GridSize, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Positional attention of every head, (H, N, N), rows summing to one; shared by all images."""
         weight = self.positional_proj.weight

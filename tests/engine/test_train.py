@@ -13,8 +13,7 @@ import convit_ssl
 
 # A small, fast SimCLR run of the demo recipe: 2 blocks of width 32, batch 64 (22 iterations per epoch).
 TINY = ["config=digits_simclr", "data=digits", "trunk.embed_dim=32", "trunk.depth=2", "trunk.local_up_to_layer=1",
-        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=64", "config.DATA.NUM_DATALOADER_WORKERS=0",
-        "config.HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_MIN=0"]
+        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=64", "config.DATA.NUM_DATALOADER_WORKERS=0"]
 
 
 def _train_command(run_dir, *extra):
