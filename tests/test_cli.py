@@ -1,5 +1,4 @@
 """The command line: help, one-line errors before any work, export-timm."""
-import pytest
 import timm
 import torch
 

@@ -1,5 +1,4 @@
 """Every shipped recipe composes with every model file and builds its VISSL model and loss (reduced size)."""
-from pathlib import Path
 
 import pytest
 import torch
