@@ -18,10 +18,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from convit_ssl.data import dataset_split_dir, write_json_atomic
+from convit_ssl.diagnostics import eval_mode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,17 +92,6 @@ def trunk_keys(choices: Sequence[str]) -> List[str]:
             raise ValueError(f"feature choice {choice!r} has an empty part: join keys with '+', e.g. lastCLS+lastPOOL")
         keys.extend(part for part in parts if part not in keys)
     return keys
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """The module in eval mode inside the block; its previous mode restored on exit."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def check_feature_choices(trunk: nn.Module, choices: Sequence[str], image_size: int) -> Dict[str, int]:
