@@ -1,0 +1,62 @@
+"""The throughput benchmark runs end to end (tiny inputs) and its ratios are computed round by round."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
+
+
+def _load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_ratios_pair_each_round():
+    throughput = _load_benchmark()
+    ours = {"train_seconds_per_round": [1.0, 2.0, 1.0], "inference_seconds_per_round": [1.0, 1.0, 1.0],
+            "flops_per_image": 2.0, "train_peak_memory": 50}
+    convit = {"train_seconds_per_round": [2.0, 2.0, 3.0], "inference_seconds_per_round": [2.0, 2.0, 2.0],
+              "flops_per_image": 2.0, "train_peak_memory": 100}
+    deit = {"train_seconds_per_round": [1.0, 1.0, 1.0], "inference_seconds_per_round": [1.0, 1.0, 1.0],
+            "flops_per_image": 1.0, "train_peak_memory": 40}
+    ratios, spread = throughput.ratios({"convit_ssl": ours, "timm_convit": convit, "timm_deit": deit})
+    # per round: 2/1, 2/2, 3/1 -> median 2, range 1-3 (not median(convit) / median(ours) = 2 / 1)
+    assert ratios["train_img_per_s/vs_timm_convit"] == 2.0
+    assert spread["train_img_per_s/vs_timm_convit"] == [1.0, 3.0]
+    assert ratios["train_img_per_s/vs_timm_deit"] == 1.0
+    assert ratios["train_flop_normalised/vs_timm_deit"] == 2.0
+    assert ratios["train_peak_memory/vs_timm_convit"] == 0.5
+    assert ratios["inference_img_per_s/vs_timm_convit"] == 2.0
+
+
+def test_subnormal_probe_uses_the_real_positional_attention():
+    penalty = _load_benchmark().subnormal_penalty(repeats=1)
+    assert 0.05 < penalty["subnormal_fraction"] < 0.15  # about 8.6% at init, 224 px
+    assert penalty["matmul_slowdown"] > 0 and penalty["elementwise_slowdown"] > 0
+
+
+def test_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "throughput.json"
+    command = [sys.executable, str(BENCHMARK), "--device", "cpu", "--sizes", "tiny", "--batch", "2", "--img-size", "32",
+               "--warmup", "0", "--rounds", "2", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    run = report["runs"][0]
+    assert set(run["models"]) == {"convit_ssl", "timm_convit", "timm_deit"}
+    for model in run["models"].values():
+        assert model["train_img_per_s"] > 0 and model["inference_img_per_s"] > 0
+        assert model["flops_per_image"] > 0 and model["train_peak_memory"] > 0
+        assert len(model["train_seconds_per_round"]) == 2
+    assert run["ratios"]["train_img_per_s/vs_timm_convit"] > 0
+    low, high = run["ratio_range_over_rounds"]["train_img_per_s/vs_timm_convit"]
+    assert low <= run["ratios"]["train_img_per_s/vs_timm_convit"] <= high
+    assert "host_subnormal_penalty" in report
+    assert "timm DeiT trains" in done.stdout
