@@ -150,13 +150,19 @@ class GatedPositionalSelfAttention(nn.Module):
             self.v.weight.copy_(torch.eye(self.v.weight.shape[0]))
 
     def positional_attention(self, grid_size: GridSize, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Positional attention of every head, (H, N, N), rows summing to one; shared by all images."""
+        """Positional attention of every head, (H, N, N), rows summing to one; shared by all images.
+
+        Computed in the parameters' precision (at least float32) also under autocast: the logits
+        reach hundreds of units, where bfloat16 keeps no fraction, and the cost is one H x N x N
+        softmax per forward. Only the result is cast to ``dtype``.
+        """
         weight = self.positional_proj.weight
         # torch.compile traces the table's construction into the graph; eager mode uses the cache
         table = relative_positions.__wrapped__ if torch.compiler.is_compiling() else relative_positions
         rel = table(tuple(grid_size), weight.device, weight.dtype)
-        logits = F.linear(rel, weight, self.positional_proj.bias).permute(2, 0, 1)
-        probs = _flush_subnormals(logits.softmax(dim=-1, dtype=_at_least_float32(logits.dtype)))
+        with torch.autocast(weight.device.type, enabled=False):
+            logits = F.linear(rel, weight, self.positional_proj.bias).permute(2, 0, 1)
+            probs = _flush_subnormals(logits.softmax(dim=-1, dtype=_at_least_float32(logits.dtype)))
         return probs.to(dtype or weight.dtype)
 
     def gate(self) -> torch.Tensor:

@@ -178,6 +178,19 @@ def test_torch_compile_matches_eager():
         assert torch.allclose(compiled(images)[0], trunk(images)[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_positional_attention_keeps_full_precision_under_autocast(dtype):
+    layer = GatedPositionalSelfAttention(192, 4)
+    layer.local_init()
+    with torch.no_grad():
+        layer.positional_proj.weight.add_(0.3 * torch.randn(4, 3))  # a trained-looking, non-integer map
+        full = layer.positional_attention((14, 14))
+        with torch.autocast("cpu", dtype=dtype):
+            low = layer.positional_attention((14, 14), dtype=dtype)
+    assert low.dtype == dtype
+    assert torch.equal(low, full.to(dtype))  # only the final cast rounds
+
+
 def test_bfloat16_autocast_runs_and_stays_close():
     trunk = create_trunk("convit_tiny", **TINY_ARGS).eval()
     images = torch.randn(2, 3, 32, 32)
