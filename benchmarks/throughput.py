@@ -174,7 +174,8 @@ def subnormal_penalty(repeats: int = 21) -> Dict[str, float]:
 
     def slowdown(operation: Callable[[torch.Tensor], torch.Tensor]) -> float:
         """Median over alternating repeats of (time with subnormals) / (time flushed)."""
-        seconds(operation, with_subnormals), seconds(operation, flushed)
+        for matrix in (with_subnormals, flushed):  # warm-up
+            seconds(operation, matrix)
         return statistics.median(
             seconds(operation, with_subnormals) / seconds(operation, flushed) for _ in range(repeats)
         )
