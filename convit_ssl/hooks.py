@@ -50,13 +50,28 @@ def _first_images(inputs: Any) -> torch.Tensor:
     return inputs
 
 
+class _SelectiveHook(ClassyHook):
+    """A hook that does nothing at each of the events VISSL's trainer calls; subclasses override the ones
+    they need (VISSL calls on_forward, on_loss_and_meter, on_backward and on_update besides classy's)."""
+
+    on_start = ClassyHook._noop
+    on_phase_start = ClassyHook._noop
+    on_forward = ClassyHook._noop
+    on_loss_and_meter = ClassyHook._noop
+    on_backward = ClassyHook._noop
+    on_update = ClassyHook._noop
+    on_step = ClassyHook._noop
+    on_phase_end = ClassyHook._noop
+    on_end = ClassyHook._noop
+
+
 def _trunk_of(task) -> Any:
     model = task.base_model
     model = getattr(model, "module", model)  # DistributedDataParallel
     return model.trunk
 
 
-class GatingDiagnosticsHook(ClassyHook):
+class GatingDiagnosticsHook(_SelectiveHook):
     """Every ``frequency`` updates, log gates and attention distances of every GPSA layer and head.
 
     Args:
@@ -67,13 +82,6 @@ class GatingDiagnosticsHook(ClassyHook):
             checkpoint folder (``task.checkpoint_folder``, set by VISSL's trainer).
         tensorboard: also write TensorBoard scalars.
     """
-
-    on_start = ClassyHook._noop
-    on_phase_start = ClassyHook._noop
-    on_loss_and_meter = ClassyHook._noop
-    on_backward = ClassyHook._noop
-    on_update = ClassyHook._noop
-    on_step = ClassyHook._noop
 
     def __init__(self, frequency: int, probe_batch: int, output_dir: Optional[str] = None, tensorboard: bool = False):
         super().__init__()
@@ -178,7 +186,7 @@ def build_gating_hook(config: Mapping, output_dir: Optional[str] = None) -> Opti
 PREEMPTION_MARKER = "preemption_checkpoint.json"
 
 
-class PreemptionCheckpointHook(ClassyHook):
+class PreemptionCheckpointHook(_SelectiveHook):
     """Save an iteration checkpoint at the next step after SIGUSR2, the signal SLURM sends before a time limit
     or a preemption (``--signal=USR2@120``), so a requeued run loses only the step in flight.
 
@@ -186,15 +194,6 @@ class PreemptionCheckpointHook(ClassyHook):
     integer), save together through VISSL's checkpoint hook, and rank 0 then writes ``PREEMPTION_MARKER``
     in the run folder (the launcher waits for it before it requeues the job).
     """
-
-    on_start = ClassyHook._noop
-    on_phase_start = ClassyHook._noop
-    on_forward = ClassyHook._noop
-    on_loss_and_meter = ClassyHook._noop
-    on_backward = ClassyHook._noop
-    on_update = ClassyHook._noop
-    on_phase_end = ClassyHook._noop
-    on_end = ClassyHook._noop
 
     def __init__(self, signum: int = signal.SIGUSR2):
         super().__init__()
