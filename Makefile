@@ -1,4 +1,4 @@
-# convit-ssl: `make demo` runs the main job, `make test` the whole suite.
+# convit-ssl: `make demo` runs the main job, `make test` the whole suite, `make test-fast` all but the slow tests.
 # Both create .venv when it is missing and install everything into it; reruns are quick.
 
 PYTHON ?= python3.11
@@ -17,7 +17,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # The throwaway SLURM cluster of tests/slurm needs Debian's slurm and munge (installed when root, as in CI).
 SLURM_PACKAGES := slurmctld slurmd slurm-client munge
 
-.PHONY: install slurm-packages demo test bench clean
+.PHONY: install slurm-packages demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ slurm-packages:
 
 test: install slurm-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/throughput.py

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
 
 
@@ -41,6 +43,7 @@ def test_subnormal_probe_uses_the_real_positional_attention():
     assert penalty["matmul_slowdown"] > 0 and penalty["elementwise_slowdown"] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "throughput.json"
     command = [sys.executable, str(BENCHMARK), "--device", "cpu", "--sizes", "tiny", "--batch", "2", "--img-size", "32",

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import convit_ssl
@@ -24,6 +25,7 @@ def _run(command, env, timeout=600):
     return result
 
 
+@pytest.mark.slow
 def test_pretrain_then_probe_above_chance(tmp_path, train_env):
     import json
 
@@ -42,6 +44,7 @@ def test_pretrain_then_probe_above_chance(tmp_path, train_env):
     assert result["chosen"]["test_top1"] > 30.0, result["chosen"]  # chance is 10%; two epochs of a 2-block trunk
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo(tmp_path, train_env):
     run_dir = tmp_path / "run"
     result = _run(_train_command(run_dir, "config.OPTIMIZER.num_epochs=1", "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"),
@@ -62,6 +65,7 @@ def _wait_for(predicate, timeout, process):
     return False
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_resumes_and_finishes(tmp_path, train_env):
     run_dir = tmp_path / "run"
     command = _train_command(run_dir, "config.OPTIMIZER.num_epochs=2", "config.CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=5")
@@ -81,6 +85,7 @@ def test_killed_mid_epoch_resumes_and_finishes(tmp_path, train_env):
     assert final["iteration"] == 2 * 22  # every iteration ran exactly once across the kill
 
 
+@pytest.mark.slow  # writes half a gigabyte
 def test_kill_during_checkpoint_write_leaves_previous_file(tmp_path):
     from convit_ssl.vissl_glue import _latest_checkpoint_file
 
@@ -101,6 +106,7 @@ def test_kill_during_checkpoint_write_leaves_previous_file(tmp_path):
     assert torch.load(tmp_path / "model_iteration5.torch")["iteration"] == 5
 
 
+@pytest.mark.slow
 def test_sigusr2_saves_a_mid_epoch_checkpoint_then_resume(tmp_path, train_env):
     """SLURM sends SIGUSR2 before a time limit: the run saves at its next step, and a rerun resumes there."""
     import json

@@ -13,7 +13,8 @@ def _relative_error(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("name,img_size", [("convit_tiny", 224), ("convit_tiny", 160), ("convit_small", 224),
+@pytest.mark.parametrize("name,img_size", [("convit_tiny", 224), ("convit_tiny", 160),
+                                           pytest.param("convit_small", 224, marks=pytest.mark.slow),
                                            ("convit_small", 96)])
 def test_outputs_and_gradients_match_timm(name, img_size):
     reference, trunk = timm_and_ours(name, img_size=img_size)
@@ -116,7 +117,9 @@ def test_positional_attention_subnormals_flushed_below_rounding():
     assert (ours - reference).abs().max() < tiny
 
 
-@pytest.mark.parametrize("arch", list(PRESETS))
+# the presets wider than 432 take seconds each to build and count (twice: ours and timm's)
+@pytest.mark.parametrize("arch", [pytest.param(arch, marks=pytest.mark.slow) if kwargs["embed_dim"] > 432 else arch
+                                  for arch, kwargs in PRESETS.items()])
 def test_preset_size_matches_timm_and_paper(arch):
     import timm
 
@@ -170,6 +173,7 @@ def test_gradient_checkpointing_gives_same_gradients():
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     trunk = create_trunk("convit_tiny", **TINY_ARGS).eval()
     images = torch.randn(2, 3, 32, 32)

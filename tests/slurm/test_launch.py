@@ -55,6 +55,7 @@ def final_iteration(run_dir):
 
 
 # ------------------------------------------------------------------------------------------ SLURM
+@pytest.mark.slow
 def test_two_node_pretraining_then_linear_probe(slurm, tiny):
     done = run_launcher("--nodes", "2", *CPU, "--wait",
                         "--then", "linear-probe=--recipe digits --epochs 1 --lrs 0.1 --wds 0 --no-cache --quiet", *tiny)
@@ -69,6 +70,7 @@ def test_two_node_pretraining_then_linear_probe(slurm, tiny):
     assert list((run_dir / "linear-probe").glob("*.json")), "the linear probe wrote no result"
 
 
+@pytest.mark.slow
 def test_sweep_is_one_job_array(slurm, tiny):
     done = run_launcher("--nodes", "1", *CPU, "--wait", "--sweep", "config.OPTIMIZER.num_epochs=1,2", *tiny)
     assert done.returncode == 0, done.stdout + done.stderr + slurm.logs()
@@ -79,6 +81,7 @@ def test_sweep_is_one_job_array(slurm, tiny):
     assert final_iteration(job_dir / "num_epochs=2") == 8
 
 
+@pytest.mark.slow
 def test_preempted_job_resumes_from_its_checkpoint(slurm, capsys, tiny):
     overrides = replaced(tiny, "config.OPTIMIZER.num_epochs=4", "config.DATA.TRAIN.DATA_LIMIT=64")
     args = launch.build_parser().parse_args(["--nodes", "2", *CPU, "--max-requeues", "4", *overrides])
@@ -104,6 +107,7 @@ def test_preempted_job_resumes_from_its_checkpoint(slurm, capsys, tiny):
     (["--partition", "nope"], "unknown partition 'nope': this cluster has test"),
     (["--nodes", "3"], "--nodes 3 but partition 'test' has 2 nodes"),
 ])
+@pytest.mark.slow
 def test_cluster_errors_before_submitting(slurm, capsys, option, message, tiny):
     assert launch.main([*option, *CPU, *tiny]) == 2
     err = capsys.readouterr().err
@@ -112,6 +116,7 @@ def test_cluster_errors_before_submitting(slurm, capsys, option, message, tiny):
 
 
 # ------------------------------------------------------------------------------------------ no SLURM needed
+@pytest.mark.slow
 def test_local_two_node_pretraining_then_knn(job_env, tiny):
     done = run_launcher("--local", "--nodes", "2", *CPU, "--then", "knn=--recipe digits --ks 5 --no-cache --quiet",
                         *tiny)
