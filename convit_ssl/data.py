@@ -18,10 +18,12 @@ catalog entry (``convit-ssl prepare-data``). This module does not import VISSL.
 """
 from __future__ import annotations
 
+import codecs
 import fcntl
 import json
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
@@ -42,6 +44,8 @@ DIGITS_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_VAL_FRACTION = 0.2
 _DONE = "prepared.json"  # written last into a prepared folder: its presence means the folder is complete
+_OURS = ".convit_ssl_folder"  # written first into every folder this module creates: only such folders are deleted
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,11 +104,17 @@ def write_json_atomic(obj, path: str | os.PathLike) -> Path:
     return write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
 
 
+def check_dataset_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a plain name (it becomes a folder name under the data root)."""
+    if not _PLAIN_NAME.fullmatch(name or ""):
+        raise ValueError(f"dataset name {name!r} is not a plain name: use letters, digits, '_', '-' and '.' (not "
+                         f"first), e.g. cifar10")
+
+
 def register_dataset(name: str, train_dir: str | os.PathLike, val_dir: str | os.PathLike,
                      root: Optional[Path] = None) -> None:
     """Add or replace catalog entry ``name`` with two ``disk_folder`` splits (absolute paths)."""
-    if not name or any(char in name for char in "/\\ ") or name.startswith("."):
-        raise ValueError(f"dataset name {name!r} is not a plain name: use letters, digits, '_' or '-'")
+    check_dataset_name(name)
     root = Path(root or data_root())
     entry = {split: [str(Path(folder).resolve())] * 2 for split, folder in zip(SPLITS, (train_dir, val_dir))}
     with _locked(root):
@@ -164,28 +174,56 @@ def _write_split(folder: Path, images: np.ndarray, labels: Sequence[int], class_
             progress(1)
 
 
-def _publish(tmp: Path, target: Path, description: dict) -> bool:
-    """Mark ``tmp`` complete and rename it to ``target``; False if another process published first."""
+def _new_folder(parent: Path, name: str) -> Path:
+    """A fresh temporary folder ``parent/.<name>.XXXX.tmp``, marked as created by us before anything goes in."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+    (tmp / _OURS).write_text("created by convit-ssl, which alone deletes or replaces this folder\n")
+    return tmp
+
+
+def _is_ours(folder: Path) -> bool:
+    """Whether this module created ``folder`` (its marker; completed folders of older versions: prepared.json)."""
+    return (folder / _OURS).is_file() or (folder / _DONE).is_file()
+
+
+def _remove_ours(folder: Path) -> None:
+    """Delete ``folder``, which must be one this module created; any other folder is refused."""
+    if not _is_ours(folder):
+        raise ValueError(f"{folder} was not created by convit-ssl: refusing to delete it")
+    shutil.rmtree(folder)
+
+
+def _is_complete(target: Path, fix: str) -> bool:
+    """Whether ``target`` holds a complete prepared copy. Raises ``ValueError`` (``fix`` says what to do) unless
+    ``target`` is absent, an empty folder, or a folder of ours: nothing else is ever replaced."""
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a folder: nothing was written; {fix}")
+    if not target.exists():
+        return False
+    if (target / _DONE).is_file():
+        return True
+    if _is_ours(target) or not any(target.iterdir()):
+        return False
+    raise ValueError(f"{target} exists, holds files and was not created by convit-ssl: nothing was written or "
+                     f"deleted; {fix}")
+
+
+def _publish(tmp: Path, target: Path, description: dict, fix: str) -> bool:
+    """Mark ``tmp`` complete and rename it to ``target``; False if another process published first.
+
+    An incomplete copy of ours at ``target`` is deleted only now, once the new one is complete."""
     write_json_atomic(description, tmp / _DONE)
+    if not _is_complete(target, fix) and target.exists() and _is_ours(target):
+        _remove_ours(target)
     try:
         os.rename(tmp, target)
         return True
-    except OSError:  # target exists: a concurrent writer won; its copy is complete, drop ours
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as error:  # target exists: a concurrent writer won; its copy is complete, drop ours
+        _remove_ours(tmp)
         if not (target / _DONE).is_file():
-            raise
+            raise ValueError(f"could not move the new copy to {target} ({error.strerror}): {fix}") from None
         return False
-
-
-def _fresh_tmp(parent: Path, name: str) -> Path:
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
-
-
-def _clear_incomplete(target: Path) -> None:
-    """Remove ``target`` left half-written by an older version or a crash (no completion marker)."""
-    if target.exists() and not (target / _DONE).is_file():
-        shutil.rmtree(target)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,8 +247,8 @@ def ensure_digits(root: Optional[Path] = None) -> Path:
 
     root = Path(root or data_root())
     target = root / "digits"
-    if not (target / _DONE).is_file():
-        _clear_incomplete(target)
+    fix = "move it away: convit-ssl writes the built-in digits datasets there"
+    if not _is_complete(target, fix):
         bunch = load_digits()
         labels = bunch.target.astype(np.int64)
         gray = np.round(bunch.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)  # scans are 0..16
@@ -219,7 +257,7 @@ def ensure_digits(root: Optional[Path] = None) -> Path:
         train, test = _stratified_split(labels, np.arange(len(labels)), DIGITS_TEST_FRACTION, DIGITS_SEED)
         val_train, val_heldout = _stratified_split(labels, np.sort(train), DIGITS_VAL_FRACTION, DIGITS_SEED)
         splits = {"train": train, "test": test, "val_train": val_train, "val_heldout": val_heldout}
-        tmp = _fresh_tmp(root, "digits")
+        tmp = _new_folder(root, "digits")
         classes = [str(digit) for digit in range(10)]
         for split, indices in splits.items():
             indices = np.sort(indices)
@@ -228,7 +266,7 @@ def ensure_digits(root: Optional[Path] = None) -> Path:
             "source": "sklearn.datasets.load_digits", "image_size": DIGITS_IMAGE_SIZE, "seed": DIGITS_SEED,
             "test_fraction": DIGITS_TEST_FRACTION, "val_fraction": DIGITS_VAL_FRACTION,
             "counts": {split: len(indices) for split, indices in splits.items()},
-        })
+        }, fix)
     catalog = read_catalog(root)
     wanted = {"digits": ("train", "test"), "digits_val": ("val_train", "val_heldout")}
     for name, (train_split, val_split) in wanted.items():
@@ -251,10 +289,47 @@ _CIFAR = {
 _CIFAR_FOLDERS = {"cifar-10-batches-py": "cifar-10", "cifar-100-python": "cifar-100"}
 
 
-def _unpickle(stream) -> dict:
-    # The archives hold Python 2 pickles with byte-string keys; this is how their authors say to read them.
-    data = pickle.load(stream, encoding="bytes")
+# The only globals that CIFAR's python pickles reference (numpy arrays; Python 3 pickles of bytes use
+# _codecs.encode): anything else, e.g. os.system, is refused before it can run.
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT, ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only dicts, lists, bytes, str, numbers and numpy arrays: what CIFAR archives hold."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which CIFAR archives never contain "
+                                         f"(refused unrun: it could execute code)")
+        return _CIFAR_GLOBALS[module, name]
+
+
+def _unpickle(stream, where: str) -> dict:
+    """A CIFAR batch or meta file (Python 2 pickles with byte-string keys) as a dict with str keys."""
+    try:
+        data = _CifarUnpickler(stream, encoding="bytes").load()
+    except Exception as error:  # any malformed pickle: UnpicklingError, EOFError, ValueError, TypeError, ...
+        raise ValueError(f"{where} is not a CIFAR python pickle: {error}; use the original CIFAR archive") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} holds a {type(data).__name__}, not a CIFAR dict; use the original CIFAR archive")
     return {key.decode() if isinstance(key, bytes) else key: value for key, value in data.items()}
+
+
+def _checked_batch(batch: dict, where: str, label_key: str, num_classes: int) -> Tuple[np.ndarray, List[int]]:
+    """(N, 32, 32, 3) uint8 images and N labels of a CIFAR batch; ``ValueError`` naming ``where`` otherwise."""
+    data, labels = batch.get("data"), batch.get(label_key)
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise ValueError(f"{where}: 'data' is not an (N, 3072) uint8 array, so not a CIFAR batch; use the original "
+                         f"CIFAR archive")
+    if not (isinstance(labels, list) and len(labels) == len(data)
+            and all(isinstance(label, int) and 0 <= label < num_classes for label in labels)):
+        raise ValueError(f"{where}: {label_key!r} is not {len(data)} labels in 0..{num_classes - 1}, so not a CIFAR "
+                         f"batch; use the original CIFAR archive")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def _as_text(value) -> str:
@@ -270,8 +345,8 @@ def _cifar_members(path: Path) -> Iterator[Optional[Tuple[str, Dict[str, Callabl
             for folder, variant in _CIFAR_FOLDERS.items():
                 names = {name.split("/", 1)[1] for name in files if name.startswith(f"{folder}/")}
                 if {_CIFAR[variant][1], _CIFAR[variant][2]} <= names:  # the test batch and the meta file
-                    yield variant, {name: (lambda member=files[f"{folder}/{name}"]:
-                                           _unpickle(archive.extractfile(member))) for name in names}
+                    yield variant, {name: (lambda member=files[f"{folder}/{name}"]: _unpickle(
+                        archive.extractfile(member), f"{path} member {member.name}")) for name in names}
                     return
         yield None
         return
@@ -281,7 +356,7 @@ def _cifar_members(path: Path) -> Iterator[Optional[Tuple[str, Dict[str, Callabl
                 if (folder / meta).is_file() and (folder / test).is_file():
                     def load(file: Path) -> dict:
                         with open(file, "rb") as stream:
-                            return _unpickle(stream)
+                            return _unpickle(stream, str(file))
                     yield variant, {file.name: (lambda file=file: load(file)) for file in folder.iterdir()}
                     return
     yield None
@@ -297,42 +372,51 @@ def prepare_cifar(path: Path, out_dir: Path, progress: bool = True) -> Tuple[Pat
     """Write a CIFAR-10/100 python archive (or extracted folder) as PNG folders ``out_dir/{train,val}``.
 
     Class folders are ``<label>_<name>`` (e.g. ``03_cat``) so ImageFolder's sorted class order is CIFAR's label
-    order; files are ``<batch file>_<index in it>.png``. A complete ``out_dir`` from an earlier run is kept as it
-    is. Returns (train folder, val folder, image counts).
+    order; files are ``<batch file>_<index in it>.png``. A complete ``out_dir`` written from the same source by an
+    earlier run is kept as it is; ``out_dir`` must otherwise be absent, empty or an incomplete copy of ours.
+    Returns (train folder, val folder, image counts).
     """
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    if not (out_dir / _DONE).is_file():
-        _clear_incomplete(out_dir)
+    path, out_dir = Path(path).resolve(), Path(out_dir).resolve()
+    fix = "pass --out with a new or empty folder"
+    if _is_complete(out_dir, fix):
+        source = json.loads((out_dir / _DONE).read_text()).get("source")
+        if source != str(path):
+            raise ValueError(f"{out_dir} already holds a copy of {source}: pass --out with a new folder for {path}, "
+                             f"or delete {out_dir} first")
+    else:
         with _cifar_members(path) as found:
             if found is None:
                 raise ValueError(f"{path} is not a CIFAR-10/100 python archive or folder")
             variant, members = found
             train_members, test_member, meta_member, label_key, names_key = _CIFAR[variant]
-            class_folders = _class_folder_names([_as_text(name) for name in members[meta_member]()[names_key]])
+            label_names = members[meta_member]().get(names_key)
+            if not isinstance(label_names, list) or not label_names:
+                raise ValueError(f"{path}: {meta_member} has no list {names_key!r}, so not a CIFAR archive")
+            class_folders = _class_folder_names([_as_text(name) for name in label_names])
             # CIFAR-10 ships five training batches; a cut-down archive with fewer is accepted.
             splits = {"train": [name for name in train_members if name in members], "val": [test_member]}
             if not splits["train"]:
                 raise ValueError(f"{path} holds no training batch ({', '.join(train_members)}): not a CIFAR archive")
-            tmp = _fresh_tmp(out_dir.parent, out_dir.name)
-            per_class = {split: np.zeros(len(class_folders), dtype=np.int64) for split in splits}
-            with tqdm(desc=f"writing {variant} PNGs", unit="img", disable=not progress) as bar:
-                for split, names in splits.items():
-                    for member in names:
-                        batch = members[member]()
-                        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-                        files = [f"{member}_{index:05d}" for index in range(len(images))]
-                        _write_split(tmp / split, images, batch[label_key], class_folders, files, bar.update)
-                        per_class[split] += np.bincount(batch[label_key], minlength=len(class_folders))
+            batches = {member: _checked_batch(members[member](), f"{path}: {member}", label_key, len(class_folders))
+                       for names in splits.values() for member in names}
+        per_class = {split: sum(np.bincount(batches[member][1], minlength=len(class_folders)) for member in names)
+                     for split, names in splits.items()}
         empty = {split: [class_folders[i] for i in np.flatnonzero(seen == 0)] for split, seen in per_class.items()}
         if any(empty.values()):
-            shutil.rmtree(tmp)
             split, names = next((split, names) for split, names in empty.items() if names)
             raise ValueError(f"{path}: the {split} split has no image of class(es) {', '.join(names[:5])}: a class "
                              f"without images would shift every label after it; use the complete archive")
+        tmp = _new_folder(out_dir.parent, out_dir.name)
+        with tqdm(desc=f"writing {variant} PNGs", unit="img", disable=not progress) as bar:
+            for split, names in splits.items():
+                for member in names:
+                    images, labels = batches[member]
+                    files = [f"{member}_{index:05d}" for index in range(len(images))]
+                    _write_split(tmp / split, images, labels, class_folders, files, bar.update)
         counts = {split: int(seen.sum()) for split, seen in per_class.items()}
-        _publish(tmp, out_dir, {"source": str(path.resolve()), "variant": variant, "counts": counts})
+        _publish(tmp, out_dir, {"source": str(path), "variant": variant, "counts": counts}, fix)
     counts = json.loads((out_dir / _DONE).read_text())["counts"]
     return out_dir / "train", out_dir / "val", counts
 
@@ -382,8 +466,12 @@ def prepare_dataset(name: str, source: Path, out_dir: Optional[Path] = None, pro
     """Register ``source`` (CIFAR archive/folder, or ImageNet-layout folder) as catalog dataset ``name``.
 
     CIFAR is written as PNGs to ``out_dir`` (default ``<data root>/<name>``); an image folder is registered in place.
-    Returns a description: kind, train and val folders, counts.
+    Returns a description: kind, train and val folders, counts. Every check comes before anything is written.
     """
+    check_dataset_name(name)
+    if name in _builtin_datasets():
+        raise ValueError(f"{name!r} is a built-in dataset (written by convit-ssl prepare-data {name}, no --from): "
+                         f"register yours under another name")
     source = Path(source).expanduser()
     if not source.exists():
         raise ValueError(f"--from {source} does not exist: pass an ImageNet-layout folder or a CIFAR python archive")

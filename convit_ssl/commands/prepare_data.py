@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from convit_ssl import data
 
+    data.check_dataset_name(args.name)
     if args.source is None:
         if args.name not in ("digits", "digits_val"):
             raise UsageError(f"dataset {args.name!r} needs --from PATH (a CIFAR archive or an image folder); only "
