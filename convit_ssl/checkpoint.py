@@ -14,7 +14,9 @@ is shared. The classifier (``head.*``) is not part of a trunk: it is dropped on 
 """
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -40,6 +42,9 @@ _OURS_TO_TIMM = [
 # Keys of timm models that a trunk has no use for: the classifier and timm's distillation extras.
 _DROPPED = re.compile(r"^(head|head_dist|fc_norm)\.")
 _WRAPPER_PREFIXES = ("module.", "backbone.", "trunk.", "encoder.", "model.")
+# What real checkpoints hold besides tensors and plain containers, admitted by torch.load(weights_only=True):
+# official ConViT/DeiT (main.py) and DINO training checkpoints pickle the run's argparse.Namespace.
+CHECKPOINT_GLOBALS = (argparse.Namespace,)
 
 
 class CheckpointError(ValueError):
@@ -192,6 +197,45 @@ def vissl_trunk_state(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     return _strip_prefixes(node)
 
 
+def _unsafe_globals(path: Path, error: Exception) -> List[str]:
+    """The globals of a checkpoint that ``weights_only`` loading refused, read without running the pickle."""
+    allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in CHECKPOINT_GLOBALS}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # only zip-format files can be scanned; the error names the first offender
+        found = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    return [name for name in found if name not in allowed]
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> object:
+    """``torch.load`` on the CPU that never runs code from the file: tensors, containers and ``CHECKPOINT_GLOBALS``.
+
+    Raises ``CheckpointError`` in one line naming the file and, for a pickle that needs anything else, the
+    offending globals.
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        offending = _unsafe_globals(path, error) if "Weights only load failed" in str(error) else []
+        if offending:
+            raise CheckpointError(
+                f"checkpoint {path} was refused, nothing in it was run: its pickle needs {', '.join(offending)}, "
+                f"which loading would call, and a checkpoint holds only tensors, containers and argparse.Namespace; "
+                f"if you trust the file, re-save its state dict with torch.save(state_dict, path)")
+        raise CheckpointError(f"checkpoint {path} cannot be read by torch.load ({_one_line(error)})")
+    except Exception as error:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(f"checkpoint {path} cannot be read by torch.load ({_one_line(error)})")
+
+
+def _one_line(error: Exception) -> str:
+    """``Type: message`` of a torch.load error on one line (for weights_only errors, only the unpickler's reason)."""
+    text = str(error)
+    reason = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", text, re.DOTALL)
+    return f"{type(error).__name__}: {' '.join((reason.group(1) if reason else text).split())}"
+
+
 def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], str]:
     """Load a checkpoint file and return (timm-layout state dict, format name).
 
@@ -202,10 +246,7 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], s
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .torch or .pth file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"checkpoint {path} cannot be read by torch.load ({type(error).__name__}: {error})")
+    checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
     if "classy_state_dict" in checkpoint or "trunk" in checkpoint:

@@ -5,6 +5,7 @@ import torch
 
 from convit_ssl import CheckpointError, create_trunk, from_timm_state_dict, load_trunk, to_timm_state_dict
 from convit_ssl.checkpoint import atomic_save, export_timm
+from payloads import CreatesFileWhenUnpickled
 
 
 @pytest.mark.parametrize("timm_name,arch", [("convit_tiny", "convit_tiny"), ("convit_small", "convit_small"),
@@ -94,3 +95,40 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(target)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["out.pth"]
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickle_payload_is_not_run(tmp_path, zip_format):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "model_final_checkpoint_phase0.torch"
+    trunk = create_trunk("convit_tiny", img_size=64)
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}},
+                "loss": CreatesFileWhenUnpickled(marker)}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError) as error:
+        load_trunk(path)
+    assert not marker.exists()
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "needs io.open" in message, message
+    assert "nothing in it was run" in message
+
+
+def test_official_checkpoint_with_its_argparse_namespace_loads(tmp_path):
+    """Official ConViT/DeiT (main.py) and DINO checkpoints pickle the run's argparse.Namespace beside the weights."""
+    import argparse
+
+    reference = timm.create_model("convit_tiny", img_size=64).eval()
+    args = argparse.Namespace(model="convit_tiny", lr=5e-4, input_size=64, output_dir="out", smoothing=0.1,
+                              local_crops_scale=[0.05, 0.4], distributed=True, resume="")
+    optimizer = torch.optim.AdamW(reference.parameters())
+    torch.save({"model": reference.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 299, "args": args},
+               tmp_path / "convit_tiny.pth")
+    trunk, report = load_trunk(tmp_path / "convit_tiny.pth")
+    assert report.source_format == "official" and report.arch == "convit_tiny"
+    dino = {"student": reference.state_dict(), "teacher": {f"backbone.{k}": v for k, v in reference.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "epoch": 100, "args": args, "dino_loss": {"center": torch.zeros(1, 8)}}
+    torch.save(dino, tmp_path / "dino.pth")
+    assert load_trunk(tmp_path / "dino.pth")[1].source_format == "dino"
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.forward_head(reference.forward_features(images), pre_logits=True)
+        assert torch.allclose(trunk.eval()(images)[0], expected, atol=1e-5)

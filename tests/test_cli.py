@@ -1,8 +1,10 @@
 """The command line: help, one-line errors before any work, export-timm."""
+import pytest
 import timm
 import torch
 
 from convit_ssl import cli, create_trunk
+from payloads import CreatesFileWhenUnpickled
 
 
 def _error(capsys, *argv):
@@ -63,3 +65,15 @@ def test_export_timm_of_missing_or_foreign_file(capsys, tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pth")
     assert "not a ConViT/DeiT state dict" in _error(capsys, "export-timm", str(tmp_path / "resnet.pth"),
                                                      str(tmp_path / "o.pth"))
+
+
+@pytest.mark.parametrize("command", [["export-timm", "{checkpoint}", "{tmp}/out.pth"],
+                                     ["report", "{checkpoint}", "--out", "{tmp}/report"]])
+def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(capsys, tmp_path, command):
+    marker = tmp_path / "payload_ran"
+    checkpoint = tmp_path / "model.torch"
+    torch.save({"model": create_trunk("convit_tiny", img_size=64).state_dict(),
+                "args": CreatesFileWhenUnpickled(marker)}, checkpoint)
+    err = _error(capsys, *(part.format(checkpoint=checkpoint, tmp=tmp_path) for part in command))
+    assert "was refused, nothing in it was run: its pickle needs io.open" in err and str(checkpoint) in err
+    assert not marker.exists() and sorted(path.name for path in tmp_path.iterdir()) == ["model.torch"]

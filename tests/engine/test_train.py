@@ -77,11 +77,11 @@ def test_killed_mid_epoch_resumes_and_finishes(tmp_path, train_env):
     assert started, "the run never wrote its iteration-10 checkpoint"
     assert not (run_dir / "model_final_checkpoint_phase1.torch").exists()
     for checkpoint in run_dir.glob("model_*.torch"):
-        torch.load(checkpoint, map_location="cpu", weights_only=False)  # every file left is complete
+        torch.load(checkpoint, map_location="cpu", weights_only=True)  # every file left is complete
     result = _run(command, train_env)
     log = result.stdout + result.stderr
     assert "Resume from file" in log and "model_iteration" in log
-    final = torch.load(run_dir / "model_final_checkpoint_phase1.torch", map_location="cpu", weights_only=False)
+    final = torch.load(run_dir / "model_final_checkpoint_phase1.torch", map_location="cpu", weights_only=True)
     assert final["iteration"] == 2 * 22  # every iteration ran exactly once across the kill
 
 
@@ -127,5 +127,5 @@ def test_sigusr2_saves_a_mid_epoch_checkpoint_then_resume(tmp_path, train_env):
     assert 5 <= iteration < 22 and (run_dir / f"model_iteration{iteration}.torch").is_file()  # mid-epoch 0
     result = _run(command, train_env)
     assert f"model_iteration{iteration}.torch" in result.stdout + result.stderr
-    final = torch.load(run_dir / "model_final_checkpoint_phase1.torch", map_location="cpu", weights_only=False)
+    final = torch.load(run_dir / "model_final_checkpoint_phase1.torch", map_location="cpu", weights_only=True)
     assert final["iteration"] == 2 * 22

@@ -8,6 +8,7 @@ import torch
 from convit_ssl.checkpoint import to_timm_state_dict
 from convit_ssl.cli import main
 from convit_ssl.evaluation.results import file_sha256
+from payloads import CreatesFileWhenUnpickled
 
 TINY_OPTIONS = ["--trunk-option", "patch_size=8", "--trunk-option", "embed_dim=48", "--trunk-option", "depth=3",
                 "--trunk-option", "local_up_to_layer=2"]
@@ -77,7 +78,10 @@ def test_errors_are_one_line_and_name_the_fix(digits_data, tmp_path, capsys, com
     not_torch.write_text("hello")
     foreign = tmp_path / "foreign.pth"
     torch.save({"conv1.weight": torch.zeros(2, 3)}, foreign)
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"model": {}, "args": CreatesFileWhenUnpickled(tmp_path / "payload_ran")}, hostile)
     cases = [
+        (["--checkpoint", str(hostile)], r"hostile.pth was refused, nothing in it was run: its pickle needs io.open"),
         (["--checkpoint", str(tmp_path / "nope.pth")], r"checkpoint .*nope.pth does not exist: pass the path"),
         (["--checkpoint", str(not_torch)], r"cannot be read by torch.load"),
         (["--checkpoint", str(foreign)], r"not a ConViT/DeiT state dict: no patch_embed.proj.weight"),
@@ -92,6 +96,7 @@ def test_errors_are_one_line_and_name_the_fix(digits_data, tmp_path, capsys, com
         assert main([*base, *extra]) == 2, extra
         assert re.search(message, one_line_error(capsys, command)), extra
     assert not list(tmp_path.glob("*.json"))  # nothing written for a failed command
+    assert not (tmp_path / "payload_ran").exists()
 
 
 def test_results_without_results(tmp_path, capsys):

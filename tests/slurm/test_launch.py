@@ -51,7 +51,7 @@ def ranks_joined(log_files, world_size):
 
 def final_iteration(run_dir):
     checkpoint = launch.final_checkpoint(Path(run_dir))
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["iteration"]
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"]
 
 
 # ------------------------------------------------------------------------------------------ SLURM
