@@ -15,12 +15,13 @@ def timm_and_ours(name: str, img_size: int = 224, **timm_kwargs):
 
 
 def naive_positional_attention(attn, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Positional attention from explicit patch coordinates, (H, N, N): the definition, loop by loop."""
+    """Positional attention from explicit patch coordinates, (H, N, N), float64: the definition, loop by loop
+    (differentiable in the layer's positional weights)."""
     coords = [(r, c) for r in range(grid_h) for c in range(grid_w)]
     rel = torch.tensor(
         [[[kc - qc, kr - qr, (kc - qc) ** 2 + (kr - qr) ** 2] for (kr, kc) in coords] for (qr, qc) in coords],
         dtype=torch.float64,
     )
-    weight = attn.positional_proj.weight.detach().double()
-    bias = attn.positional_proj.bias.detach().double()
+    weight = attn.positional_proj.weight.double()
+    bias = attn.positional_proj.bias.double()
     return (rel @ weight.T + bias).permute(2, 0, 1).softmax(-1)

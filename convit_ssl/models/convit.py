@@ -8,16 +8,27 @@ The model here computes the same function as the reference (tested against timm 
 and differs in how it computes it:
 
 * The positional attention softmax(positional_proj(r_ij)) does not depend on the image, so it is
-  computed once per forward for the whole batch (H x N x N) instead of once per image.
+  computed once per forward for the whole batch instead of once per image.
+* It is a Kronecker product and is never formed as an H x N x N matrix. Its logits
+  w1 dx + w2 dy + w3 (dx^2 + dy^2) + b split into f(dx) + g(dy) + b, so on a full patch grid the
+  softmax over all keys factorises exactly: P[(r, c), (r', c')] = Py[r, r'] * Px[c, c'] with
+  Px = softmax over columns of w1 dx + w3 dx^2 + b (GW x GW per head; the bias cancels, it sits here
+  so that it keeps a gradient, zero up to rounding as in the reference) and Py = softmax over rows
+  of w2 dy + w3 dy^2 (GH x GH per head). P @ v is then a separable filter, Px along the columns and
+  Py along the rows: N (GH + GW) D multiply-adds per head instead of N^2 D.
 * When attention dropout is off, the gated mix is applied to the attention *outputs*:
   ``(1 - g) * softmax(q k^T / sqrt(d)) v + g * P v`` equals the reference's
   ``((1 - g) * softmax(q k^T / sqrt(d)) + g * P) v`` because both softmaxes sum to one (the
   reference's renormalisation is an identity up to rounding). The content term then runs through
   ``scaled_dot_product_attention`` (fused kernels, no B x H x N x N tensor kept for backward).
-* Positional attention values below the smallest normal float are set to zero. With local init the
-  positional logits span hundreds of units, so a few percent of the softmax's entries are subnormal,
-  and every matrix product that touches subnormals is many times slower on CPU. The change to P is
-  below ``torch.finfo(dtype).tiny`` per entry, far below the rounding of any entry near 1.
+  With attention dropout the reference's order is kept, on the dense P = kron(Py, Px).
+* Positional attention values below the smallest normal float are set to zero, in Px and Py (and in
+  the dense P where it is formed). With local init the logits span hundreds of units, so a few
+  percent of the softmax's entries are subnormal, and every matrix product that touches subnormals
+  is many times slower on some CPUs. Each entry of the P applied differs from the reference's by
+  float rounding (relative) plus less than ``torch.finfo(dtype).tiny`` (absolute): a flushed factor
+  is below tiny and the other factor at most 1. The product of two normal factors can itself be
+  subnormal; the separable filter keeps it (it never forms the product), the dense P flushes it.
 * Relative positions come from the real grid (H x W, non-square allowed), not from sqrt(N), and
   are built once per grid shape, device and dtype.
 * The position embedding is resampled (bicubic) to any grid, so one model takes several crop sizes.
@@ -41,12 +52,25 @@ GridSize = Tuple[int, int]
 
 
 @lru_cache(maxsize=64)
+def axis_offsets(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Offsets along one grid axis of ``length`` patches, (length, length, 2).
+
+    Entry [i, j] is (d, d^2) with d = j - i, key minus query: columns give (dx, dx^2), rows
+    (dy, dy^2), the reference's convention (x the column, y the row). Cached per length, device
+    and dtype (a multi-crop step reuses the table of each crop size).
+    """
+    positions = torch.arange(length, device=device)
+    offsets = positions[None, :] - positions[:, None]
+    return torch.stack([offsets, offsets * offsets], dim=-1).to(dtype)
+
+
+@lru_cache(maxsize=64)
 def relative_positions(grid_size: GridSize, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Relative offsets between patches of a GH x GW grid, (N, N, 3) with N = GH * GW.
+    """Relative offsets between all patches of a GH x GW grid, (N, N, 3) with N = GH * GW.
 
     Entry [i, j] is (dx, dy, dx^2 + dy^2), key j minus query i, with x the column and y the row
-    of a patch in row-major order: the reference's convention, for any grid shape. Cached per
-    grid shape, device and dtype (a multi-crop step reuses the table of each crop size).
+    of a patch in row-major order: the reference's convention, for any grid shape. The model
+    itself needs only ``axis_offsets``; this full table serves diagnostics (attention distances).
     """
     rows = torch.arange(grid_size[0], device=device).repeat_interleave(grid_size[1])
     cols = torch.arange(grid_size[1], device=device).repeat(grid_size[0])
@@ -149,21 +173,38 @@ class GatedPositionalSelfAttention(nn.Module):
             self.positional_proj.bias.zero_()
             self.v.weight.copy_(torch.eye(self.v.weight.shape[0]))
 
-    def positional_attention(self, grid_size: GridSize, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Positional attention of every head, (H, N, N), rows summing to one; shared by all images.
+    def positional_factors(
+        self, grid_size: GridSize, dtype: Optional[torch.dtype] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two factors of the positional attention: rows Py (H, GH, GH) and columns Px (H, GW, GW).
 
-        Computed in the parameters' precision (at least float32) also under autocast: the logits
-        reach hundreds of units, where bfloat16 keeps no fraction, and the cost is one H x N x N
-        softmax per forward. Only the result is cast to ``dtype``.
+        P[(r, c), (r', c')] = Py[r, r'] * Px[c, c'] (see the module docstring); each factor's rows
+        sum to one. Computed in the parameters' precision (at least float32) also under autocast:
+        the logits reach hundreds of units, where bfloat16 keeps no fraction. Only the results are
+        cast to ``dtype``.
         """
-        weight = self.positional_proj.weight
-        # torch.compile traces the table's construction into the graph; eager mode uses the cache
-        table = relative_positions.__wrapped__ if torch.compiler.is_compiling() else relative_positions
-        rel = table(tuple(grid_size), weight.device, weight.dtype)
+        weight, bias = self.positional_proj.weight, self.positional_proj.bias  # columns: dx, dy, dx^2 + dy^2
+        # torch.compile traces the tables' construction into the graph; eager mode uses the cache
+        table = axis_offsets.__wrapped__ if torch.compiler.is_compiling() else axis_offsets
         with torch.autocast(weight.device.type, enabled=False):
-            logits = F.linear(rel, weight, self.positional_proj.bias).permute(2, 0, 1)
-            probs = _flush_subnormals(logits.softmax(dim=-1, dtype=_at_least_float32(logits.dtype)))
-        return probs.to(dtype or weight.dtype)
+            row_logits = F.linear(table(grid_size[0], weight.device, weight.dtype), weight[:, 1:])  # w2 dy + w3 dy^2
+            col_logits = F.linear(table(grid_size[1], weight.device, weight.dtype), weight[:, 0::2], bias)
+            rows, cols = (
+                _flush_subnormals(logits.permute(2, 0, 1).softmax(dim=-1, dtype=_at_least_float32(logits.dtype)))
+                for logits in (row_logits, col_logits)
+            )
+        return rows.to(dtype or weight.dtype), cols.to(dtype or weight.dtype)
+
+    def positional_attention(self, grid_size: GridSize, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Positional attention of every head as a dense matrix, (H, N, N), rows summing to one.
+
+        kron(Py, Px) per head, formed in full precision, subnormal products flushed, then cast to
+        ``dtype``. The forward pass needs it only with attention dropout; diagnostics read it.
+        """
+        rows, cols = self.positional_factors(grid_size)
+        H, (GH, GW) = self.num_heads, grid_size
+        dense = (rows[:, :, None, :, None] * cols[:, None, :, None, :]).reshape(H, GH * GW, GH * GW)
+        return _flush_subnormals(dense).to(dtype or self.positional_proj.weight.dtype)
 
     def gate(self) -> torch.Tensor:
         """sigmoid(gating): each head's weight on positional attention, (H,)."""
@@ -193,14 +234,27 @@ class GatedPositionalSelfAttention(nn.Module):
             # One matrix product for q, k and v (the parameters stay qk and v, as in the reference).
             qkv = F.linear(x, torch.cat([self.qk.weight, self.v.weight]), _cat_bias(self.qk.bias, self.v.bias))
             q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            positional, gate = self.positional_attention(grid_size, dtype=v.dtype), self.gate().to(v.dtype)
+            rows, cols = self.positional_factors(grid_size, dtype=v.dtype)
             content_out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
-            # (H, N, N) @ (H, N, B * D): one batched matmul per head, no per-image copy of P.
-            v_heads = v.permute(1, 2, 0, 3).reshape(self.num_heads, N, B * self.head_dim)
-            positional_out = (positional @ v_heads).reshape(self.num_heads, N, B, self.head_dim)
+            positional_out = _separable_filter(rows, cols, v, grid_size)  # (H, N, B, D)
             # (1 - g) * content + g * positional in one pass, written in (B, N, H, D) order for the projection.
+            gate = self.gate().to(v.dtype)
             out = torch.lerp(content_out.transpose(1, 2), positional_out.permute(2, 1, 0, 3), gate.view(1, 1, -1, 1))
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+
+def _separable_filter(rows: torch.Tensor, cols: torch.Tensor, v: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
+    """P @ v for P = kron(rows, cols) per head, without forming P: (H, N, B, D).
+
+    rows (H, GH, GH), cols (H, GW, GW), v (B, H, N, D) on a GH x GW grid in row-major order. Two
+    batched matrix products over the heads: cols along the grid's columns, then rows along its rows.
+    """
+    B, H, N, D = v.shape
+    GH, GW = grid_size
+    by_column = v.reshape(B, H, GH, GW, D).permute(1, 3, 0, 2, 4).reshape(H, GW, B * GH * D)
+    filtered = (cols @ by_column).reshape(H, GW, B, GH, D)
+    by_row = filtered.permute(0, 3, 1, 2, 4).reshape(H, GH, GW * B * D)
+    return (rows @ by_row).reshape(H, N, B, D)
 
 
 def _cat_bias(qk_bias: Optional[torch.Tensor], v_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
