@@ -30,7 +30,7 @@ and differs in how it computes it:
   is below tiny and the other factor at most 1. The product of two normal factors can itself be
   subnormal; the separable filter keeps it (it never forms the product), the dense P flushes it.
 * Relative positions come from the real grid (H x W, non-square allowed), not from sqrt(N), and
-  are built once per grid shape, device and dtype.
+  the offset tables are built once per axis length, device and dtype.
 * The position embedding is resampled (bicubic) to any grid, so one model takes several crop sizes.
 
 Shapes: B batch, N tokens, C width, H heads (``num_heads``), D = C / H per-head width, and the

@@ -240,6 +240,7 @@ def test_torch_compile_matches_eager():
         assert torch.allclose(compiled(images)[0], trunk(images)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_training_step_matches_eager():
     trunk = create_trunk("convit_tiny", **TINY_ARGS).train()
     images = torch.randn(2, 3, 32, 32)
