@@ -33,9 +33,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from torchvision.datasets import ImageFolder
 
 DATA_ENV = "CONVIT_SSL_DATA"
 CATALOG_FILE = "dataset_catalog.json"
+MANIFEST_FILE = "dataset_manifest.json"  # beside the catalog: what each dataset held when it was registered
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -111,16 +113,46 @@ def check_dataset_name(name: str) -> None:
                          f"first), e.g. cifar10")
 
 
+def manifest_path(root: Optional[Path] = None) -> Path:
+    return Path(root or data_root()) / MANIFEST_FILE
+
+
+def read_manifest(root: Optional[Path] = None) -> Dict[str, dict]:
+    """``{name: {"kind", "data_file", "splits": {split: {"classes": [...], "images": N}}}}`` (empty without file)."""
+    path = manifest_path(root)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"dataset manifest {path} is not valid JSON ({error}): delete it and run convit-ssl "
+                         f"prepare-data again for each dataset")
+
+
 def register_dataset(name: str, train_dir: str | os.PathLike, val_dir: str | os.PathLike,
-                     root: Optional[Path] = None) -> None:
-    """Add or replace catalog entry ``name`` with two ``disk_folder`` splits (absolute paths)."""
+                     root: Optional[Path] = None, kind: str = "image folder",
+                     data_file: Optional[str] = None) -> Dict[str, dict]:
+    """Add or replace catalog entry ``name`` with two ``disk_folder`` splits (absolute paths), and its record in
+    the manifest: ``kind``, ``data_file`` (the shipped data config whose crops and statistics fit it) and each
+    split's class folders and image count as listed now, which ``dataset_split_dir`` and ``open_split`` check.
+    Returns the split records."""
     check_dataset_name(name)
     root = Path(root or data_root())
-    entry = {split: [str(Path(folder).resolve())] * 2 for split, folder in zip(SPLITS, (train_dir, val_dir))}
+    folders = {split: Path(folder).resolve() for split, folder in zip(SPLITS, (train_dir, val_dir))}
+    splits = {}
+    for split, folder in folders.items():
+        if not folder.is_dir():
+            raise ValueError(f"dataset {name!r}: the {split} folder {folder} does not exist")
+        classes, samples = list_images(folder)
+        splits[split] = {"classes": classes, "images": len(samples)}
     with _locked(root):
+        manifest = read_manifest(root)
+        manifest[name] = {"kind": kind, "data_file": data_file, "splits": splits}
+        write_json_atomic(manifest, manifest_path(root))
         catalog = read_catalog(root)
-        catalog[name] = entry
+        catalog[name] = {split: [str(folder)] * 2 for split, folder in folders.items()}
         write_json_atomic(catalog, catalog_path(root))
+    return splits
 
 
 # Datasets that need no input: written on first use.
@@ -128,17 +160,18 @@ def _builtin_datasets() -> Dict[str, Callable[[Optional[Path]], Path]]:
     return {"digits": ensure_digits, "digits_val": ensure_digits}
 
 
-def dataset_split_dir(name: str, split: str, root: Optional[Path] = None) -> Path:
-    """Folder of split ``split`` ('train' or 'val') of catalog dataset ``name``.
+def _again(name: str) -> str:
+    """The command that registers ``name`` again."""
+    return f"convit-ssl prepare-data {name}" + ("" if name in _builtin_datasets() else " --from PATH again")
 
-    The built-in datasets (``digits``, ``digits_val``) are written on first use. Raises ``ValueError`` naming the
-    known datasets for an unknown name, and the missing folder when the catalog points at nothing.
-    """
+
+def _split_folder(name: str, split: str, root: Optional[Path]) -> Path:
+    """The folder the catalog names for split ``split`` of ``name`` (built-in datasets written on first use)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     root = Path(root or data_root())
     catalog = read_catalog(root)
-    if name not in catalog and name in _builtin_datasets():
+    if name in _builtin_datasets() and (name not in catalog or name not in read_manifest(root)):
         _builtin_datasets()[name](root)
         catalog = read_catalog(root)
     if name not in catalog:
@@ -150,8 +183,125 @@ def dataset_split_dir(name: str, split: str, root: Optional[Path] = None) -> Pat
     folder = Path(catalog[name][split][0])
     if not folder.is_dir():
         raise ValueError(f"dataset {name!r}: the {split} folder {folder} does not exist; prepare it again with "
-                         f"convit-ssl prepare-data {name} --from PATH (or restore the folder)")
+                         f"{_again(name)} (or restore the folder)")
     return folder
+
+
+def _check_record(name: str, split: str, classes: Sequence[str], images: int, root: Optional[Path]) -> None:
+    """Raise ``ValueError`` unless the split lists the class folders and image count recorded at registration."""
+    record = read_manifest(root).get(name, {}).get("splits", {}).get(split)
+    if record is None:
+        raise ValueError(f"dataset {name!r} has no record of its classes and images (registered by an older "
+                         f"convit-ssl or by hand): run {_again(name)}")
+    if list(classes) != record["classes"]:
+        missing = [c for c in record["classes"] if c not in classes]
+        added = [c for c in classes if c not in record["classes"]]
+        change = "; ".join([f"missing {', '.join(missing[:5])}"] * bool(missing) + [f"new {', '.join(added[:5])}"]
+                           * bool(added)) or "reordered"
+        raise ValueError(f"dataset {name!r}: the {split} class folders changed since prepare-data ({change}): labels "
+                         f"would shift; restore them, or run {_again(name)}")
+    if images != record["images"]:
+        raise ValueError(f"dataset {name!r}: the {split} split has {images} images, {record['images']} when prepared: "
+                         f"files were added or removed; restore them, or run {_again(name)}")
+
+
+def dataset_split_dir(name: str, split: str, root: Optional[Path] = None) -> Path:
+    """Folder of split ``split`` ('train' or 'val') of catalog dataset ``name``, checked against its record.
+
+    The built-in datasets (``digits``, ``digits_val``) are written on first use. Raises ``ValueError`` naming the
+    known datasets for an unknown name, the missing folder when the catalog points at nothing, and what changed
+    when the split's class folders or image count differ from those recorded by ``prepare-data``.
+    """
+    folder = _split_folder(name, split, root)
+    classes, samples = list_images(folder)
+    _check_record(name, split, classes, len(samples), root)
+    return folder
+
+
+def open_split(name: str, split: str, transform=None, root: Optional[Path] = None) -> "CheckedImageFolder":
+    """The images of split ``split`` of catalog dataset ``name`` as a ``CheckedImageFolder``, checked against the
+    record of ``prepare-data`` (see ``dataset_split_dir``)."""
+    dataset = CheckedImageFolder(str(_split_folder(name, split, root)), transform=transform)
+    _check_record(name, split, dataset.classes, len(dataset), root)
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading image folders
+# ---------------------------------------------------------------------------------------------------------------
+def list_images(split_dir: str | os.PathLike) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """(class names, [(image path, label)]) of a split folder, in torchvision ``ImageFolder``'s order.
+
+    Classes are the sub-folders (sorted; links followed), images the files with an image extension anywhere below
+    them. Every real folder is read once: a link to a folder already read (a loop, or a second way into it) raises
+    ``ValueError`` naming the link, where ``ImageFolder`` would read the same images again and again.
+    """
+    split_dir = os.fspath(split_dir)
+    stat = os.stat(split_dir)
+    seen = {(stat.st_dev, stat.st_ino)}
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    samples: List[Tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        folders = []
+        for folder, _, files in os.walk(os.path.join(split_dir, name), followlinks=True):
+            stat = os.stat(folder)
+            if (stat.st_dev, stat.st_ino) in seen:
+                raise ValueError(f"{folder} leads back to a folder already read (a symbolic link loop, or a second "
+                                 f"link to it): remove the link, or its images would be read more than once")
+            seen.add((stat.st_dev, stat.st_ino))
+            folders.append((folder, sorted(file for file in files if file.lower().endswith(IMAGE_EXTENSIONS))))
+        samples += [(os.path.join(folder, file), label) for folder, files in sorted(folders) for file in files]
+    return classes, samples
+
+
+class UnreadableImage(ValueError):
+    """An image file that PIL cannot read; the message names it.
+
+    A DataLoader worker's exception comes back to the main process with the worker's traceback in its message:
+    ``str()`` keeps the one line that names the file.
+    """
+
+    def __str__(self) -> str:
+        return super().__str__().strip().splitlines()[-1].rpartition("UnreadableImage: ")[2]
+
+
+def read_image(path: str) -> Image.Image:
+    """The image at ``path`` as RGB; ``UnreadableImage`` naming the file when PIL cannot read it."""
+    try:
+        with open(path, "rb") as stream:
+            return Image.open(stream).convert("RGB")
+    except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        raise UnreadableImage(f"cannot read image {path} ({type(error).__name__}: {error}); delete or replace it, "
+                              f"then run convit-ssl prepare-data again") from None
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ``ImageFolder`` listed by ``list_images`` (no link loops) and read by ``read_image`` (errors
+    name the file). VISSL's ``disk_folder`` datasets use it too (see ``convit_ssl.vissl_glue``)."""
+
+    def __init__(self, root: str, transform=None, target_transform=None, loader=read_image, **options):
+        super().__init__(root, transform=transform, target_transform=target_transform, loader=loader, **options)
+
+    def find_classes(self, directory):
+        classes, self._listed = list_images(directory)
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return self._listed
+
+
+def unreadable_images(paths: Sequence[str], progress: bool = False) -> List[str]:
+    """The files among ``paths`` that PIL cannot open and verify."""
+    from tqdm import tqdm
+
+    bad = []
+    for path in tqdm(paths, desc="checking images", unit="img", disable=not progress):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception:  # what PIL raises for a file it cannot read
+            bad.append(path)
+    return bad
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,6 +379,14 @@ def _publish(tmp: Path, target: Path, description: dict, fix: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Built-in digits
 # ---------------------------------------------------------------------------------------------------------------
+def _check_written(target: Path, fix: str) -> None:
+    """Raise ``ValueError`` unless every folder of a copy we wrote holds as many images as when it was written."""
+    for folder, count in json.loads((target / _DONE).read_text())["counts"].items():
+        found = len(list_images(target / folder)[1]) if (target / folder).is_dir() else 0
+        if found != count:
+            raise ValueError(f"{target / folder} holds {found} images, {count} when convit-ssl wrote it: {fix}")
+
+
 def _stratified_split(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int):
     from sklearn.model_selection import train_test_split
 
@@ -267,13 +425,14 @@ def ensure_digits(root: Optional[Path] = None) -> Path:
             "test_fraction": DIGITS_TEST_FRACTION, "val_fraction": DIGITS_VAL_FRACTION,
             "counts": {split: len(indices) for split, indices in splits.items()},
         }, fix)
-    catalog = read_catalog(root)
+    catalog, manifest = read_catalog(root), read_manifest(root)
     wanted = {"digits": ("train", "test"), "digits_val": ("val_train", "val_heldout")}
     for name, (train_split, val_split) in wanted.items():
         folders = (target / train_split, target / val_split)
         expected = {split: [str(folder.resolve())] * 2 for split, folder in zip(SPLITS, folders)}
-        if catalog.get(name) != expected:
-            register_dataset(name, target / train_split, target / val_split, root)
+        if catalog.get(name) != expected or name not in manifest:
+            _check_written(target, f"delete {target} and run convit-ssl prepare-data digits")
+            register_dataset(name, target / train_split, target / val_split, root, kind="digits", data_file="digits")
     return target
 
 
@@ -368,13 +527,13 @@ def is_cifar(path: Path) -> bool:
         return found is not None
 
 
-def prepare_cifar(path: Path, out_dir: Path, progress: bool = True) -> Tuple[Path, Path, Dict[str, int]]:
+def prepare_cifar(path: Path, out_dir: Path, progress: bool = True) -> Tuple[Path, Path, Dict[str, int], str]:
     """Write a CIFAR-10/100 python archive (or extracted folder) as PNG folders ``out_dir/{train,val}``.
 
     Class folders are ``<label>_<name>`` (e.g. ``03_cat``) so ImageFolder's sorted class order is CIFAR's label
     order; files are ``<batch file>_<index in it>.png``. A complete ``out_dir`` written from the same source by an
     earlier run is kept as it is; ``out_dir`` must otherwise be absent, empty or an incomplete copy of ours.
-    Returns (train folder, val folder, image counts).
+    Returns (train folder, val folder, image counts, variant: 'cifar-10' or 'cifar-100').
     """
     from tqdm import tqdm
 
@@ -385,6 +544,7 @@ def prepare_cifar(path: Path, out_dir: Path, progress: bool = True) -> Tuple[Pat
         if source != str(path):
             raise ValueError(f"{out_dir} already holds a copy of {source}: pass --out with a new folder for {path}, "
                              f"or delete {out_dir} first")
+        _check_written(out_dir, f"delete {out_dir} and run convit-ssl prepare-data again")
     else:
         with _cifar_members(path) as found:
             if found is None:
@@ -417,8 +577,8 @@ def prepare_cifar(path: Path, out_dir: Path, progress: bool = True) -> Tuple[Pat
                     _write_split(tmp / split, images, labels, class_folders, files, bar.update)
         counts = {split: int(seen.sum()) for split, seen in per_class.items()}
         _publish(tmp, out_dir, {"source": str(path), "variant": variant, "counts": counts}, fix)
-    counts = json.loads((out_dir / _DONE).read_text())["counts"]
-    return out_dir / "train", out_dir / "val", counts
+    written = json.loads((out_dir / _DONE).read_text())
+    return out_dir / "train", out_dir / "val", written["counts"], written["variant"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,45 +588,49 @@ def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, D
     """Validate an ImageNet-layout folder (``train/`` and ``val/`` of class folders of images), in place.
 
     Returns (train folder, val folder, image counts). Raises ``ValueError`` naming the first problem: a missing
-    split, no class folders, a class folder without images, or train and val with different classes (labels would
-    not match).
+    split, no class folders, a link loop, a class folder without images, train and val with different classes
+    (labels would not match), or images that PIL cannot read (how many, the first few).
     """
-    from tqdm import tqdm
-
     counts = {}
     classes = {}
+    images = []
     for split in SPLITS:
         split_dir = path / split
         if not split_dir.is_dir():
             raise ValueError(f"{path} has no {split}/ folder: expected {path}/train/<class>/<image> and "
                              f"{path}/val/<class>/<image> (ImageNet layout) or a CIFAR python archive")
-        class_dirs = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
-        if not class_dirs:
+        classes[split], samples = list_images(split_dir)
+        if not classes[split]:
             raise ValueError(f"{split_dir} has no class folders: put the images of each class in a folder of its own")
-        per_class = {}
-        for name in tqdm(class_dirs, desc=f"checking {split}", unit="class", disable=not progress):
-            per_class[name] = sum(1 for f in os.scandir(split_dir / name) if f.name.lower().endswith(IMAGE_EXTENSIONS))
-        empty = [name for name, count in per_class.items() if count == 0]
+        per_class = np.bincount([label for _, label in samples], minlength=len(classes[split]))
+        empty = [classes[split][index] for index in np.flatnonzero(per_class == 0)]
         if empty:
             raise ValueError(f"{split_dir}: class folder(s) without images: {', '.join(empty[:5])}; image extensions: "
                              f"{' '.join(IMAGE_EXTENSIONS)}")
-        classes[split] = class_dirs
-        counts[split] = sum(per_class.values())
+        counts[split] = len(samples)
+        images += [image for image, _ in samples]
     if classes["train"] != classes["val"]:
         only = sorted(set(classes["train"]) ^ set(classes["val"]))
         raise ValueError(f"{path}: train/ and val/ have different class folders ({', '.join(only[:5])}"
                          f"{', ...' if len(only) > 5 else ''}): labels would not match; give both splits the same "
                          f"classes")
+    bad = [os.path.relpath(image, path) for image in unreadable_images(images, progress)]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} image(s) that PIL cannot read: {', '.join(bad[:5])}"
+                         f"{', ...' if len(bad) > 5 else ''}; delete or replace them and run convit-ssl prepare-data "
+                         f"again")
     counts["classes"] = len(classes["train"])
     return path / "train", path / "val", counts
 
 
 def prepare_dataset(name: str, source: Path, out_dir: Optional[Path] = None, progress: bool = True,
-                    root: Optional[Path] = None) -> Dict[str, object]:
+                    root: Optional[Path] = None, data_file: Optional[str] = None) -> Dict[str, object]:
     """Register ``source`` (CIFAR archive/folder, or ImageNet-layout folder) as catalog dataset ``name``.
 
-    CIFAR is written as PNGs to ``out_dir`` (default ``<data root>/<name>``); an image folder is registered in place.
-    Returns a description: kind, train and val folders, counts. Every check comes before anything is written.
+    CIFAR is written as PNGs to ``out_dir`` (default ``<data root>/<name>``) and read with the data config of its
+    variant (``cifar10``, ``cifar100``); an image folder is registered in place, with ``data_file`` (the data config
+    whose crops and statistics fit it) recorded as given. Returns a description: kind, train and val folders,
+    counts. Every check comes before anything is written.
     """
     check_dataset_name(name)
     if name in _builtin_datasets():
@@ -477,13 +641,14 @@ def prepare_dataset(name: str, source: Path, out_dir: Optional[Path] = None, pro
         raise ValueError(f"--from {source} does not exist: pass an ImageNet-layout folder or a CIFAR python archive")
     root = Path(root or data_root())
     if is_cifar(source):
-        train_dir, val_dir, counts = prepare_cifar(source, Path(out_dir or root / name), progress=progress)
-        kind = "cifar"
+        train_dir, val_dir, counts, kind = prepare_cifar(source, Path(out_dir or root / name), progress=progress)
+        data_file = kind.replace("-", "")
     elif source.is_dir():
         train_dir, val_dir, counts = check_image_folder(source, progress=progress)
         kind = "image folder"
     else:
         raise ValueError(f"{source} is neither a folder with train/ and val/ class folders nor a CIFAR-10/100 python "
                          f"archive (cifar-10-python.tar.gz, cifar-100-python.tar.gz or their extracted folder)")
-    register_dataset(name, train_dir, val_dir, root)
-    return {"name": name, "kind": kind, "train": str(train_dir), "val": str(val_dir), "counts": counts}
+    register_dataset(name, train_dir, val_dir, root, kind=kind, data_file=data_file)
+    return {"name": name, "kind": kind, "train": str(train_dir), "val": str(val_dir), "counts": counts,
+            "data_file": data_file}

@@ -148,7 +148,14 @@ def _patch_vissl() -> None:
     warnings.filterwarnings("ignore", message="provider=vissl, path=configs is not available")
     # classy-vision scripts a helper with torch.jit.script at import time.
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    import vissl.data.disk_dataset as vissl_disk_dataset
     import vissl.utils.checkpoint as vissl_checkpoint
+
+    from convit_ssl.data import CheckedImageFolder
+
+    # VISSL reads disk_folder datasets with torchvision's ImageFolder: it follows link loops into duplicates, and
+    # a file PIL cannot read ends the run with an error that does not name it. Ours lists and reads checked.
+    vissl_disk_dataset.ImageFolder = CheckedImageFolder
 
     vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint
     vissl_checkpoint.create_file_symlink = _atomic_symlink

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from convit_ssl.data import dataset_split_dir, write_json_atomic
+from convit_ssl.data import open_split, write_json_atomic
 from convit_ssl.diagnostics import eval_mode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,10 +74,9 @@ class Preprocess:
 
 
 def image_folder(dataset: str, split: str, transform=None):
-    """torchvision ``ImageFolder`` of a catalog dataset split ('train' or 'val')."""
-    from torchvision.datasets import ImageFolder
-
-    return ImageFolder(str(dataset_split_dir(dataset, split)), transform=transform)
+    """A torchvision ``ImageFolder`` of a catalog dataset split ('train' or 'val'), checked against what
+    ``prepare-data`` recorded; errors name an image that cannot be read (``convit_ssl.data.open_split``)."""
+    return open_split(dataset, split, transform)
 
 
 # ---------------------------------------------------------------------------------------------------------------

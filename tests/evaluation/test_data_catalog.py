@@ -66,7 +66,11 @@ def test_ensure_digits_is_idempotent_and_safe_concurrently(empty_data, monkeypat
 
 
 def test_split_dir_errors_name_the_fix(data_root, empty_data, tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "gone" / split / "cat").mkdir(parents=True)
     data.register_dataset("mine", tmp_path / "gone" / "train", tmp_path / "gone" / "val")
+    (tmp_path / "gone" / "train" / "cat").rmdir()
+    (tmp_path / "gone" / "train").rmdir()
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*known: digits, digits_val, mine; add it with: "
                                          r"convit-ssl prepare-data imagenet --from PATH"):
         data.dataset_split_dir("imagenet", "train")

@@ -140,7 +140,8 @@ def test_image_folder_is_registered_in_place(empty_data, tmp_path, capsys):
     assert run_cli("pets", "--from", folder) == 0
     assert "registered pets (image folder)" in capsys.readouterr().out
     assert data.read_catalog()["pets"]["train"] == [str(folder / "train")] * 2
-    assert sorted(p.name for p in empty_data.iterdir()) == [".catalog.lock", "dataset_catalog.json"]  # no copy
+    assert sorted(p.name for p in empty_data.iterdir()) == [".catalog.lock", "dataset_catalog.json",
+                                                            "dataset_manifest.json"]  # no copy
 
 
 @pytest.mark.parametrize("setup, message", [

@@ -1,0 +1,139 @@
+"""What prepare-data records and evaluation checks: class folders and image counts per split, symbolic link
+loops, images that PIL cannot read (named, also through DataLoader workers and VISSL's dataset)."""
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convit_ssl import data
+from convit_ssl.cli import main
+from convit_ssl.evaluation.features import Preprocess, image_folder, split_features
+
+PREPROCESS = Preprocess(32, 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def make_folder(root, classes=("a", "b", "c"), per_class=3):
+    """train/ and val/ with ``per_class`` 32 px PNGs per class; class i's pixels all equal 40 * i."""
+    for split in ("train", "val"):
+        for index, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for image in range(per_class):
+                Image.new("RGB", (32, 32), (40 * index,) * 3).save(root / split / name / f"{image}.png")
+    return root
+
+
+def prepare(name, folder, capsys=None):
+    code = main(["prepare-data", name, "--from", str(folder), "--quiet"])
+    if capsys is not None:
+        output = capsys.readouterr()
+        return code, output.err
+    return code
+
+
+def one_line(error, command="prepare-data"):
+    assert len(error.strip().splitlines()) == 1 and error.startswith(f"convit-ssl {command}: error:"), error
+    return error
+
+
+def test_prepare_data_records_classes_and_counts(empty_data, data_root, tmp_path):
+    assert prepare("abc", make_folder(tmp_path / "abc")) == 0
+    record = data.read_manifest()["abc"]
+    assert record["splits"]["val"] == {"classes": ["a", "b", "c"], "images": 9}
+    assert record["splits"]["train"]["images"] == 9 and record["kind"] == "image folder"
+    held_out = data.read_manifest(data_root)["digits_val"]  # the built-in datasets too
+    assert held_out["splits"]["val"] == {"classes": [str(digit) for digit in range(10)], "images": 288}
+
+
+def test_a_removed_class_folder_stops_evaluation(empty_data, tmp_path, make_trunk, capsys):
+    folder = make_folder(tmp_path / "abc")
+    assert prepare("abc", folder) == 0
+    import shutil
+
+    shutil.rmtree(folder / "val" / "b")  # without the check: class c is scored as b
+    with pytest.raises(ValueError, match=r"dataset 'abc': the val class folders changed since prepare-data "
+                                         r"\(missing b\): labels would shift"):
+        image_folder("abc", "val")
+    with pytest.raises(ValueError, match="missing b"):
+        split_features(make_trunk(), "abc", "val", ["lastCLS"], PREPROCESS)
+    assert main(["knn", "--random", "convit_tiny", "--trunk-option", "patch_size=8", "--data", "abc", "--recipe",
+                 "digits", "--out", str(tmp_path / "out"), "--no-cache", "--quiet"]) == 2
+    assert "missing b" in one_line(capsys.readouterr().err, "knn")
+    (folder / "val" / "b").mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "val" / "b" / "0.png")
+    with pytest.raises(ValueError, match=r"the val split has 7 images, 9 when prepared: files were added or removed"):
+        image_folder("abc", "val")
+
+
+def test_symbolic_link_loops_are_not_followed(empty_data, tmp_path, capsys):
+    folder = make_folder(tmp_path / "abc")
+    os.symlink("..", folder / "train" / "a" / "again")  # train/a/again -> train: a loop
+    code, error = prepare("abc", folder, capsys)
+    assert code == 2
+    assert re.search(r"train/a/again leads back to a folder already read \(a symbolic link loop", one_line(error))
+    (folder / "train" / "a" / "again").unlink()
+    assert prepare("abc", folder) == 0
+    os.symlink(folder / "val", folder / "val" / "c" / "loop")  # after prepare-data: evaluation refuses it
+    with pytest.raises(ValueError, match="val/c/loop leads back to a folder already read"):
+        image_folder("abc", "val")
+    assert len(image_folder("abc", "train")) == 9
+
+
+def test_registered_without_a_record_is_refused(empty_data, tmp_path):
+    folder = make_folder(tmp_path / "abc")
+    data.register_dataset("abc", folder / "train", folder / "val")
+    manifest = data.read_manifest()
+    del manifest["abc"]
+    data.write_json_atomic(manifest, data.manifest_path())  # as an older convit-ssl left it
+    with pytest.raises(ValueError, match=r"dataset 'abc' has no record of its classes and images .*run convit-ssl "
+                                         r"prepare-data abc --from PATH again"):
+        data.dataset_split_dir("abc", "train")
+
+
+def test_unreadable_images_are_found_by_prepare_data(empty_data, tmp_path, capsys):
+    folder = make_folder(tmp_path / "abc")
+    (folder / "train" / "a" / "0.png").write_bytes(np.random.default_rng(0).bytes(500))  # random bytes
+    (folder / "train" / "b" / "empty.jpg").write_bytes(b"")  # zero bytes
+    (folder / "val" / "c" / "notes.jpg").write_text("not an image")  # text named .jpg
+    code, error = prepare("abc", folder, capsys)
+    assert code == 2
+    one_line(error)
+    assert "3 image(s) that PIL cannot read" in error
+    assert "train/a/0.png, train/b/empty.jpg, val/c/notes.jpg" in error and "delete or replace them" in error
+    assert "abc" not in data.read_catalog()
+
+
+def test_evaluation_names_the_image_it_cannot_read(empty_data, tmp_path, make_trunk, capsys):
+    folder = make_folder(tmp_path / "abc")
+    assert prepare("abc", folder) == 0
+    broken = folder / "val" / "b" / "1.png"
+    broken.write_bytes(b"GIF89a truncated")  # replaced after prepare-data
+    with pytest.raises(data.UnreadableImage, match=f"cannot read image {broken}"):
+        image_folder("abc", "val")[4]
+    for workers in (0, 1):  # a DataLoader worker's error comes back as one line that names the file
+        with pytest.raises(data.UnreadableImage) as caught:
+            split_features(make_trunk(), "abc", "val", ["lastCLS"], PREPROCESS, batch_size=4, num_workers=workers)
+        assert str(caught.value).startswith(f"cannot read image {broken}") and "\n" not in str(caught.value)
+    assert main(["knn", "--random", "convit_tiny", "--trunk-option", "patch_size=8", "--data", "abc", "--recipe",
+                 "digits", "--out", str(tmp_path / "out"), "--no-cache", "--quiet"]) == 2
+    assert f"cannot read image {broken}" in one_line(capsys.readouterr().err, "knn")
+
+
+def test_vissl_training_names_the_image_it_cannot_read(tmp_path):
+    import convit_ssl  # noqa: F401  (applies the VISSL patches)
+    from vissl.data.disk_dataset import DiskImageDataset
+
+    folder = make_folder(tmp_path / "abc")
+    broken = folder / "train" / "c" / "2.png"
+    broken.write_bytes(b"")
+    os.symlink(folder / "train" / "a", folder / "train" / "b" / "second")  # a second way into train/a
+    config = {"DATA": {"TRAIN": {"BATCHSIZE_PER_REPLICA": 2, "REMOVE_IMG_PATH_PREFIX": "", "NEW_IMG_PATH_PREFIX": "",
+                                 "ENABLE_QUEUE_DATASET": False}}}
+    with pytest.raises(ValueError, match="train/b/second leads back to a folder already read"):
+        DiskImageDataset(config, "disk_folder", str(folder / "train"), "TRAIN", "abc")
+    (folder / "train" / "b" / "second").unlink()
+    dataset = DiskImageDataset(config, "disk_folder", str(folder / "train"), "TRAIN", "abc")
+    assert len(dataset) == 9 and np.asarray(dataset[3][0]).max() == 40  # class b
+    with pytest.raises(ValueError, match=f"cannot read image {broken}"):
+        dataset[8]
