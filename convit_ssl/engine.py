@@ -9,13 +9,17 @@
 * ``trunk.KEY=VALUE``: change a field of the preset (``trunk.local_up_to_layer=0``: the DeiT twin).
 * ``run_dir=PATH``: where checkpoints and logs go (default: ``runs/<recipe>-<model>-<data>-<hash>``,
   the same folder for the same command, so rerunning it resumes).
+* ``continue_with_changes=true``: continue a run folder's checkpoints with a config that differs from
+  the one they were trained with (else refused, see ``convit_ssl.run_folder.record_config``).
 * anything else is a Hydra override (``config.OPTIMIZER.num_epochs=10``).
 
-``train(config)`` runs VISSL's engine: in this process for one process per node, else through
-VISSL's launcher, whose workers import ``convit_ssl`` through the hook generator defined here.
+``compose`` writes nothing. ``train(config)`` takes the run folder (one run at a time), records the config
+there, and runs VISSL's engine: in this process for one process per node, else through VISSL's launcher,
+whose workers import ``convit_ssl`` through the hook generator defined here.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import math
@@ -55,7 +59,7 @@ def _group_options(group: str) -> List[str]:
 
 def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
     """Split command-line words into the recipe, the Hydra overrides and the run folder."""
-    recipe, overrides, run_dir, choices = None, [], None, {}
+    recipe, overrides, run_dir, choices, continue_with_changes = None, [], None, {}, None
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep:
@@ -77,6 +81,10 @@ def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
                 overrides.append(f"config.MODEL.TRUNK.CONVIT_SSL.EMBED_DIM={value}")
         elif key == "run_dir":
             run_dir = value
+        elif key == "continue_with_changes":
+            if value.lower() not in ("true", "false"):
+                raise UsageError(f"continue_with_changes={value!r}: write continue_with_changes=true or false")
+            continue_with_changes = value.lower() == "true"
         else:
             overrides.append(arg)
     if recipe is None:
@@ -90,7 +98,8 @@ def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
                          f"configs){hint}")
     if (PACKAGE_CONFIGS / "config" / RECIPE_GROUP / f"{recipe}.yaml").is_file():
         recipe = f"{RECIPE_GROUP}/{recipe}"
-    return dict(recipe=recipe, overrides=overrides, run_dir=run_dir, choices=choices)
+    return dict(recipe=recipe, overrides=overrides, run_dir=run_dir, choices=choices,
+                continue_with_changes=continue_with_changes)
 
 
 def default_run_dir(recipe: str, choices: Dict[str, str], overrides: Sequence[str], root: str = "runs") -> str:
@@ -111,24 +120,40 @@ def compose(args: Sequence[str], run_dir: Optional[str] = None):
 
     parsed = expand_arguments(args)
     run_dir = run_dir or parsed["run_dir"] or default_run_dir(parsed["recipe"], parsed["choices"], parsed["overrides"])
+    run_dir = Path(run_dir).resolve()
     overrides = [
         f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]",
         f"config={parsed['recipe']}",
         *parsed["overrides"],
     ]
+    if parsed["continue_with_changes"] is not None:  # not part of the default run folder's hash
+        overrides.append(f"++config.CONVIT_SSL.CONTINUE_WITH_CHANGES={parsed['continue_with_changes']}")
     try:
         with initialize_config_module(config_module="vissl.config", version_base=None):
             cfg = hydra_compose("defaults", overrides=overrides)
         OmegaConf.resolve(cfg)  # our recipes interpolate crop sizes, statistics and head widths
         resolve_device(cfg.config)  # before VISSL derives batch sizes and learning rates from it
-        cfg.config.CHECKPOINT.DIR = str(Path(run_dir).resolve())  # VISSL writes train_config.yaml there
-        _, config = convert_to_attrdict(cfg)
+        cfg.config.CHECKPOINT.DIR = str(run_dir)
+        with _no_new_folders(run_dir):  # VISSL's SwAV inference creates the checkpoint folder
+            _, config = convert_to_attrdict(cfg, dump_config=False)  # train() records the config
     except (HydraException, OmegaConfBaseException) as error:
         message = str(error).splitlines()[0]
         raise UsageError(f"config {parsed['recipe']} does not compose: {message}") from None
     validate(config)
     derive_iteration_settings(config)
     return config
+
+
+@contextlib.contextmanager
+def _no_new_folders(path: Path):
+    """Remove the folders up to ``path`` that the block created and left empty: composing writes nothing."""
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    yield
+    for folder in missing:  # deepest first; rmdir refuses a folder that is not empty
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def resolve_device(config) -> None:
@@ -215,11 +240,39 @@ def wait_for_preemption_checkpoint(run_dir, signalled_at: float, timeout_s: floa
     return False
 
 
+def plain_config(config) -> Dict[str, Any]:
+    """``config`` as plain YAML-safe values, as VISSL records it (dtypes by name: ``float32``)."""
+    import json
+
+    import torch
+
+    def encode(value):
+        return str(value).replace("torch.", "") if isinstance(value, torch.dtype) else str(value)
+
+    return json.loads(json.dumps(config, default=encode))
+
+
 def train(config, node_id: int = 0) -> Path:
-    """Run VISSL training for ``config`` on this node; returns the run folder."""
+    """Run VISSL training for ``config`` on this node; returns the run folder.
+
+    Node 0's launching process owns the run folder for the whole run (``run_folder.owned``; the processes
+    VISSL spawns work under it) and records the config there first (``run_folder.record_config``); the
+    other nodes of a multi-node run take part in node 0's run and neither lock nor record.
+    """
     from vissl.utils.distributed_launcher import launch_distributed
 
+    from convit_ssl import run_folder
+
     run_dir = Path(config.CHECKPOINT.DIR)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    launch_distributed(config, node_id=node_id, engine_name="train", hook_generator=hook_generator)
+    if node_id != 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        launch_distributed(config, node_id=node_id, engine_name="train", hook_generator=hook_generator)
+        return run_dir
+    with run_folder.owned(run_dir):
+        continuing = bool((config.get("CONVIT_SSL", None) or {}).get("CONTINUE_WITH_CHANGES", False))
+        changes = run_folder.record_config(run_dir, plain_config(config), continue_with_changes=continuing)
+        if changes:
+            print(f"continuing {run_dir} with changes ({run_folder.CONFIG_HISTORY_FILE}): "
+                  f"{run_folder.describe(changes)}", flush=True)
+        launch_distributed(config, node_id=node_id, engine_name="train", hook_generator=hook_generator)
     return run_dir

@@ -3,26 +3,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import convit_ssl
-
-# A small, fast SimCLR run of the demo recipe: 2 blocks of width 32, batch 64 (22 iterations per epoch).
-TINY = ["config=digits_simclr", "data=digits", "trunk.embed_dim=32", "trunk.depth=2", "trunk.local_up_to_layer=1",
-        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=64", "config.DATA.NUM_DATALOADER_WORKERS=0"]
-
-
-def _train_command(run_dir, *extra):
-    return [sys.executable, "-m", "convit_ssl", "train", *TINY, f"run_dir={run_dir}", *extra]
-
-
-def _run(command, env, timeout=600):
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+from tiny_training import run as _run
+from tiny_training import train_command as _train_command
+from tiny_training import wait_for as _wait_for
 
 
 @pytest.mark.slow
@@ -52,17 +40,6 @@ def test_two_processes_with_gloo(tmp_path, train_env):
     log = (run_dir / "log.txt").read_text() + result.stdout + result.stderr
     assert "world_size: 2" in log, log[-2000:]
     assert (run_dir / "model_final_checkpoint_phase0.torch").is_file()
-
-
-def _wait_for(predicate, timeout, process):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if process.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.slow

@@ -1,0 +1,210 @@
+"""The layout of a run folder and the rules that keep it trustworthy; no VISSL import.
+
+A run folder (VISSL's checkpoint folder, ``config.CHECKPOINT.DIR``) holds one run::
+
+    run.lock                       held (flock) by the launching process while the run lives: pid and host inside
+    train_config.yaml              the config its checkpoints were trained with (written when the run starts)
+    train_config_history.jsonl     one line per change accepted with continue_with_changes
+    model_phase<N>.torch           checkpoint after epoch N + 1 (0-based phase N)
+    model_iteration<N>.torch       mid-epoch checkpoint after iteration N
+    model_final_checkpoint_phase<N>.torch
+    checkpoint.torch               link to the newest checkpoint
+    metrics.json, stdout.json, log.txt, tb_logs/, gating_metrics.jsonl
+
+Guarantees (each function says which it keeps): one run at a time (``owned``); the recorded config never
+changes under its checkpoints unless the user continues with changes explicitly (``record_config``);
+``latest_checkpoint`` is the one rule for "the newest checkpoint"; ``prune_checkpoints`` deletes only
+this run's superseded checkpoint files, never the newest, the linked one, the final one or a milestone.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+from convit_ssl.cli import UsageError
+
+LOCK_FILE = "run.lock"
+CONFIG_FILE = "train_config.yaml"
+CONFIG_HISTORY_FILE = "train_config_history.jsonl"
+LATEST_LINK = "checkpoint.torch"
+# Checkpoint names VISSL writes for a consolidated (non-FSDP) model; only these are ever pruned.
+_PRUNABLE = re.compile(r"model_(phase|iteration)(\d+)\.torch")
+# Config keys that name where or how the processes meet, not what is trained.
+_NOT_COMPARED = ("CHECKPOINT.DIR", "DISTRIBUTED.RUN_ID", "CONVIT_SSL.CONTINUE_WITH_CHANGES")
+
+
+class RunFolderError(UsageError):
+    """The run folder cannot be used as asked; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_files(run_dir) -> List[Path]:
+    """Every complete checkpoint of the run (atomic saves: a file under its final name is complete), no shards."""
+    folder = Path(run_dir)
+    return [p for p in folder.glob("model_*.torch") if "_shard" not in p.name and p.is_file()]
+
+
+def latest_checkpoint(run_dir, skip_final: bool = False, nth: int = 1) -> Optional[Path]:
+    """The checkpoint a resume starts from: the final one unless ``skip_final``, else the ``nth`` newest written.
+
+    Newest by write time, not by number: a run that checkpoints by epoch and by iteration has both kinds,
+    and VISSL's own rule (highest phase, or only iteration files) would resume from an older state.
+    """
+    files = checkpoint_files(run_dir)
+    final = [p for p in files if p.name.startswith("model_final")]
+    if final and not skip_final:
+        return final[0]
+    others = sorted((p for p in files if not p.name.startswith("model_final")),
+                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    if not others:
+        return None
+    return others[min(len(others), max(1, nth)) - 1]
+
+
+def prune_checkpoints(run_dir, keep_last: int, keep_every_epochs: int) -> List[Path]:
+    """Delete superseded checkpoints; returns the deleted files.
+
+    Kept: the ``keep_last`` newest, the final checkpoint, the target of ``checkpoint.torch``, every
+    ``model_phase<N>`` that ends an epoch divisible by ``keep_every_epochs`` (0: no milestones), and every
+    file whose name is not one VISSL gives a consolidated checkpoint. ``keep_last < 1`` keeps everything.
+    Call it only after the newest checkpoint is complete (saves are atomic) and linked.
+    """
+    if keep_last < 1:
+        return []
+    folder = Path(run_dir)
+    files = sorted(checkpoint_files(folder), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    link = folder / LATEST_LINK
+    linked = (folder / os.readlink(link)).name if link.is_symlink() else None
+    deleted = []
+    for path in files[keep_last:]:
+        match = _PRUNABLE.fullmatch(path.name)
+        if match is None or path.name == linked:
+            continue
+        kind, number = match.group(1), int(match.group(2))
+        if kind == "phase" and keep_every_epochs > 0 and (number + 1) % keep_every_epochs == 0:
+            continue
+        path.unlink()
+        deleted.append(path)
+    return deleted
+
+
+# ---------------------------------------------------------------------------------------------- ownership
+@contextlib.contextmanager
+def owned(run_dir) -> Iterator[Path]:
+    """Hold the run folder for one run: an exclusive ``flock`` on ``run.lock`` for the duration of the block.
+
+    A second start fails at once in one line naming the holder (pid, host). The kernel drops the lock
+    when the holding process dies, so a killed run never leaves it stuck. On NFS, flock is emulated with
+    POSIX locks (NFSv4, or NFSv3 with lockd): it works across nodes, and a crashed client's lock lasts
+    until the server's lease expires (about 90 s on NFSv4); some shared file systems ignore locks.
+    """
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    stream = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            stream.seek(0)
+            holder = stream.read().strip() or "another process (it has not written its pid yet)"
+            raise RunFolderError(f"run folder {folder} is in use by {holder}: wait for that run to end, stop it, "
+                                 f"or pick another run_dir") from None
+        stream.seek(0)
+        stream.truncate()
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        stream.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {started})\n")
+        stream.flush()
+        try:
+            yield folder
+        finally:
+            stream.seek(0)
+            stream.truncate()
+            stream.flush()
+    finally:
+        stream.close()  # releases the lock
+
+
+# ---------------------------------------------------------------------------------------------- config
+def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(value, Mapping):
+        flat: Dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat or {prefix[:-1]: {}}
+    return {prefix[:-1]: value}
+
+
+def config_differences(recorded: Mapping, config: Mapping) -> Dict[str, tuple]:
+    """``{dotted key: (recorded value, new value)}`` for every setting that differs, in key order.
+
+    Where the processes meet (``DISTRIBUTED.RUN_ID``) and where the folder is (``CHECKPOINT.DIR``, and any
+    value equal to it, such as a loss's output folder) are not compared: a moved folder is the same run.
+    """
+    old, new = _flatten(recorded), _flatten(config)
+    old_dir, new_dir = old.get("CHECKPOINT.DIR"), new.get("CHECKPOINT.DIR")
+    differences = {}
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if key in _NOT_COMPARED or before == after or (before == old_dir and after == new_dir):
+            continue
+        differences[key] = (before, after)
+    return differences
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+
+
+def record_config(run_dir, config: Mapping, continue_with_changes: bool = False) -> Dict[str, tuple]:
+    """Write ``config`` (plain dict) as the run's ``train_config.yaml``, atomically; returns what changed.
+
+    A folder that holds checkpoints keeps its recorded config: a different one is refused in one line
+    naming the first differing keys, unless ``continue_with_changes``; then the new config is recorded and
+    the change (keys, old and new values, the checkpoint it continues from) is appended to
+    ``train_config_history.jsonl``. Without checkpoints the folder has no trained state to protect.
+    """
+    import yaml
+
+    folder = Path(run_dir)
+    path = folder / CONFIG_FILE
+    text = yaml.safe_dump(dict(config), sort_keys=True)
+    new = yaml.safe_load(text)
+    latest = latest_checkpoint(folder)
+    differences: Dict[str, tuple] = {}
+    if path.is_file() and latest is not None:
+        differences = config_differences(yaml.safe_load(path.read_text()) or {}, new)
+        if not differences:
+            return {}
+        if not continue_with_changes:
+            shown = "; ".join(f"{key}: {old!r} -> {value!r}" for key, (old, value) in list(differences.items())[:3])
+            more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+            raise RunFolderError(
+                f"run folder {folder} holds checkpoints of another config ({shown}{more}): pick a new run_dir, "
+                f"or add continue_with_changes=true to continue this run with the new settings")
+        entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "continues_from": latest.name,
+                 "changes": {key: {"old": old, "new": value} for key, (old, value) in differences.items()}}
+        with open(folder / CONFIG_HISTORY_FILE, "a") as stream:
+            stream.write(json.dumps(entry, default=str) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+    _atomic_write_text(path, text)
+    return differences
+
+
+def describe(differences: Mapping[str, Sequence]) -> str:
+    """The changed keys of ``differences`` in one line (for the log of a continued run)."""
+    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())

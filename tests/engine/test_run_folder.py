@@ -1,0 +1,164 @@
+"""A run folder belongs to one run at a time and keeps the config its checkpoints were trained with."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from convit_ssl import engine
+
+from tiny_training import TINY
+from tiny_training import run as _run
+from tiny_training import train_command as _train_command
+from tiny_training import wait_for as _wait_for
+
+HOLD_LOCK = (
+    "import sys, time\n"
+    "from convit_ssl import run_folder\n"
+    "with run_folder.owned(sys.argv[1]):\n"
+    "    print('held', flush=True)\n"
+    "    time.sleep(120)\n"
+)
+
+
+def _hold_lock(run_dir):
+    """A process that holds the run folder until it is killed; returns it once the lock is held."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _refused(command, env):
+    """The one line that ``command`` (a subprocess) prints when it refuses to start (exit status 2)."""
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def _finished_run(run_dir, *extra):
+    """``run_dir`` as a stopped run leaves it: its config recorded, one checkpoint (not trained, never loaded)."""
+    from convit_ssl import run_folder
+
+    config = engine.compose([*TINY, *extra], run_dir=str(run_dir))
+    run_dir.mkdir(parents=True)
+    run_folder.record_config(run_dir, engine.plain_config(config))
+    (run_dir / "model_phase0.torch").write_bytes(b"a checkpoint")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- one run at a time
+def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
+    from convit_ssl import run_folder
+
+    holder = _hold_lock(tmp_path)
+    with pytest.raises(run_folder.RunFolderError, match=f"pid {holder.pid}"):
+        with run_folder.owned(tmp_path):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with run_folder.owned(tmp_path):
+        assert f"pid {os.getpid()} " in (tmp_path / run_folder.LOCK_FILE).read_text()
+    with run_folder.owned(tmp_path):  # released at the end of the block, too
+        pass
+
+
+@pytest.mark.slow
+def test_two_trainings_in_one_folder_only_the_first_runs(tmp_path, train_env):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(_train_command(run_dir, "config.OPTIMIZER.num_epochs=2"), env=train_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert _wait_for(lambda: (run_dir / "log.txt").exists(), 300, first), "the first training never started"
+        line = _refused(_train_command(run_dir, "config.OPTIMIZER.num_epochs=3"), train_env)
+        assert f"in use by pid {first.pid} on host {socket.gethostname()}" in line, line
+        assert first.wait(timeout=600) == 0
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    recorded = yaml.safe_load((run_dir / "train_config.yaml").read_text())
+    assert recorded["OPTIMIZER"]["num_epochs"] == 2 and (run_dir / "model_final_checkpoint_phase1.torch").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- recorded config
+def _cli_refusal(capsys, *words):
+    """The one line ``convit-ssl train WORDS`` prints when it refuses (exit status 2), run in this process."""
+    from convit_ssl import cli
+
+    assert cli.main(["train", *words]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_compose_and_print_config_write_nothing(tmp_path, data_root, monkeypatch, capsys):
+    from convit_ssl import cli
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    run_dir = tmp_path / "new" / "run"
+    assert cli.main(["train", *TINY, f"run_dir={run_dir}", "--print-config"]) == 0
+    assert "OPTIMIZER" in capsys.readouterr().out
+    engine.compose(["config=swav", "data=digits"], run_dir=str(run_dir))  # VISSL's SwAV inference makes the folder
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_different_config_on_a_run_with_checkpoints_is_refused(tmp_path, data_root, monkeypatch, capsys):
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    run_dir = tmp_path / "run"
+    _finished_run(run_dir)
+    before = (run_dir / "train_config.yaml").read_bytes()
+    line = _cli_refusal(capsys, *TINY, f"run_dir={run_dir}", "trunk.depth=3", "config.OPTIMIZER.num_epochs=3")
+    assert "MODEL.TRUNK.CONVIT_SSL.OVERRIDES.depth: 2 -> 3" in line and "OPTIMIZER.num_epochs" in line, line
+    assert "new run_dir" in line and "continue_with_changes=true" in line
+    assert (run_dir / "train_config.yaml").read_bytes() == before
+    assert not (run_dir / "log.txt").exists()
+
+
+def test_same_config_again_and_a_folder_without_checkpoints_are_accepted(tmp_path, data_root, monkeypatch):
+    from convit_ssl import run_folder
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    run_dir = tmp_path / "run"
+    config = _finished_run(run_dir)
+    moved = engine.compose(TINY, run_dir=str(tmp_path / "moved"))  # the same run in another folder
+    assert run_folder.record_config(run_dir, engine.plain_config(moved)) == {}
+    assert yaml.safe_load((run_dir / "train_config.yaml").read_text())["CHECKPOINT"]["DIR"] == config.CHECKPOINT.DIR
+    (run_dir / "model_phase0.torch").unlink()
+    deeper = engine.compose([*TINY, "trunk.depth=3"], run_dir=str(run_dir))
+    assert run_folder.record_config(run_dir, engine.plain_config(deeper)) == {}  # nothing trained to protect
+    assert yaml.safe_load((run_dir / "train_config.yaml").read_text())["MODEL"]["TRUNK"]["CONVIT_SSL"][
+        "OVERRIDES"]["depth"] == 3
+
+
+def test_continue_with_changes_records_the_change(tmp_path, data_root, monkeypatch):
+    import json
+
+    from convit_ssl import run_folder
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    run_dir = tmp_path / "run"
+    _finished_run(run_dir)
+    config = engine.compose([*TINY, "config.OPTIMIZER.num_epochs=5", "continue_with_changes=true"],
+                            run_dir=str(run_dir))
+    assert config.CONVIT_SSL.CONTINUE_WITH_CHANGES
+    changes = run_folder.record_config(run_dir, engine.plain_config(config), continue_with_changes=True)
+    assert changes == {"OPTIMIZER.num_epochs": (30, 5)}
+    (entry,) = [json.loads(line) for line in (run_dir / run_folder.CONFIG_HISTORY_FILE).read_text().splitlines()]
+    assert entry["changes"]["OPTIMIZER.num_epochs"]["new"] == 5 and entry["continues_from"] == "model_phase0.torch"
+    assert yaml.safe_load((run_dir / "train_config.yaml").read_text())["OPTIMIZER"]["num_epochs"] == 5
+
+
+def test_config_differences_ignore_where_the_run_lives():
+    from convit_ssl.run_folder import config_differences
+
+    old = {"CHECKPOINT": {"DIR": "/a/run"}, "LOSS": {"swav_loss": {"output_dir": "/a/run", "epsilon": 0.05}},
+           "DISTRIBUTED": {"RUN_ID": "node1:4000"}, "OPTIMIZER": {"num_epochs": 10}}
+    new = {"CHECKPOINT": {"DIR": "/b/run"}, "LOSS": {"swav_loss": {"output_dir": "/b/run", "epsilon": 0.03}},
+           "DISTRIBUTED": {"RUN_ID": "node7:4100"}, "OPTIMIZER": {"num_epochs": 10, "extra": 1}}
+    assert config_differences(old, new) == {"LOSS.swav_loss.epsilon": (0.05, 0.03),
+                                            "OPTIMIZER.extra": ("<absent>", 1)}
