@@ -112,19 +112,12 @@ def _atomic_symlink(source: str, link: str) -> None:
 
 def _latest_checkpoint_file(checkpoint_folder: str, config, skip_final: bool = False,
                             latest_checkpoint_resume_num: int = 1) -> Optional[str]:
-    """VISSL picks the highest phase number, or only iteration files when CHECKPOINT_ITER_FREQUENCY > 0,
-    so a run that checkpoints both ways resumes from an older state. Take the newest written file;
-    the final checkpoint wins unless skipped. Atomic writes guarantee that every file is complete."""
-    folder = Path(checkpoint_folder)
-    files = [p for p in folder.glob("model_*.torch") if "_shard" not in p.name]
-    final = [p for p in files if p.name.startswith("model_final")]
-    if final and not skip_final:
-        return final[0].name
-    candidates = sorted((p for p in files if not p.name.startswith("model_final")),
-                        key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    if not candidates:
-        return None
-    return candidates[min(len(candidates), max(1, latest_checkpoint_resume_num)) - 1].name
+    """VISSL's resume rule (the highest phase number, or only iteration files when CHECKPOINT_ITER_FREQUENCY
+    > 0) resumes a run that checkpoints both ways from an older state: use the run folder's rule instead."""
+    from convit_ssl.run_folder import latest_checkpoint
+
+    latest = latest_checkpoint(checkpoint_folder, skip_final=skip_final, nth=latest_checkpoint_resume_num)
+    return latest.name if latest is not None else None
 
 
 def register_datasets() -> None:
