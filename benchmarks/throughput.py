@@ -9,26 +9,33 @@ How much faster than timm's ConViT ours can be depends on the host: the referenc
 subnormal floats, which cost many cycles per operation on some CPUs and nothing on others. The
 benchmark measures that penalty on the host and prints it with the results.
 
-    python benchmarks/throughput.py                       # CPU: tiny and small, fp32, batch 32, 224 px
+Inputs are an axis of their own: ``--resolutions 224 448 224/8`` runs every size at 224 px, at 448 px
+and at 224 px with 8-px patches (IMG or IMG/PATCH; the patch is 16 px by default). timm's ConViT and DeiT
+are fixed-size models and are built for each input (``img_size``, ``patch_size``).
+
+    python benchmarks/throughput.py                                   # CPU: tiny and small, fp32, batch 32, 224 px
+    python benchmarks/throughput.py --sizes tiny --resolutions 448 224/8   # the high-resolution targets
     python benchmarks/throughput.py --device cuda         # GPU: tiny, small, base; fp32 and bf16 autocast
 
-Targets (CPU, fp32, batch 32, 224 px), checked and printed after each size class (``--check`` exits 1 on a miss):
-training >= 1.6x timm convit_tiny and >= 2.3x timm convit_small; >= 0.85x timm deit_tiny; for small,
-FLOP-normalised training throughput >= 0.9x deit_small; inference >= 1.6x timm ConViT; peak memory of a
-training step <= 0.8x timm ConViT's.
+Targets (CPU, fp32, batch 32), checked and printed after each run (``--check`` exits 1 on a miss). 224 px:
+training >= 1.6x timm convit_tiny and >= 2.3x timm convit_small; >= 0.95x timm deit_tiny; for small,
+FLOP-normalised training throughput >= 0.95x deit_small; inference >= 1.6x timm ConViT; peak memory of a
+training step <= 0.8x timm ConViT's. 448 px, tiny: training >= 4x timm ConViT and >= 0.9x DeiT, peak memory
+<= 0.3x timm ConViT's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +44,44 @@ from torch.utils import flop_counter
 MODELS = ("convit_ssl", "timm_convit", "timm_deit")
 
 
-def build(name: str, size: str, img_size: int) -> torch.nn.Module:
-    """One of MODELS at ``size`` (tiny/small/base), without a classifier: (B, 3, img_size, img_size) -> (B, C)."""
+class Resolution(NamedTuple):
+    """One input of the benchmark: square images of ``img_size`` px cut into ``patch_size`` px patches."""
+
+    img_size: int
+    patch_size: int = 16
+
+    @classmethod
+    def parse(cls, text: str) -> "Resolution":
+        """'224' or '224/8' (IMG or IMG/PATCH)."""
+        try:
+            resolution = cls(*(int(part) for part in text.split("/")))
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"resolution {text!r}: write IMG or IMG/PATCH in pixels, e.g. 448 or 224/8")
+        if resolution.img_size % resolution.patch_size:
+            raise argparse.ArgumentTypeError(f"resolution {text!r}: the image size must be a multiple of the patch size")
+        return resolution
+
+    def __str__(self) -> str:
+        return f"{self.img_size}px" + ("" if self.patch_size == 16 else f"/p{self.patch_size}")
+
+    def tag(self) -> str:
+        """For file names: 224px, 224px_p8."""
+        return str(self).replace("/", "_")
+
+
+def build(name: str, size: str, resolution: Resolution) -> torch.nn.Module:
+    """One of MODELS at ``size`` (tiny/small/base), without a classifier: (B, 3, IMG, IMG) -> (B, C)."""
     import timm
 
     from convit_ssl.models import create_trunk
 
+    shape = dict(img_size=resolution.img_size, patch_size=resolution.patch_size)
     if name == "convit_ssl":
-        trunk = create_trunk(f"convit_{size}", img_size=img_size)
+        trunk = create_trunk(f"convit_{size}", **shape)
         return _FirstOutput(trunk)
     if name == "timm_convit":
-        return timm.create_model(f"convit_{size}", num_classes=0, img_size=img_size)
-    return timm.create_model(f"deit_{size}_patch16_224", num_classes=0, img_size=img_size)
+        return timm.create_model(f"convit_{size}", num_classes=0, **shape)
+    return timm.create_model(f"deit_{size}_patch16_224", num_classes=0, **shape)
 
 
 class _FirstOutput(torch.nn.Module):
@@ -83,12 +116,12 @@ def _register_cpu_attention_flops() -> None:
 class Runner:
     """A model with its optimizer and the two timed steps."""
 
-    def __init__(self, name: str, size: str, device: torch.device, batch: int, img_size: int, bf16: bool):
+    def __init__(self, name: str, size: str, device: torch.device, batch: int, resolution: Resolution, bf16: bool):
         torch.manual_seed(0)
         self.name = name
-        self.model = build(name, size, img_size).to(device)
+        self.model = build(name, size, resolution).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.images = torch.randn(batch, 3, img_size, img_size, device=device)
+        self.images = torch.randn(batch, 3, resolution.img_size, resolution.img_size, device=device)
         self.device = device
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -129,9 +162,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_speed(size: str, args, device: torch.device, bf16: bool) -> Dict[str, dict]:
+def measure_speed(size: str, resolution: Resolution, args, device: torch.device, bf16: bool) -> Dict[str, dict]:
     """Images/s of each model (median over rounds) and its seconds per step in each round, round-robin."""
-    runners = [Runner(name, size, device, args.batch, args.img_size, bf16) for name in MODELS]
+    runners = [Runner(name, size, device, args.batch, resolution, bf16) for name in MODELS]
     results = {r.name: {"flops_per_image": r.training_flops_per_image()} for r in runners}
     for kind in ("train", "inference"):
         times: Dict[str, List[float]] = {r.name: [] for r in runners}
@@ -188,9 +221,9 @@ def subnormal_penalty(repeats: int = 21) -> Dict[str, float]:
     }
 
 
-def peak_memory_child(name: str, size: str, args, device: torch.device, bf16: bool) -> int:
+def peak_memory_child(name: str, size: str, resolution: Resolution, args, device: torch.device, bf16: bool) -> int:
     """Bytes a training step needs on top of weights and optimizer state (this process alone)."""
-    runner = Runner(name, size, device, args.batch, args.img_size, bf16)
+    runner = Runner(name, size, device, args.batch, resolution, bf16)
     runner.train_step()  # optimizer state exists from here on
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -204,6 +237,14 @@ def peak_memory_child(name: str, size: str, args, device: torch.device, bf16: bo
     return _rss_bytes("VmHWM") - baseline
 
 
+def cpu_name() -> str:
+    """The host's CPU model, as /proc/cpuinfo names it (the benchmark's ratios depend on it)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def _rss_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -211,7 +252,7 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure_memory(size: str, args, bf16: bool) -> Dict[str, int]:
+def measure_memory(size: str, resolution: Resolution, args, bf16: bool) -> Dict[str, int]:
     """Run peak_memory_child for each model in a fresh process."""
     peaks = {}
     # Large tensors go straight to mmap and back to the system when freed, so the peak RSS of
@@ -219,7 +260,8 @@ def measure_memory(size: str, args, bf16: bool) -> Dict[str, int]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for name in MODELS:
         command = [sys.executable, __file__, "--memory-child", name, "--sizes", size, "--device", args.device,
-                   "--batch", str(args.batch), "--img-size", str(args.img_size), "--threads", str(args.threads)]
+                   "--batch", str(args.batch), "--resolutions", f"{resolution.img_size}/{resolution.patch_size}",
+                   "--threads", str(args.threads)]
         if bf16:
             command.append("--bf16")
         output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
@@ -228,15 +270,18 @@ def measure_memory(size: str, args, bf16: bool) -> Dict[str, int]:
 
 
 TARGETS = {
-    # (size, metric, ratio name): minimum (or maximum for memory)
-    ("tiny", "train_img_per_s", "vs_timm_convit"): 1.6,
-    ("small", "train_img_per_s", "vs_timm_convit"): 2.3,
-    ("tiny", "train_img_per_s", "vs_timm_deit"): 0.85,
-    ("small", "train_flop_normalised", "vs_timm_deit"): 0.9,
-    ("tiny", "inference_img_per_s", "vs_timm_convit"): 1.6,
-    ("small", "inference_img_per_s", "vs_timm_convit"): 1.6,
-    ("tiny", "train_peak_memory", "vs_timm_convit"): 0.8,
-    ("small", "train_peak_memory", "vs_timm_convit"): 0.8,
+    # (resolution, size, metric, ratio name): minimum (or maximum for memory); CPU, fp32, batch 32
+    (Resolution(224), "tiny", "train_img_per_s", "vs_timm_convit"): 1.6,
+    (Resolution(224), "small", "train_img_per_s", "vs_timm_convit"): 2.3,
+    (Resolution(224), "tiny", "train_img_per_s", "vs_timm_deit"): 0.95,
+    (Resolution(224), "small", "train_flop_normalised", "vs_timm_deit"): 0.95,
+    (Resolution(224), "tiny", "inference_img_per_s", "vs_timm_convit"): 1.6,
+    (Resolution(224), "small", "inference_img_per_s", "vs_timm_convit"): 1.6,
+    (Resolution(224), "tiny", "train_peak_memory", "vs_timm_convit"): 0.8,
+    (Resolution(224), "small", "train_peak_memory", "vs_timm_convit"): 0.8,
+    (Resolution(448), "tiny", "train_img_per_s", "vs_timm_convit"): 4.0,
+    (Resolution(448), "tiny", "train_img_per_s", "vs_timm_deit"): 0.9,
+    (Resolution(448), "tiny", "train_peak_memory", "vs_timm_convit"): 0.3,
 }
 
 
@@ -266,18 +311,67 @@ def ratios(results: Dict[str, dict]) -> Tuple[Dict[str, float], Dict[str, List[f
     return out, spread
 
 
+def benchmark_run(size: str, resolution: Resolution, precision: str, args, device: torch.device) -> dict:
+    """Speed, FLOPs and (unless skipped) memory of the three models at one size, input and precision; prints them."""
+    bf16 = precision == "bf16"
+    results = measure_speed(size, resolution, args, device, bf16)
+    if not args.skip_memory:
+        for name, peak in measure_memory(size, resolution, args, bf16).items():
+            results[name]["train_peak_memory"] = peak
+    for name in MODELS:
+        r = results[name]
+        memory = f"{r['train_peak_memory'] / 2**20:14.0f}" if "train_peak_memory" in r else f"{'-':>14}"
+        print(f"{str(resolution):9} {size:6} {precision:5} {name:12} {r['train_img_per_s']:12.2f} "
+              f"{r['inference_img_per_s']:12.2f} {r['flops_per_image'] / 1e9:16.2f} {memory}")
+    run_ratios, spread = ratios(results)
+    for key, value in run_ratios.items():
+        low_high = f" (rounds {spread[key][0]:.2f}-{spread[key][1]:.2f})" if key in spread else ""
+        print(f"  {key} = {value:.2f}{low_high}")
+    reference_gap = statistics.median(paired_speed_ratios(
+        results["timm_deit"]["train_seconds_per_round"], results["timm_convit"]["train_seconds_per_round"]))
+    print(f"  timm DeiT trains {reference_gap:.2f}x as fast as timm ConViT here: ours/timm ConViT if ours "
+          f"trained as fast as DeiT")
+    return {"size": size, "img_size": resolution.img_size, "patch_size": resolution.patch_size,
+            "precision": precision, "models": results, "ratios": run_ratios, "ratio_range_over_rounds": spread,
+            "timm_deit_over_timm_convit_train": reference_gap}
+
+
+def check_targets(run: dict, args, device: torch.device) -> List[str]:
+    """Print each target that applies to ``run`` (CPU, fp32, batch 32) as met or missed; return the missed ones."""
+    if device.type != "cpu" or run["precision"] != "fp32" or args.batch != 32:
+        return []
+    missed = []
+    resolution = Resolution(run["img_size"], run["patch_size"])
+    for (target_resolution, target_size, metric, versus), bound in TARGETS.items():
+        key = f"{metric}/{versus}"
+        if (target_resolution, target_size) != (resolution, run["size"]) or key not in run["ratios"]:
+            continue
+        value = run["ratios"][key]
+        ok = value <= bound if "memory" in metric else value >= bound
+        sign = "<=" if "memory" in metric else ">="
+        print(f"  target {resolution} {run['size']} {key} {sign} {bound}: {value:.2f} {'met' if ok else 'MISSED'}")
+        if not ok:
+            missed.append(f"{resolution} {run['size']} {key}")
+    return missed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--sizes", nargs="+", default=None, help="default: tiny small (+ base on CUDA)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--resolutions", nargs="+", type=Resolution.parse, default=[Resolution(224)],
+                        help="inputs, IMG or IMG/PATCH in pixels (default: 224, 16-px patches), e.g. 224 448 224/8; "
+                             "at 448 px timm's ConViT needs about 4x the memory and 10x the time of 224 px")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
+                        help="default: fp32 on CPU, fp32 and bf16 (autocast) on CUDA")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (default: all)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--check", action="store_true", help="exit 1 when a CPU fp32 target is missed")
-    parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/throughput_<device>.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON output (default: benchmarks/results/throughput_<device>_<resolutions>.json)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -286,56 +380,30 @@ def main() -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     if args.memory_child:
-        print(peak_memory_child(args.memory_child, args.sizes[0], args, device, args.bf16))
+        print(peak_memory_child(args.memory_child, args.sizes[0], args.resolutions[0], args, device, args.bf16))
         return 0
 
     sizes = args.sizes or (["tiny", "small", "base"] if device.type == "cuda" else ["tiny", "small"])
-    precisions = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "threads": args.threads, "batch": args.batch, "img_size": args.img_size, "rounds": args.rounds,
-              "torch": torch.__version__, "runs": []}
+    precisions = args.precisions or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "host": cpu_name(),
+              "threads": args.threads, "batch": args.batch, "resolutions": [str(r) for r in args.resolutions],
+              "rounds": args.rounds, "torch": torch.__version__, "runs": []}
     if device.type == "cpu":
         report["host_subnormal_penalty"] = penalty = subnormal_penalty()
         print(f"host: a positional attention with {penalty['subnormal_fraction']:.1%} subnormal entries makes a "
               f"matmul {penalty['matmul_slowdown']:.2f}x and an elementwise product "
               f"{penalty['elementwise_slowdown']:.2f}x as slow as with them flushed")
-    print(f"{'size':6} {'prec':5} {'model':12} {'train img/s':>12} {'infer img/s':>12} {'train GFLOP/img':>16} "
-          f"{'step peak MiB':>14}")
+    print(f"{'input':9} {'size':6} {'prec':5} {'model':12} {'train img/s':>12} {'infer img/s':>12} "
+          f"{'train GFLOP/img':>16} {'step peak MiB':>14}")
     missed = []
     for precision in precisions:
-        for size in sizes:
-            bf16 = precision == "bf16"
-            results = measure_speed(size, args, device, bf16)
-            if not args.skip_memory:
-                for name, peak in measure_memory(size, args, bf16).items():
-                    results[name]["train_peak_memory"] = peak
-            for name in MODELS:
-                r = results[name]
-                memory = f"{r['train_peak_memory'] / 2**20:14.0f}" if "train_peak_memory" in r else f"{'-':>14}"
-                print(f"{size:6} {precision:5} {name:12} {r['train_img_per_s']:12.2f} {r['inference_img_per_s']:12.2f} "
-                      f"{r['flops_per_image'] / 1e9:16.2f} {memory}")
-            run_ratios, spread = ratios(results)
-            for key, value in run_ratios.items():
-                low_high = f" (rounds {spread[key][0]:.2f}-{spread[key][1]:.2f})" if key in spread else ""
-                print(f"  {key} = {value:.2f}{low_high}")
-            reference_gap = statistics.median(paired_speed_ratios(
-                results["timm_deit"]["train_seconds_per_round"], results["timm_convit"]["train_seconds_per_round"]))
-            print(f"  timm DeiT trains {reference_gap:.2f}x as fast as timm ConViT here: ours/timm ConViT if ours "
-                  f"trained as fast as DeiT")
-            if device.type == "cpu" and precision == "fp32" and (args.batch, args.img_size) == (32, 224):
-                for (target_size, metric, versus), bound in TARGETS.items():
-                    key = f"{metric}/{versus}"
-                    if target_size != size or key not in run_ratios:
-                        continue
-                    ok = run_ratios[key] <= bound if "memory" in metric else run_ratios[key] >= bound
-                    sign = "<=" if "memory" in metric else ">="
-                    print(f"  target {size} {key} {sign} {bound}: {run_ratios[key]:.2f} {'met' if ok else 'MISSED'}")
-                    if not ok:
-                        missed.append(f"{size} {key}")
-            report["runs"].append({"size": size, "precision": precision, "models": results, "ratios": run_ratios,
-                                   "ratio_range_over_rounds": spread,
-                                   "timm_deit_over_timm_convit_train": reference_gap})
-    out = Path(args.out or Path(__file__).parent / "results" / f"throughput_{device.type}.json")
+        for resolution in args.resolutions:
+            for size in sizes:
+                run = benchmark_run(size, resolution, precision, args, device)
+                missed += check_targets(run, args, device)
+                report["runs"].append(run)
+    tags = "_".join(r.tag() for r in args.resolutions)
+    out = Path(args.out or Path(__file__).parent / "results" / f"throughput_{device.type}_{tags}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")

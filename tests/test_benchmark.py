@@ -1,4 +1,5 @@
 """The throughput benchmark runs end to end (tiny inputs) and its ratios are computed round by round."""
+import argparse
 import json
 import os
 import subprocess
@@ -46,20 +47,35 @@ def test_subnormal_probe_uses_the_real_positional_attention():
 @pytest.mark.slow
 def test_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "throughput.json"
-    command = [sys.executable, str(BENCHMARK), "--device", "cpu", "--sizes", "tiny", "--batch", "2", "--img-size", "32",
-               "--warmup", "0", "--rounds", "2", "--threads", "1", "--out", str(out)]
+    command = [sys.executable, str(BENCHMARK), "--device", "cpu", "--sizes", "tiny", "--batch", "2",
+               "--resolutions", "32", "32/8", "--warmup", "0", "--rounds", "2", "--threads", "1", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    run = report["runs"][0]
-    assert set(run["models"]) == {"convit_ssl", "timm_convit", "timm_deit"}
-    for model in run["models"].values():
-        assert model["train_img_per_s"] > 0 and model["inference_img_per_s"] > 0
-        assert model["flops_per_image"] > 0 and model["train_peak_memory"] > 0
-        assert len(model["train_seconds_per_round"]) == 2
-    assert run["ratios"]["train_img_per_s/vs_timm_convit"] > 0
-    low, high = run["ratio_range_over_rounds"]["train_img_per_s/vs_timm_convit"]
-    assert low <= run["ratios"]["train_img_per_s/vs_timm_convit"] <= high
+    assert report["resolutions"] == ["32px", "32px/p8"] and report["host"]
+    assert [(run["img_size"], run["patch_size"]) for run in report["runs"]] == [(32, 16), (32, 8)]
+    for run in report["runs"]:
+        assert set(run["models"]) == {"convit_ssl", "timm_convit", "timm_deit"}
+        for model in run["models"].values():
+            assert model["train_img_per_s"] > 0 and model["inference_img_per_s"] > 0
+            assert model["flops_per_image"] > 0 and model["train_peak_memory"] > 0
+            assert len(model["train_seconds_per_round"]) == 2
+        assert run["ratios"]["train_img_per_s/vs_timm_convit"] > 0
+        low, high = run["ratio_range_over_rounds"]["train_img_per_s/vs_timm_convit"]
+        assert low <= run["ratios"]["train_img_per_s/vs_timm_convit"] <= high
+    # 8-px patches: 4x the tokens of 16-px ones, so more training FLOPs per image for every model
+    for name in ("convit_ssl", "timm_convit", "timm_deit"):
+        assert report["runs"][1]["models"][name]["flops_per_image"] > 2 * report["runs"][0]["models"][name]["flops_per_image"]
     assert "host_subnormal_penalty" in report
     assert "timm DeiT trains" in done.stdout
+
+
+def test_resolution_argument():
+    throughput = _load_benchmark()
+    assert throughput.Resolution.parse("448") == (448, 16)
+    assert throughput.Resolution.parse("224/8") == (224, 8)
+    assert str(throughput.Resolution(224, 8)) == "224px/p8" and throughput.Resolution(224, 8).tag() == "224px_p8"
+    for bad in ("224/", "big", "100/16"):
+        with pytest.raises(argparse.ArgumentTypeError, match="resolution"):
+            throughput.Resolution.parse(bad)
