@@ -26,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from convit_ssl.models.convit import PRESETS, ConViT, create_trunk
+from convit_ssl.run_folder import CONFIG_FILE, LATEST_LINK, latest_checkpoint
 
 _TIMM_TO_OURS = [
     (re.compile(r"^pos_embed$"), "pos_embedding"),
@@ -45,6 +46,7 @@ _WRAPPER_PREFIXES = ("module.", "backbone.", "trunk.", "encoder.", "model.")
 # What real checkpoints hold besides tensors and plain containers, admitted by torch.load(weights_only=True):
 # official ConViT/DeiT (main.py) and DINO training checkpoints pickle the run's argparse.Namespace.
 CHECKPOINT_GLOBALS = (argparse.Namespace,)
+LATEST_RULE = f"{LATEST_LINK} if present, else the final checkpoint, else the newest model_*.torch"
 
 
 class CheckpointError(ValueError):
@@ -59,6 +61,7 @@ class LoadReport:
     mapped: int
     dropped: List[str] = field(default_factory=list)
     source_format: str = "timm"
+    file: Optional[Path] = None
 
     def __str__(self) -> str:
         dropped = f"; dropped (not part of a trunk): {', '.join(self.dropped)}" if self.dropped else ""
@@ -236,16 +239,64 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {' '.join((reason.group(1) if reason else text).split())}"
 
 
+def run_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint that stands for a VISSL run folder in evaluations (``LATEST_RULE``), or None when it holds none.
+
+    ``checkpoint.torch`` (VISSL's link to the latest) when it points at a file, else the checkpoint a resume would
+    start from (``run_folder.latest_checkpoint``: the final one, else the one written last).
+    """
+    link = Path(run_dir) / LATEST_LINK
+    return link if link.is_file() else latest_checkpoint(run_dir)
+
+
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a VISSL run folder: it holds ``train_config.yaml`` or a checkpoint of VISSL's names."""
+    return (Path(folder) / CONFIG_FILE).is_file() or run_checkpoint(folder) is not None
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file that ``path`` names: the file itself, or a run folder's ``run_checkpoint``.
+
+    Anything else raises ``CheckpointError`` in one line saying what ``path`` is (a folder and what it holds, a
+    broken link, not a regular file, missing).
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        latest = run_checkpoint(path)
+        if latest is not None:
+            return latest
+        held = sorted(p.name for p in path.iterdir() if p.suffix in (".torch", ".pth", ".pt") and p.is_file())
+        if held:
+            raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file: it holds "
+                                  f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}; pass one of them")
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file, and holds no checkpoint "
+                              f"({LATEST_LINK} or model_*.torch): pass a .torch or .pth file, or a run folder")
+    if path.is_symlink():
+        raise CheckpointError(f"checkpoint {path} is a link to {os.readlink(path)}, which is missing: pass an "
+                              f"existing checkpoint")
+    if path.exists():
+        raise CheckpointError(f"checkpoint {path} is not a regular file: pass a .torch or .pth file")
+    raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .torch or .pth file")
+
+
+def run_folder_note(path: str | os.PathLike, file: Path) -> Optional[str]:
+    """For a run folder given as a checkpoint, the line that says which of its checkpoints stands for it."""
+    if not Path(path).is_dir():
+        return None
+    target = f" -> {os.readlink(file)}" if file.is_symlink() else ""
+    return f"{path} is a run folder: using its latest checkpoint {file}{target} ({LATEST_RULE})"
+
+
 def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], str]:
     """Load a checkpoint file and return (timm-layout state dict, format name).
 
     Formats: VISSL (``classy_state_dict``), official ConViT/DeiT (``{"model": ...}``), DINO
-    (``{"teacher": ...}``), convit_ssl or timm state dicts. Raises ``CheckpointError`` with a
-    one-line reason for a missing file or an unknown layout.
+    (``{"teacher": ...}``), convit_ssl or timm state dicts; a run folder is read as its ``run_checkpoint``.
+    Raises ``CheckpointError`` with a one-line reason for a missing file or an unknown layout.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .torch or .pth file")
+    path = checkpoint_file(path)
     checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
@@ -287,8 +338,10 @@ def load_trunk(path: str | os.PathLike, arch: Optional[str] = None, **overrides)
     """Trunk from any supported checkpoint file (see ``read_checkpoint``).
 
     For a checkpoint in a VISSL run folder, the model is the one the run's config describes (unless ``arch``
-    or overrides are given); otherwise it is inferred from the tensor shapes.
+    or overrides are given); otherwise it is inferred from the tensor shapes. A run folder stands for its
+    ``run_checkpoint``; ``report.file`` is the file read.
     """
+    path = checkpoint_file(path)
     state, fmt = read_checkpoint(path)
     run_kwargs = run_trunk_kwargs(path) if fmt == "vissl" and arch is None and not overrides else None
     if run_kwargs is not None:
@@ -297,7 +350,7 @@ def load_trunk(path: str | os.PathLike, arch: Optional[str] = None, **overrides)
         report = LoadReport(arch="from the run's train_config.yaml", mapped=load_trunk_state(trunk, ours, "vissl"))
     else:
         trunk, report = from_timm_state_dict(state, arch=arch, **overrides)
-    report.source_format = fmt
+    report.source_format, report.file = fmt, path
     return trunk, report
 
 
@@ -318,7 +371,20 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
 
 
 def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Optional[str] = None) -> LoadReport:
-    """Write the trunk of ``checkpoint`` (VISSL or other) as a timm state dict at ``out``."""
-    trunk, report = load_trunk(checkpoint, arch=arch)
+    """Write the trunk of ``checkpoint`` (VISSL or other, or a run folder) as a timm state dict at ``out``.
+
+    ``out`` is written atomically and is never one of the export's inputs (the checkpoint, through any link, and
+    the run's ``train_config.yaml``): that raises ``CheckpointError`` before anything is read.
+    """
+    source, out = checkpoint_file(checkpoint), Path(out)
+    if out.is_dir():
+        raise CheckpointError(f"export-timm OUT {out} is a folder: pass a file name for OUT, e.g. "
+                              f"{out / (source.stem + '_timm.pth')}")
+    inputs = [path for path in (source, source.parent / "train_config.yaml") if path.exists()]
+    same = [path for path in inputs if out.exists() and os.path.samefile(out, path)]
+    if same:
+        raise CheckpointError(f"export-timm OUT {out} is an input of the export (the same file as {same[0]}): "
+                              f"pass another OUT, e.g. {source.parent / (source.stem + '_timm.pth')}")
+    trunk, report = load_trunk(source, arch=arch)
     atomic_save(to_timm_state_dict(trunk), out)
     return report

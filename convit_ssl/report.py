@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -33,7 +32,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from convit_ssl.checkpoint import load_trunk
+from convit_ssl.checkpoint import checkpoint_file, load_trunk, run_checkpoint
 from convit_ssl.data import IMAGE_EXTENSIONS, read_catalog
 from convit_ssl.diagnostics import DISTANCE_KINDS, attention_maps, gating_diagnostics
 from convit_ssl.hooks import METRICS_FILE
@@ -85,28 +84,6 @@ def load_gating_metrics(path: str | os.PathLike) -> List[dict]:
             raise ValueError(f"{path} line {number} is not a gating record ({error}): "
                              f"delete the line or the file and rerun the report")
     return [by_iteration[i] for i in sorted(by_iteration)]
-
-
-def _phase_number(path: Path) -> int:
-    match = re.search(r"(\d+)\.torch$", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def find_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
-    """The latest checkpoint of a VISSL run folder, or None.
-
-    ``checkpoint.torch`` (VISSL's link to the latest) first, then the highest
-    ``model_final_checkpoint_phase<N>``, ``model_phase<N>``, ``model_iteration<N>`` file.
-    """
-    run_dir = Path(run_dir)
-    latest = run_dir / "checkpoint.torch"
-    if latest.is_file():
-        return latest
-    for pattern in ("model_final_checkpoint_phase*.torch", "model_phase*.torch", "model_iteration*.torch"):
-        found = sorted(run_dir.glob(pattern), key=_phase_number)
-        if found:
-            return found[-1]
-    return None
 
 
 def _top1_entries(node, prefix: str = "") -> List[Tuple[str, dict]]:
@@ -459,18 +436,17 @@ def _trunk_gates(trunk: ConViT) -> torch.Tensor:
 def _resolve(source: Path, out_dir: Optional[str | os.PathLike]):
     """(run folder or None, checkpoint or None, records, output folder) for a report source."""
     if source.is_dir():
-        checkpoint = find_checkpoint(source)
+        checkpoint = run_checkpoint(source)
         metrics_path = source / METRICS_FILE
         records = load_gating_metrics(metrics_path) if metrics_path.is_file() else []
         if checkpoint is None and not records:
             raise ValueError(f"{source} has no checkpoint (*.torch) and no {METRICS_FILE}: pass a VISSL run folder, "
                              f"or a checkpoint file with --out")
         return source, checkpoint, records, Path(out_dir) if out_dir is not None else source / REPORT_DIR
-    if source.is_file():
-        if out_dir is None:
-            raise ValueError(f"{source} is a checkpoint file: pass --out DIR for the report folder")
-        return None, source, [], Path(out_dir)
-    raise ValueError(f"{source} does not exist: pass a run folder or a checkpoint file")
+    checkpoint = checkpoint_file(source)
+    if out_dir is None:
+        raise ValueError(f"{source} is a checkpoint file: pass --out DIR for the report folder")
+    return None, checkpoint, [], Path(out_dir)
 
 
 def write_report(source: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None,

@@ -1,4 +1,6 @@
 """Checkpoint interop: timm ConViT/DeiT state dicts, VISSL checkpoints, export, strict loading."""
+import os
+
 import pytest
 import timm
 import torch
@@ -132,3 +134,45 @@ def test_official_checkpoint_with_its_argparse_namespace_loads(tmp_path):
     with torch.no_grad():
         expected = reference.forward_head(reference.forward_features(images), pre_logits=True)
         assert torch.allclose(trunk.eval()(images)[0], expected, atol=1e-5)
+
+
+def _vissl_checkpoint(path, trunk):
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}}, path)
+
+
+def test_the_checkpoint_of_a_run_folder(tmp_path):
+    """One rule: VISSL's link checkpoint.torch, else the final checkpoint, else the newest file."""
+    from convit_ssl.checkpoint import run_checkpoint
+
+    assert run_checkpoint(tmp_path) is None
+    for age, name in enumerate(("model_phase10.torch", "model_iteration50.torch", "model_phase2.torch")):
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, ns=(10**18 + age * 10**9,) * 2)  # written in this order
+    assert run_checkpoint(tmp_path).name == "model_phase2.torch"  # newest, not the highest number
+    (tmp_path / "model_final_checkpoint_phase11.torch").write_bytes(b"")
+    os.utime(tmp_path / "model_phase10.torch")  # touched now: newer than the final one
+    assert run_checkpoint(tmp_path).name == "model_final_checkpoint_phase11.torch"
+    os.symlink("model_phase10.torch", tmp_path / "checkpoint.torch")
+    assert run_checkpoint(tmp_path).name == "checkpoint.torch"
+
+
+def test_a_folder_given_as_checkpoint_is_named_what_it_is(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    trunk = create_trunk("convit_tiny", img_size=64)
+    _vissl_checkpoint(run / "model_final_checkpoint_phase1.torch", trunk)
+    loaded, report = load_trunk(run)  # a run folder stands for its latest checkpoint
+    assert report.file == run / "model_final_checkpoint_phase1.torch"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trunk.state_dict().values()))
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    torch.save({}, downloads / "convit_tiny.pth")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "dangling.torch").symlink_to(tmp_path / "gone.torch")
+    for path, message in [(downloads, r"downloads is a folder, not a checkpoint file: it holds convit_tiny.pth"),
+                          (tmp_path / "empty", r"empty is a folder, not a checkpoint file, and holds no checkpoint"),
+                          (tmp_path / "dangling.torch", r"dangling.torch is a link to .*gone.torch, which is missing")]:
+        with pytest.raises(CheckpointError, match=message) as error:
+            load_trunk(path)
+        assert "\n" not in str(error.value) and "does not exist: pass" not in str(error.value)

@@ -1,4 +1,6 @@
 """The command line: help, one-line errors before any work, export-timm."""
+import os
+
 import pytest
 import timm
 import torch
@@ -77,3 +79,34 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(capsys, tmp_path, c
     err = _error(capsys, *(part.format(checkpoint=checkpoint, tmp=tmp_path) for part in command))
     assert "was refused, nothing in it was run: its pickle needs io.open" in err and str(checkpoint) in err
     assert not marker.exists() and sorted(path.name for path in tmp_path.iterdir()) == ["model.torch"]
+
+
+def test_export_timm_never_overwrites_its_input(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    final = run / "model_final_checkpoint_phase1.torch"
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": create_trunk("convit_tiny",
+                                                                                      img_size=64).state_dict()}}}}, final)
+    (run / "checkpoint.torch").symlink_to(final.name)
+    (run / "train_config.yaml").write_text("MODEL: {}\n")
+    os.link(final, tmp_path / "hard_link.torch")
+    before = {path: path.read_bytes() for path in run.iterdir()}
+    link = run / "checkpoint.torch"
+    for source, out in [(final, final), (link, link), (link, final), (final, link), (final, tmp_path / "hard_link.torch"),
+                        (final, run / "train_config.yaml"), (run, link)]:
+        err = _error(capsys, "export-timm", str(source), str(out))
+        assert f"{out} is an input of the export" in err and "pass another OUT" in err, err
+    assert {path: path.read_bytes() for path in run.iterdir()} == before and link.is_symlink()
+    assert f"{run} is a folder: pass a file name for OUT" in _error(capsys, "export-timm", str(final), str(run))
+
+
+def test_export_timm_of_a_run_folder_says_which_checkpoint(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": create_trunk("convit_tiny",
+                                                                                      img_size=64).state_dict()}}}},
+               run / "model_final_checkpoint_phase1.torch")
+    assert cli.main(["export-timm", str(run), str(tmp_path / "out.pth")]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} is a run folder: using its latest checkpoint {run / 'model_final_checkpoint_phase1.torch'}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pth", "run"]

@@ -22,6 +22,7 @@ from convit_ssl.evaluation.arguments import (
     parse_options, recipe_from_args,
 )
 from convit_ssl.evaluation.knn import KS
+from convit_ssl.evaluation.results import new_folder
 from convit_ssl.evaluation.subsets import FRACTIONS
 
 DEFAULT_TRUNK_OPTIONS = ["patch_size=4"]
@@ -82,7 +83,7 @@ def run(args) -> int:
         if not 0 < fraction <= 1:
             raise ValueError(f"--fractions {fraction} is outside (0, 1]: give e.g. 0.01 0.05 0.1 0.3 0.5 1")
     models = _models(args, recipe)
-    out = args.out / f"low-data-{recipe.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = new_folder(args.out, f"low-data-{recipe.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     study = low_data_study(models, recipe, out, fractions=args.fractions, subset_rule=args.subset_rule,
                            seed=args.seed, knn_ks=args.ks if args.knn else None, scratch_epochs=args.from_scratch,
                            cache_dir=cache_from_args(args),

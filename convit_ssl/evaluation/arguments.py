@@ -15,7 +15,7 @@ import yaml
 
 from convit_ssl.data import data_root, dataset_split_dir
 from convit_ssl.evaluation.linear_probe import Recipe, load_recipe, recipe_names
-from convit_ssl.evaluation.results import file_sha256, make_manifest, slug, write_result
+from convit_ssl.evaluation.results import file_sha256, make_manifest, slug, write_new_result
 
 DEFAULT_RECIPE = "digits"
 
@@ -25,7 +25,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = group.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="PATH",
                         help="checkpoint to evaluate: VISSL (.torch, from convit-ssl train), timm/official ConViT or "
-                             "DeiT, DINO or convit_ssl; the trunk is frozen and its classifier, if any, dropped")
+                             "DeiT, DINO or convit_ssl, or a run folder (its checkpoint.torch, else the final "
+                             "checkpoint, else the newest); the trunk is frozen and its classifier, if any, dropped")
     source.add_argument("--random", metavar="ARCH",
                         help="a randomly initialised preset (convit_tiny, deit_small, ...): the baseline that a "
                              "pretrained trunk must beat; set its shape with --trunk-option")
@@ -34,7 +35,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trunk-option", action="append", default=[], metavar="KEY=VALUE",
                        help="trunk keyword (repeatable), e.g. patch_size=4 or local_up_to_layer=0; for --random the "
                             "image size defaults to the recipe's")
-    group.add_argument("--name", help="label of the model in tables (default: checkpoint file stem or preset)")
+    group.add_argument("--name", help="label of the model in tables (default: RUN/CHECKPOINT for a checkpoint of a "
+                                      "run folder, links resolved, else the file stem; the preset for --random)")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, label_fraction: bool = True) -> None:
@@ -126,15 +128,33 @@ def cache_from_args(args: argparse.Namespace) -> Optional[Path]:
     return None if args.no_cache else (args.cache or data_root() / "feature_cache")
 
 
+def checkpoint_label(file: Path) -> str:
+    """How results name a checkpoint file: ``<run folder>/<file stem>`` with links resolved (``runs/dino/checkpoint.torch``
+    -> ``dino/model_final_checkpoint_phase29``), or the file stem outside a run folder."""
+    from convit_ssl.checkpoint import is_run_folder
+
+    resolved = Path(file).resolve()
+    return f"{resolved.parent.name}/{resolved.stem}" if is_run_folder(resolved.parent) else resolved.stem
+
+
 def checkpoint_model(path: Path, name: Optional[str] = None, arch: Optional[str] = None,
                      **options) -> Tuple[torch.nn.Module, dict]:
-    """(trunk, description for the result manifest: path, sha256 of the file, format, arch) of a checkpoint."""
-    from convit_ssl.checkpoint import load_trunk
+    """(trunk, description for the result manifest) of a checkpoint file or a run folder (its latest checkpoint).
 
-    path = Path(path)
-    trunk, report = load_trunk(path, arch=arch, **options)
-    return trunk, {"name": name or path.stem, "source": "checkpoint", "checkpoint": str(path),
-                   "sha256": file_sha256(path), "format": report.source_format, "arch": report.arch,
+    The description holds the path given, the file read (links resolved), its run folder's name, the sha256 of
+    the file, the format and the arch; ``name`` defaults to ``checkpoint_label``.
+    """
+    from convit_ssl.checkpoint import checkpoint_file, is_run_folder, load_trunk, run_folder_note
+
+    file = checkpoint_file(path)
+    note = run_folder_note(path, file)
+    if note:
+        print(note)
+    trunk, report = load_trunk(file, arch=arch, **options)
+    resolved = file.resolve()
+    return trunk, {"name": name or checkpoint_label(file), "source": "checkpoint", "checkpoint": str(path),
+                   "file": str(resolved), "run": resolved.parent.name if is_run_folder(resolved.parent) else None,
+                   "sha256": file_sha256(resolved), "format": report.source_format, "arch": report.arch,
                    "options": options, "load_report": str(report)}
 
 
@@ -149,10 +169,15 @@ def setup_from_args(args: argparse.Namespace) -> Tuple[Recipe, torch.nn.Module, 
 
 def write_command_result(body: dict, args: argparse.Namespace, recipe: Recipe, model: dict, prefix: str,
                          started: float) -> Path:
-    """Add the manifest and write ``<out>/<prefix>-<model>-<dataset>-f<fraction>-<time>.json``; returns its path."""
+    """Add the manifest and write ``<out>/<prefix>-<model>-<dataset>-f<fraction>-<weights>-<time>.json``.
+
+    ``<weights>`` is the start of the trunk's state sha256; a name taken already (the same weights evaluated in
+    the same second) gets ``-2``, ``-3``, ... (``write_new_result``): no result replaces another. Returns the path.
+    """
     body["manifest"] = make_manifest([model], vars(args), {"seed": args.seed}, started)
-    name = f"{prefix}-{slug(model['name'])}-{recipe.dataset}-f{args.fraction:g}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return write_result(body, args.out / f"{name}.json")
+    name = (f"{prefix}-{slug(model['name'])}-{recipe.dataset}-f{args.fraction:g}-{body['trunk']['sha256_before'][:8]}-"
+            f"{time.strftime('%Y%m%d-%H%M%S')}")
+    return write_new_result(body, args.out, name)
 
 
 def model_from_args(args: argparse.Namespace, recipe: Recipe) -> Tuple[torch.nn.Module, dict]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -72,6 +74,47 @@ def write_result(result: Mapping, path: str | os.PathLike) -> Path:
     path = Path(path)
     write_json_atomic({"schema": SCHEMA, **result}, path)
     return path
+
+
+def _numbered(stem: str, attempt: int) -> str:
+    return stem if attempt == 1 else f"{stem}-{attempt}"
+
+
+def write_new_result(result: Mapping, folder: str | os.PathLike, stem: str) -> Path:
+    """Write ``result`` (with ``schema`` added) as a new JSON file ``folder/stem.json``, else ``stem-2.json``, ...
+
+    The file is complete before it appears and never replaces one: it is written to a temporary file and then
+    hard-linked to the first free name, which fails on a name that exists, also one taken by another process
+    in the meantime. Returns the path.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(json.dumps({"schema": SCHEMA, **result}, indent=2) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        for attempt in itertools.count(1):
+            path = folder / f"{_numbered(stem, attempt)}.json"
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                continue
+    finally:
+        os.unlink(tmp)
+
+
+def new_folder(parent: str | os.PathLike, stem: str) -> Path:
+    """Create and return a new folder ``parent/stem``, else ``stem-2``, ...: never one that exists."""
+    for attempt in itertools.count(1):
+        path = Path(parent) / _numbered(stem, attempt)
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
 
 
 def read_result(path: str | os.PathLike) -> Optional[dict]:

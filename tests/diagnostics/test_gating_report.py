@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from convit_ssl import report
-from convit_ssl.checkpoint import to_timm_state_dict
+from convit_ssl.checkpoint import run_checkpoint, to_timm_state_dict
 from convit_ssl.cli import main
 from convit_ssl.diagnostics import diagnostics_record, gating_diagnostics
 
@@ -96,11 +96,11 @@ def test_gate_table_says_fell_rose_or_unchanged():
 def test_checkpoint_discovery_and_metrics_reading(tmp_path):
     for name in ("model_phase9.torch", "model_phase10.torch", "model_final_checkpoint_phase3.torch"):
         (tmp_path / name).write_bytes(b"")
-    assert report.find_checkpoint(tmp_path).name == "model_final_checkpoint_phase3.torch"
+    assert run_checkpoint(tmp_path).name == "model_final_checkpoint_phase3.torch"
     (tmp_path / "model_final_checkpoint_phase3.torch").unlink()
-    assert report.find_checkpoint(tmp_path).name == "model_phase10.torch"
+    assert run_checkpoint(tmp_path).name == "model_phase10.torch"
     os.symlink("model_phase9.torch", tmp_path / "checkpoint.torch")
-    assert report.find_checkpoint(tmp_path).name == "checkpoint.torch"
+    assert run_checkpoint(tmp_path).name == "checkpoint.torch"
 
     metrics = tmp_path / "gating_metrics.jsonl"
     lines = [{"iteration": i, "tag": tag, "layers": []} for i, tag in [(0, "a"), (10, "a"), (20, "a"), (10, "resumed")]]

@@ -57,12 +57,18 @@ def test_random_trunk_probe_with_a_label_fraction(digits_data, tmp_path):
     assert probe["dataset"]["fraction"] == 0.1 and probe["dataset"]["train"] + probe["dataset"]["heldout"] == 139
 
 
-def test_study_command(digits_data, tmp_path, capsys):
+def test_study_command(digits_data, tmp_path, capsys, monkeypatch):
+    import time
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *when: "20261201-120000")  # both studies in the same second
     assert main(["study", "low-data", *TINY_OPTIONS, "--fractions", "0.1", "1", "--out", str(tmp_path), *QUICK]) == 0
     (folder,) = tmp_path.iterdir()
     assert {"study.md", "study.csv", "low_data.png", "probe-ConViT-f0.1.json", "probe-DeiT-f1.json"} <= {
         path.name for path in folder.iterdir()}
     assert "| fraction | top1 ConViT | top1 DeiT | gain top1 (%) |" in capsys.readouterr().out
+    assert main(["study", "low-data", *TINY_OPTIONS, "--fractions", "1", "--out", str(tmp_path), *QUICK]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == [folder.name, f"{folder.name}-2"]
+    assert (folder / "probe-ConViT-f0.1.json").is_file()  # the first study's results are still there
 
 
 def one_line_error(capsys, command):
@@ -80,7 +86,9 @@ def test_errors_are_one_line_and_name_the_fix(digits_data, tmp_path, capsys, com
     torch.save({"conv1.weight": torch.zeros(2, 3)}, foreign)
     hostile = tmp_path / "hostile.pth"
     torch.save({"model": {}, "args": CreatesFileWhenUnpickled(tmp_path / "payload_ran")}, hostile)
+    (tmp_path / "empty").mkdir()
     cases = [
+        (["--checkpoint", str(tmp_path / "empty")], r"empty is a folder, not a checkpoint file, and holds no checkpo"),
         (["--checkpoint", str(hostile)], r"hostile.pth was refused, nothing in it was run: its pickle needs io.open"),
         (["--checkpoint", str(tmp_path / "nope.pth")], r"checkpoint .*nope.pth does not exist: pass the path"),
         (["--checkpoint", str(not_torch)], r"cannot be read by torch.load"),
@@ -119,3 +127,41 @@ def test_study_of_two_checkpoints(digits_data, make_trunk, tmp_path, capsys):
     models = json.loads((folder / "study.json").read_text())["manifest"]["models"]
     assert [(m["name"], m["sha256"]) for m in models] == [("ConViT", file_sha256(paths[0])),
                                                          ("DeiT", file_sha256(paths[1]))]
+
+
+def _vissl_run(folder, trunk):
+    """A run folder as VISSL leaves it: the final checkpoint and checkpoint.torch linking to it."""
+    folder.mkdir(parents=True)
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}},
+               folder / "model_final_checkpoint_phase1.torch")
+    (folder / "checkpoint.torch").symlink_to("model_final_checkpoint_phase1.torch")
+    return folder
+
+
+def test_results_of_runs_are_labelled_by_run_and_checkpoint_and_never_collide(digits_data, make_trunk, tmp_path,
+                                                                               capsys, monkeypatch):
+    import time
+
+    run_a = _vissl_run(tmp_path / "runs" / "dino_a", make_trunk(seed=1))
+    run_b = _vissl_run(tmp_path / "runs" / "dino_b", make_trunk(seed=2))
+    out = tmp_path / "eval"
+    monkeypatch.setattr(time, "strftime", lambda fmt, *when: "20261201-120000")  # every run in the same second
+    knn = ["knn", "--ks", "5", "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet"]
+    for source in (run_a / "checkpoint.torch", run_b / "checkpoint.torch", run_a / "checkpoint.torch", run_b):
+        assert main([*knn, "--checkpoint", str(source)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert (f"{run_b} is a run folder: using its latest checkpoint {run_b / 'checkpoint.torch'} -> "
+            f"model_final_checkpoint_phase1.torch") in printed
+    results = {path.name: json.loads(path.read_text()) for path in out.glob("*.json")}
+    assert len(results) == 4  # same file name, same second, even the same checkpoint twice: nothing lost
+    labels = sorted(result["rows"][0]["model"] for result in results.values())
+    assert labels == ["dino_a/model_final_checkpoint_phase1"] * 2 + ["dino_b/model_final_checkpoint_phase1"] * 2
+    for name, result in results.items():
+        model = result["manifest"]["models"][0]
+        assert name.startswith(f"knn-{model['run']}-model_final_checkpoint_phase1-digits-f1-"), name
+        assert result["trunk"]["sha256_before"][:8] in name
+        assert model["file"] == str(tmp_path / "runs" / model["run"] / "model_final_checkpoint_phase1.torch")
+    assert main(["results", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| dino_a/model_final_checkpoint_phase1 |") == 2
+    assert table.count("| dino_b/model_final_checkpoint_phase1 |") == 2

@@ -48,3 +48,16 @@ def test_gather_reads_result_files_only_and_tables_show_them(tmp_path):
     parsed = list(csv.DictReader(io.StringIO(csv_text(rows))))
     assert [float(row["top1"]) for row in parsed] == [81.25, 80.0, 90.0]
     assert gather([tmp_path / "y" / "deeper" / "knn.json"]) == rows[1:]
+
+
+def test_new_result_files_never_replace_one(tmp_path):
+    from convit_ssl.evaluation.results import new_folder, write_new_result
+
+    (tmp_path / "knn-a.json").write_text("someone's file")
+    paths = [write_new_result({"kind": "knn", "rows": [{"top1": float(i)}]}, tmp_path, "knn-a") for i in range(3)]
+    assert [path.name for path in paths] == ["knn-a-2.json", "knn-a-3.json", "knn-a-4.json"]
+    assert (tmp_path / "knn-a.json").read_text() == "someone's file"
+    assert [read_result(path)["rows"][0]["top1"] for path in paths] == [0.0, 1.0, 2.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["knn-a-2.json", "knn-a-3.json", "knn-a-4.json", "knn-a.json"]
+    folders = [new_folder(tmp_path, "study") for _ in range(2)]
+    assert [folder.name for folder in folders] == ["study", "study-2"] and all(f.is_dir() for f in folders)
