@@ -8,9 +8,11 @@ that the choices need, in eval mode under ``torch.no_grad``; its training flag i
 Images go through ``Preprocess.eval_transform`` (resize, centre crop, the trunk's normalisation).
 
 Cache layout (``cache_dir``): one folder per (trunk weights, dataset split, image transform), named by a hash of
-its description, holding ``meta.json`` (that description, the checkpoint it came from, feature sizes) and one
-``<key>.npy`` per trunk key (rows in the split's sample order; labels come from the folder). Arrays are written
-through a numpy memmap and renamed when complete; later calls memory-map them and compute only missing keys.
+its description, holding ``meta.json`` (that description, a digest of the split's files with their sizes and
+times, the checkpoint it came from, feature sizes) and one ``<key>.npy`` per trunk key (rows in the split's sample
+order; labels come from the folder). Arrays are written through a numpy memmap and renamed when complete; later
+calls memory-map them and compute only missing keys, or all of them again when the files have changed. A killed
+writer's temporary arrays are deleted by the next call on the same host.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -25,6 +29,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+import torchvision
 from torch.utils.data import DataLoader, Dataset
 
 from convit_ssl.data import open_split, write_json_atomic
@@ -166,11 +171,32 @@ def extract(trunk: nn.Module, dataset: Dataset, keys: Sequence[str], batch_size:
     return arrays
 
 
-def _files_digest(samples) -> str:
+def _samples_digest(samples: Sequence[Tuple[str, int]]) -> str:
+    """sha256 of each sample's path, label, size, modification and change time (ns): a file replaced or rewritten,
+    even with its old size and modification time put back, changes it."""
     digest = hashlib.sha256()
     for path, label in samples:
-        digest.update(f"{path}\t{label}\n".encode())
+        stat = os.stat(path)
+        digest.update(f"{path}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}\n".encode())
     return digest.hexdigest()
+
+
+# Temporary arrays: .<key>.<pid>@<host>.npy.tmp, renamed to <key>.npy when complete.
+_TMP = re.compile(r"\.(?P<key>\w+)\.(?P<pid>\d+)@(?P<host>[\w-]+)\.npy\.tmp")
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+
+
+def _clean_orphans(entry: Path) -> None:
+    """Delete the temporary arrays of writers on this host that no longer run (killed mid-extraction)."""
+    for path in entry.iterdir():
+        match = _TMP.fullmatch(path.name)
+        if match and match["host"] == _HOST:
+            try:
+                os.kill(int(match["pid"]), 0)
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)
+            except PermissionError:  # alive, another user's
+                pass
 
 
 def split_features(trunk: nn.Module, dataset: str, split: str, keys: Sequence[str], preprocess: Preprocess,
@@ -180,9 +206,12 @@ def split_features(trunk: nn.Module, dataset: str, split: str, keys: Sequence[st
     """Features of catalog dataset ``dataset``, split ``split``, for trunk ``keys``; cached when ``cache_dir``.
 
     ``trunk_digest`` (default: ``state_digest(trunk)``) identifies the weights in the cache; ``model`` (e.g. the
-    checkpoint path and sha256) is recorded in the cache's ``meta.json``.
+    checkpoint path and sha256) is recorded in the cache's ``meta.json``. A cache entry is keyed on the weights,
+    the split's folder and the image transform; its arrays are used only while ``meta.json``'s digest of the
+    samples (paths, labels, file sizes and times) matches the split's files, else they are computed again.
     """
-    folder = image_folder(dataset, split, preprocess.eval_transform())
+    transform = preprocess.eval_transform()
+    folder = image_folder(dataset, split, transform)
     root = Path(folder.root)
     labels = np.asarray(folder.targets, dtype=np.int64)
     files = [os.path.relpath(path, root) for path, _ in folder.samples]
@@ -191,25 +220,36 @@ def split_features(trunk: nn.Module, dataset: str, split: str, keys: Sequence[st
         return Features(extract(trunk, folder, keys, **run), labels, folder.classes, files)
     description = {
         "trunk_sha256": trunk_digest or state_digest(trunk), "dataset": dataset, "split": split,
-        "folder": str(root), "samples_sha256": _files_digest(folder.samples), "num_samples": len(labels),
-        "preprocess": dataclasses.asdict(preprocess),
+        "folder": str(root), "preprocess": dataclasses.asdict(preprocess), "transform": repr(transform),
+        "torchvision": torchvision.__version__,
     }
     entry = Path(cache_dir) / hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
-    missing = [key for key in keys if not (entry / f"{key}.npy").is_file()]
+    entry.mkdir(parents=True, exist_ok=True)
+    _clean_orphans(entry)
+    samples = {"samples_sha256": _samples_digest(folder.samples), "num_samples": len(labels)}
+    meta_path = entry / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    sizes = dict(meta.get("feature_sizes", {})) if meta.get("samples_sha256") == samples["samples_sha256"] else {}
+    for stale in set(meta.get("feature_sizes", {})) - set(sizes):  # arrays of files that have changed since
+        (entry / f"{stale}.npy").unlink(missing_ok=True)
+    missing = [key for key in keys if key not in sizes or not (entry / f"{key}.npy").is_file()]
     if missing:
-        entry.mkdir(parents=True, exist_ok=True)
-        tmp_paths = {key: entry / f".{key}.{os.getpid()}.npy.tmp" for key in missing}
+        tmp_paths = {key: entry / f".{key}.{os.getpid()}@{_HOST}.npy.tmp" for key in missing}
 
         def allocate(key, shape):
             return np.lib.format.open_memmap(tmp_paths[key], mode="w+", dtype=np.float32, shape=shape)
 
-        arrays = extract(trunk, folder, missing, allocate=allocate, **run)
-        for key, array in arrays.items():
-            array.flush()
-            os.replace(tmp_paths[key], entry / f"{key}.npy")
-        sizes = {path.stem: int(np.load(path, mmap_mode="r").shape[1]) for path in sorted(entry.glob("*.npy"))}
-        meta = entry / "meta.json"
-        known = json.loads(meta.read_text()).get("model", {}) if meta.is_file() else {}  # the model of earlier keys
-        write_json_atomic({**description, "model": dict(model or known), "feature_sizes": sizes}, meta)
+        try:
+            arrays = extract(trunk, folder, missing, allocate=allocate, **run)
+            for key, array in arrays.items():
+                array.flush()
+                os.replace(tmp_paths[key], entry / f"{key}.npy")
+                sizes[key] = int(array.shape[1])
+        finally:
+            for path in tmp_paths.values():
+                path.unlink(missing_ok=True)
+        known = meta.get("model", {}) if sizes.keys() - set(missing) else {}  # the model of earlier keys
+        write_json_atomic({**description, **samples, "model": dict(model or known), "feature_sizes": sizes},
+                          meta_path)
     arrays = {key: np.load(entry / f"{key}.npy", mmap_mode="r") for key in keys}
     return Features(arrays, labels, folder.classes, files)

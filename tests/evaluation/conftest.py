@@ -1,6 +1,7 @@
 """Fixtures of the evaluation tests: the digits dataset written once per session, tiny trunks, a quick recipe."""
 import pytest
 import torch
+from PIL import Image
 
 from convit_ssl.data import DATA_ENV
 from convit_ssl.evaluation.linear_probe import load_recipe
@@ -40,3 +41,16 @@ def quick_recipe():
     """The digits recipe cut down to seconds: 2 x 2 x 2 heads, 20 epochs."""
     return load_recipe("digits").replace(epochs=20, lrs=[0.1, 1.0], wds=[0.0, 0.001],
                                          features=["lastCLS", "lastCLS+lastPOOL"])
+
+
+@pytest.fixture
+def make_image_dataset():
+    """Writes train/ and val/ with ``per_class`` 32 px PNGs per class (class i's pixels all 40 * i); returns root."""
+    def build(root, classes=("a", "b", "c"), per_class=3):
+        for split in ("train", "val"):
+            for index, name in enumerate(classes):
+                (root / split / name).mkdir(parents=True)
+                for image in range(per_class):
+                    Image.new("RGB", (32, 32), (40 * index,) * 3).save(root / split / name / f"{image}.png")
+        return root
+    return build

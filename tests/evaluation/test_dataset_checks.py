@@ -5,23 +5,12 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from convit_ssl import data
 from convit_ssl.cli import main
 from convit_ssl.evaluation.features import Preprocess, image_folder, split_features
 
 PREPROCESS = Preprocess(32, 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-def make_folder(root, classes=("a", "b", "c"), per_class=3):
-    """train/ and val/ with ``per_class`` 32 px PNGs per class; class i's pixels all equal 40 * i."""
-    for split in ("train", "val"):
-        for index, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True)
-            for image in range(per_class):
-                Image.new("RGB", (32, 32), (40 * index,) * 3).save(root / split / name / f"{image}.png")
-    return root
 
 
 def prepare(name, folder, capsys=None):
@@ -37,8 +26,8 @@ def one_line(error, command="prepare-data"):
     return error
 
 
-def test_prepare_data_records_classes_and_counts(empty_data, data_root, tmp_path):
-    assert prepare("abc", make_folder(tmp_path / "abc")) == 0
+def test_prepare_data_records_classes_and_counts(empty_data, data_root, tmp_path, make_image_dataset):
+    assert prepare("abc", make_image_dataset(tmp_path / "abc")) == 0
     record = data.read_manifest()["abc"]
     assert record["splits"]["val"] == {"classes": ["a", "b", "c"], "images": 9}
     assert record["splits"]["train"]["images"] == 9 and record["kind"] == "image folder"
@@ -46,8 +35,8 @@ def test_prepare_data_records_classes_and_counts(empty_data, data_root, tmp_path
     assert held_out["splits"]["val"] == {"classes": [str(digit) for digit in range(10)], "images": 288}
 
 
-def test_a_removed_class_folder_stops_evaluation(empty_data, tmp_path, make_trunk, capsys):
-    folder = make_folder(tmp_path / "abc")
+def test_a_removed_class_folder_stops_evaluation(empty_data, tmp_path, make_trunk, capsys, make_image_dataset):
+    folder = make_image_dataset(tmp_path / "abc")
     assert prepare("abc", folder) == 0
     import shutil
 
@@ -66,8 +55,8 @@ def test_a_removed_class_folder_stops_evaluation(empty_data, tmp_path, make_trun
         image_folder("abc", "val")
 
 
-def test_symbolic_link_loops_are_not_followed(empty_data, tmp_path, capsys):
-    folder = make_folder(tmp_path / "abc")
+def test_symbolic_link_loops_are_not_followed(empty_data, tmp_path, capsys, make_image_dataset):
+    folder = make_image_dataset(tmp_path / "abc")
     os.symlink("..", folder / "train" / "a" / "again")  # train/a/again -> train: a loop
     code, error = prepare("abc", folder, capsys)
     assert code == 2
@@ -80,8 +69,8 @@ def test_symbolic_link_loops_are_not_followed(empty_data, tmp_path, capsys):
     assert len(image_folder("abc", "train")) == 9
 
 
-def test_registered_without_a_record_is_refused(empty_data, tmp_path):
-    folder = make_folder(tmp_path / "abc")
+def test_registered_without_a_record_is_refused(empty_data, tmp_path, make_image_dataset):
+    folder = make_image_dataset(tmp_path / "abc")
     data.register_dataset("abc", folder / "train", folder / "val")
     manifest = data.read_manifest()
     del manifest["abc"]
@@ -91,8 +80,8 @@ def test_registered_without_a_record_is_refused(empty_data, tmp_path):
         data.dataset_split_dir("abc", "train")
 
 
-def test_unreadable_images_are_found_by_prepare_data(empty_data, tmp_path, capsys):
-    folder = make_folder(tmp_path / "abc")
+def test_unreadable_images_are_found_by_prepare_data(empty_data, tmp_path, capsys, make_image_dataset):
+    folder = make_image_dataset(tmp_path / "abc")
     (folder / "train" / "a" / "0.png").write_bytes(np.random.default_rng(0).bytes(500))  # random bytes
     (folder / "train" / "b" / "empty.jpg").write_bytes(b"")  # zero bytes
     (folder / "val" / "c" / "notes.jpg").write_text("not an image")  # text named .jpg
@@ -104,8 +93,8 @@ def test_unreadable_images_are_found_by_prepare_data(empty_data, tmp_path, capsy
     assert "abc" not in data.read_catalog()
 
 
-def test_evaluation_names_the_image_it_cannot_read(empty_data, tmp_path, make_trunk, capsys):
-    folder = make_folder(tmp_path / "abc")
+def test_evaluation_names_the_image_it_cannot_read(empty_data, tmp_path, make_trunk, capsys, make_image_dataset):
+    folder = make_image_dataset(tmp_path / "abc")
     assert prepare("abc", folder) == 0
     broken = folder / "val" / "b" / "1.png"
     broken.write_bytes(b"GIF89a truncated")  # replaced after prepare-data
@@ -120,11 +109,11 @@ def test_evaluation_names_the_image_it_cannot_read(empty_data, tmp_path, make_tr
     assert f"cannot read image {broken}" in one_line(capsys.readouterr().err, "knn")
 
 
-def test_vissl_training_names_the_image_it_cannot_read(tmp_path):
+def test_vissl_training_names_the_image_it_cannot_read(tmp_path, make_image_dataset):
     import convit_ssl  # noqa: F401  (applies the VISSL patches)
     from vissl.data.disk_dataset import DiskImageDataset
 
-    folder = make_folder(tmp_path / "abc")
+    folder = make_image_dataset(tmp_path / "abc")
     broken = folder / "train" / "c" / "2.png"
     broken.write_bytes(b"")
     os.symlink(folder / "train" / "a", folder / "train" / "b" / "second")  # a second way into train/a
