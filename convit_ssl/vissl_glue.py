@@ -120,6 +120,33 @@ def _latest_checkpoint_file(checkpoint_folder: str, config, skip_final: bool = F
     return latest.name if latest is not None else None
 
 
+# Environment variables worth a line in a run's log.txt (what reproduces the run); VISSL logs all of them,
+# tokens and keys included, and run folders are shared. A name that looks like a secret is never logged.
+LOGGED_ENV_PREFIXES = ("CUDA", "NCCL", "SLURM", "OMP_", "MKL_", "KMP_", "TORCH", "PYTORCH", "GLOO_", "CONVIT_SSL_",
+                       "MASTER_", "CUBLAS", "CUDNN")
+LOGGED_ENV_NAMES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "PYTHONHASHSEED",
+                    "VISSL_DATASET_CATALOG_PATH")
+_SECRET_NAME_PARTS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "KEY", "COOKIE")
+
+
+def logged_environment(environment: Mapping[str, str]) -> Dict[str, str]:
+    """The variables of ``environment`` that go into the run's log: the allow-list, minus secret-like names."""
+    return {name: value for name, value in sorted(environment.items())
+            if (name.startswith(LOGGED_ENV_PREFIXES) or name in LOGGED_ENV_NAMES)
+            and not any(part in name.upper() for part in _SECRET_NAME_PARTS)}
+
+
+def _print_reproduction_env(current_env: Mapping[str, str]) -> None:
+    """VISSL's print_system_env_info, restricted to ``logged_environment``."""
+    import logging
+
+    logged = logged_environment(current_env)
+    for name, value in logged.items():
+        logging.info(f"{name}:\t{value}")
+    logging.info(f"{len(current_env) - len(logged)} other environment variables not logged (convit-ssl logs only "
+                 f"{', '.join(LOGGED_ENV_PREFIXES)}*, {', '.join(LOGGED_ENV_NAMES)})")
+
+
 def register_datasets() -> None:
     """Make every dataset of our catalog (convit_ssl.data) known to VISSL's dataset catalog."""
     from vissl.data.dataset_catalog import VisslDatasetCatalog
@@ -142,13 +169,20 @@ def _patch_vissl() -> None:
     # classy-vision scripts a helper with torch.jit.script at import time.
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     import vissl.data.disk_dataset as vissl_disk_dataset
+    import vissl.engines.extract_cluster as vissl_extract_cluster
+    import vissl.engines.extract_features as vissl_extract_features
+    import vissl.engines.train as vissl_train_engine
     import vissl.utils.checkpoint as vissl_checkpoint
+    import vissl.utils.env as vissl_env
 
     from convit_ssl.data import CheckedImageFolder
 
     # VISSL reads disk_folder datasets with torchvision's ImageFolder: it follows link loops into duplicates, and
     # a file PIL cannot read ends the run with an error that does not name it. Ours lists and reads checked.
     vissl_disk_dataset.ImageFolder = CheckedImageFolder
+
+    for engine in (vissl_train_engine, vissl_extract_features, vissl_extract_cluster, vissl_env):
+        engine.print_system_env_info = _print_reproduction_env
 
     vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint
     vissl_checkpoint.create_file_symlink = _atomic_symlink
