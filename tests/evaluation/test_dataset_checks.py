@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from convit_ssl import data
 from convit_ssl.cli import main
