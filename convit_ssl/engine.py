@@ -77,8 +77,6 @@ def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
                 raise UsageError(f"unknown {key} {value!r}; choose from {', '.join(options)}")
         elif key.startswith("trunk."):
             overrides.append(f"++config.MODEL.TRUNK.CONVIT_SSL.OVERRIDES.{key[len('trunk.'):]}={value}")
-            if key == "trunk.embed_dim":  # the heads read the trunk's width from EMBED_DIM
-                overrides.append(f"config.MODEL.TRUNK.CONVIT_SSL.EMBED_DIM={value}")
         elif key == "run_dir":
             run_dir = value
         elif key == "continue_with_changes":
@@ -109,6 +107,22 @@ def default_run_dir(recipe: str, choices: Dict[str, str], overrides: Sequence[st
     return str(Path(os.environ.get("CONVIT_SSL_RUNS", root)) / "-".join(p for p in parts if p))
 
 
+def trunk_width(preset: str, overrides) -> int:
+    """The width of the trunk that ``preset`` with ``overrides`` builds: the ``trunk_width`` resolver of the
+    recipes, which gives every head its input width (``MODEL.TRUNK.CONVIT_SSL.EMBED_DIM``)."""
+    from convit_ssl.models import preset_kwargs
+
+    return preset_kwargs(preset, **overrides)["embed_dim"]
+
+
+def register_resolvers() -> None:
+    """Make ``${trunk_width:PRESET,OVERRIDES}`` resolvable in configs composed in this process."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("trunk_width"):
+        OmegaConf.register_new_resolver("trunk_width", trunk_width)
+
+
 def compose(args: Sequence[str], run_dir: Optional[str] = None):
     """Validated VISSL config (AttrDict) for command-line words (see the module docstring)."""
     from hydra import compose as hydra_compose
@@ -128,6 +142,7 @@ def compose(args: Sequence[str], run_dir: Optional[str] = None):
     ]
     if parsed["continue_with_changes"] is not None:  # not part of the default run folder's hash
         overrides.append(f"++config.CONVIT_SSL.CONTINUE_WITH_CHANGES={parsed['continue_with_changes']}")
+    register_resolvers()
     try:
         with initialize_config_module(config_module="vissl.config", version_base=None):
             cfg = hydra_compose("defaults", overrides=overrides)
@@ -186,8 +201,8 @@ def validate(config) -> None:
         if expected and expected != kwargs["embed_dim"]:
             raise UsageError(
                 f"trunk/head dimension mismatch: the trunk {config.MODEL.TRUNK.CONVIT_SSL.PRESET} is "
-                f"{kwargs['embed_dim']} wide but the heads expect EMBED_DIM={expected}; pick the model with "
-                f"model=PRESET rather than setting PRESET alone"
+                f"{kwargs['embed_dim']} wide but the heads expect EMBED_DIM={expected}; leave EMBED_DIM unset (it "
+                f"follows model=PRESET and trunk.embed_dim)"
             )
     tensorboard = config.HOOKS.TENSORBOARD_SETUP
     if tensorboard.USE_TENSORBOARD and tensorboard.FLUSH_EVERY_N_MIN <= 0:

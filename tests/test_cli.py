@@ -43,9 +43,9 @@ def test_missing_dataset_is_named(capsys, tmp_path, monkeypatch):
 
 def test_trunk_head_dimension_mismatch(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("CONVIT_SSL_DATA", str(tmp_path))
-    err = _error(capsys, "train", "config=dino", "data=digits", "config.MODEL.TRUNK.CONVIT_SSL.PRESET=convit_base",
+    err = _error(capsys, "train", "config=dino", "data=digits", "config.MODEL.TRUNK.CONVIT_SSL.EMBED_DIM=768",
                  f"run_dir={tmp_path / 'run'}")
-    assert "trunk/head dimension mismatch" in err and "768" in err and "EMBED_DIM=432" in err
+    assert "trunk/head dimension mismatch" in err and "432 wide" in err and "EMBED_DIM=768" in err
 
 
 def test_config_that_does_not_compose(capsys, tmp_path):

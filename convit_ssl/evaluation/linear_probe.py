@@ -49,6 +49,7 @@ from convit_ssl.evaluation.subsets import class_subset, heldout_split
 MOMENTUM = 0.9
 INIT_STD = 0.01
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "config" / "convit_ssl" / "benchmark" / "linear"
+DATA_CONFIG_DIR = RECIPE_DIR.parents[1] / "data"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,16 +115,53 @@ def _coerce(recipe: Recipe, source: str) -> Recipe:
     return Recipe(**values)
 
 
-def load_recipe(name: str) -> Recipe:
-    """Recipe ``name`` from ``RECIPE_DIR`` (or a path to a YAML file); every field must be given, no other."""
-    import yaml
-
+def _recipe_path(name: str, folder: Path = Path(".")) -> Path:
+    """A shipped recipe's file, or the YAML file ``name`` (relative to ``folder``)."""
     path = Path(name)
     if path.suffix not in (".yaml", ".yml"):
         path = RECIPE_DIR / f"{name}.yaml"
+    elif not path.is_absolute():
+        path = folder / path
     if not path.is_file():
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(recipe_names())} (or pass a .yaml path)")
-    data = yaml.safe_load(path.read_text()) or {}
+    return path
+
+
+def _normalisation(name: str) -> dict:
+    """``mean`` and ``std`` of the pretraining data file ``name`` (``configs/config/convit_ssl/data/NAME.yaml``)."""
+    import yaml
+
+    path = DATA_CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in DATA_CONFIG_DIR.glob("*.yaml")))
+        raise ValueError(f"normalisation {name!r} names no data file; known: {known}")
+    section = yaml.safe_load(path.read_text())["config"]["CONVIT_SSL"]
+    return {"mean": section["MEAN"], "std": section["STD"]}
+
+
+def _recipe_fields(path: Path, including: Tuple[Path, ...] = ()) -> dict:
+    """The fields of the recipe file ``path``: those of the recipes its ``defaults`` list names, in order, then
+    its own (where ``_self_`` stands, last if absent); ``normalisation: DATA`` gives the mean and std of a data file."""
+    import yaml
+
+    if path in including:
+        raise ValueError(f"recipe {path.name}: its defaults include it again ({' -> '.join(p.name for p in including)})")
+    own = yaml.safe_load(path.read_text()) or {}
+    defaults = list(own.pop("defaults", None) or [])
+    if "normalisation" in own:
+        own = {**_normalisation(own.pop("normalisation")), **own}
+    fields: dict = {}
+    for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:
+        fields.update(own if entry == "_self_" else _recipe_fields(_recipe_path(entry, path.parent),
+                                                                     (*including, path)))
+    return fields
+
+
+def load_recipe(name: str) -> Recipe:
+    """Recipe ``name`` from ``RECIPE_DIR`` (or a path to a YAML file), its ``defaults`` resolved (see
+    ``_recipe_fields``); every field must be given, no other."""
+    path = _recipe_path(name)
+    data = _recipe_fields(path)
     fields = [field.name for field in dataclasses.fields(Recipe)]
     unknown, missing = sorted(set(data) - set(fields)), [key for key in fields if key not in data]
     if unknown or missing:

@@ -86,3 +86,66 @@ def test_configs_found_from_any_working_directory(tmp_path, data_root, monkeypat
     config = _compose(tmp_path, "config=swav", "model=deit_tiny", "data=digits")
     assert config.LOSS.name == "swav_loss" and config.MODEL.TRUNK.CONVIT_SSL.PRESET == "deit_tiny"
     assert not (tmp_path / "train_config.yaml").exists()
+
+
+def test_heads_follow_the_trunk_width(tmp_path, data_root, monkeypatch):
+    """The width is the preset's (or trunk.embed_dim's), read from Python once: never restated in YAML."""
+    from convit_ssl.vissl_glue import trunk_kwargs
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    for words, width in ((["config.MODEL.TRUNK.CONVIT_SSL.PRESET=convit_base"], 768),
+                         (["model=deit_tiny", "trunk.embed_dim=48", "trunk.num_heads=4"], 48),
+                         (["model=convit_tiny_plus"], 256)):
+        config = _compose(tmp_path, "config=dino", "data=digits", *words)
+        assert trunk_kwargs(config.MODEL)["embed_dim"] == width
+        assert config.MODEL.TRUNK.CONVIT_SSL.EMBED_DIM == config.MODEL.HEAD.PARAMS[0][1]["dims"][0] == width
+    demo = _compose(tmp_path, "config=digits_simclr")
+    assert trunk_kwargs(demo.MODEL)["embed_dim"] == demo.MODEL.HEAD.PARAMS[0][1]["dims"][0] == 96
+
+
+def test_model_and_data_files_say_one_thing_each():
+    """A model file names its preset and nothing else; a data file sets no model field (the 32 px datasets name
+    the trunk file that does); the optimizer and schedule live in one file."""
+    import yaml
+
+    def read(path):
+        return yaml.safe_load(path.read_text())
+
+    for model in MODELS:
+        assert read(CONFIG_ROOT / "model" / f"{model}.yaml") == {"config": {"MODEL": {"TRUNK": {"CONVIT_SSL": {
+            "PRESET": model}}}}}
+    for data in DATA:
+        assert "MODEL" not in read(CONFIG_ROOT / "data" / f"{data}.yaml")["config"], data
+    schedule_files = [path.relative_to(CONFIG_ROOT) for path in CONFIG_ROOT.rglob("*.yaml")
+                      if "base_lr_batch_size" in path.read_text()]
+    assert [str(path) for path in schedule_files] == ["optimizer/adamw.yaml"]
+
+
+# Per-channel mean and standard deviation of each dataset's training pixels (scaled to [0, 1]), as published:
+PUBLISHED_STATISTICS = {
+    # torchvision's ImageNet normalisation (the ImageNet-1k training set), used by DeiT, ConViT, DINO and VISSL
+    "imagenet1k": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    # the values in common use, computed over the 50,000 training images of each CIFAR set; CIFAR-10's std is also
+    # in circulation as (0.2023, 0.1994, 0.2010), which is not the per-pixel std of the training set
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+}
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_dataset_statistics_are_the_published_ones(data, data_root):
+    """Each data file's MEAN/STD (which the probe recipes read) against the published values; digits has none
+    published, so they are computed here from its training split as ``ensure_digits`` wrote it."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    section = yaml.safe_load((CONFIG_ROOT / "data" / f"{data}.yaml").read_text())["config"]["CONVIT_SSL"]
+    if data == "digits":
+        pixels = np.stack([np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+                           for path in sorted((data_root / "digits" / "train").rglob("*.png"))])
+        mean, std = pixels.mean(axis=(0, 1, 2)), pixels.std(axis=(0, 1, 2))
+    else:
+        mean, std = PUBLISHED_STATISTICS[data]
+    # the files round to 4 digits, ImageNet's to 3 as published
+    assert np.allclose(section["MEAN"], mean, atol=5e-5) and np.allclose(section["STD"], std, atol=5e-5), data

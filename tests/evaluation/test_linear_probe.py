@@ -116,11 +116,10 @@ def test_every_shipped_recipe_loads_and_matches_the_pretraining_normalisation():
         recipe = load_recipe(name)
         assert recipe.dataset == name and recipe.image_size % 4 == 0
         assert all(key for choice in recipe.features for key in choice.split("+"))
-        data_config = data_configs / f"{name}.yaml"
-        if data_config.is_file():
-            section = yaml.safe_load(data_config.read_text())["config"]["CONVIT_SSL"]
-            assert list(recipe.mean) == section.get("MEAN", list(recipe.mean)), name
-            assert list(recipe.std) == section.get("STD", list(recipe.std)), name
+        # a dataset without a pretraining data file is probed with ImageNet-pretrained trunks
+        pretraining = name if (data_configs / f"{name}.yaml").is_file() else "imagenet1k"
+        section = yaml.safe_load((data_configs / f"{pretraining}.yaml").read_text())["config"]["CONVIT_SSL"]
+        assert list(recipe.mean) == section["MEAN"] and list(recipe.std) == section["STD"], name
     # every default feature choice of a ConViT recipe exists in the paper's layout (2 class-token blocks)
     trunk = create_trunk("convit_tiny", img_size=32, patch_size=16, embed_dim=16, depth=12, num_heads=4)
     for name in recipe_names():
@@ -139,3 +138,26 @@ def test_recipe_errors_name_the_fix(tmp_path):
     bad.write_text(text.replace("lrs: [0.03, 0.1, 0.3, 1.0]", "lrs: []"))
     with pytest.raises(ValueError, match="lrs is empty"):
         load_recipe(str(bad))
+
+
+def test_recipes_compose_with_defaults(tmp_path):
+    """A recipe is its defaults' fields, in order, then its own; ``normalisation`` names a data file's statistics."""
+    import dataclasses
+
+    def differences(a, b):
+        return {key for key, value in dataclasses.asdict(a).items() if dataclasses.asdict(b)[key] != value}
+
+    assert differences(load_recipe("cifar100"), load_recipe("cifar10")) == {"dataset", "mean", "std"}
+    assert differences(load_recipe("places205"), load_recipe("imagenet1k")) == {"dataset", "epochs"}
+    assert load_recipe("places205").epochs == 14 and load_recipe("imagenet1k").epochs == 28
+    (tmp_path / "grid.yaml").write_text("lrs: [0.5]\nepochs: 3\n")
+    (tmp_path / "mine.yaml").write_text("defaults: [cifar10, grid.yaml, _self_]\nepochs: 7\nnormalisation: imagenet1k\n")
+    mine = load_recipe(str(tmp_path / "mine.yaml"))
+    assert (mine.dataset, mine.lrs, mine.epochs) == ("cifar10", (0.5,), 7)
+    assert mine.mean == (0.485, 0.456, 0.406) and mine.std == (0.229, 0.224, 0.225)
+    (tmp_path / "loop.yaml").write_text("defaults: [loop.yaml]\n")
+    with pytest.raises(ValueError, match="recipe loop.yaml: its defaults include it again"):
+        load_recipe(str(tmp_path / "loop.yaml"))
+    (tmp_path / "stats.yaml").write_text("defaults: [digits]\nnormalisation: mnist\n")
+    with pytest.raises(ValueError, match="normalisation 'mnist' names no data file; known: cifar10, cifar100"):
+        load_recipe(str(tmp_path / "stats.yaml"))
