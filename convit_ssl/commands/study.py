@@ -18,8 +18,8 @@ from __future__ import annotations
 import time
 
 from convit_ssl.evaluation.arguments import (
-    add_data_arguments, add_grid_arguments, apply_threads, cache_from_args, check_dataset, checkpoint_model,
-    parse_options, recipe_from_args,
+    add_data_arguments, add_grid_arguments, apply_threads, cache_from_args, check_arguments, check_dataset,
+    checkpoint_model, parse_options, recipe_from_args,
 )
 from convit_ssl.evaluation.knn import KS
 from convit_ssl.evaluation.results import new_folder
@@ -76,12 +76,10 @@ def _models(args, recipe):
 def run(args) -> int:
     from convit_ssl.evaluation.study import low_data_study
 
+    check_arguments(args)
     apply_threads(args)
     recipe = recipe_from_args(args)
     check_dataset(recipe.dataset)
-    for fraction in args.fractions:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"--fractions {fraction} is outside (0, 1]: give e.g. 0.01 0.05 0.1 0.3 0.5 1")
     models = _models(args, recipe)
     out = new_folder(args.out, f"low-data-{recipe.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     study = low_data_study(models, recipe, out, fractions=args.fractions, subset_rule=args.subset_rule,

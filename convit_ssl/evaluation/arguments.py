@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from convit_ssl.data import data_root, dataset_split_dir
-from convit_ssl.evaluation.linear_probe import Recipe, load_recipe, recipe_names
+from convit_ssl.evaluation.linear_probe import Recipe, check_number, load_recipe, recipe_names
 from convit_ssl.evaluation.results import file_sha256, make_manifest, slug, write_new_result
 
 DEFAULT_RECIPE = "digits"
@@ -98,6 +98,21 @@ def parse_options(pairs: List[str]) -> Dict[str, object]:
     return options
 
 
+# Command-line numbers that are not recipe fields (those are checked with the recipe): rule and good values.
+_ARGUMENT_RANGES = {"fraction": ("(0, 1]", "0.01 for 1% of the labels"), "fractions": ("(0, 1]", "0.01 0.1 1"),
+                    "ks": (">= 1", "10 20 100 200"), "temperature": ("> 0", "0.07"), "workers": (">= 0", "4"),
+                    "threads": (">= 1", "1"), "from_scratch": (">= 1", "30")}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Fail in one line naming the flag when a number of ``_ARGUMENT_RANGES`` is out of range (``recipe_from_args``
+    checks the recipe's)."""
+    for name, (rule, example) in _ARGUMENT_RANGES.items():
+        value = getattr(args, name, None)
+        for item in value if isinstance(value, list) else ([] if value is None else [value]):
+            check_number(item, rule, f"--{name.replace('_', '-')}", example)
+
+
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe (``--recipe``, else the one named like ``--data``, else digits) with the flags applied."""
     name = args.recipe
@@ -159,7 +174,8 @@ def checkpoint_model(path: Path, name: Optional[str] = None, arch: Optional[str]
 
 
 def setup_from_args(args: argparse.Namespace) -> Tuple[Recipe, torch.nn.Module, dict]:
-    """What linear-probe and knn start with, every check first: threads, recipe, dataset, then the trunk."""
+    """What linear-probe and knn start with, every check first: numbers, threads, recipe, dataset, then the trunk."""
+    check_arguments(args)
     apply_threads(args)
     recipe = recipe_from_args(args)
     check_dataset(recipe.dataset)

@@ -85,6 +85,21 @@ class Recipe:
         return _coerce(dataclasses.replace(self, **changes), "overrides")
 
 
+# What each number of a recipe must be, and good values (see ``check_number``); the command-line overrides have
+# the same names.
+_RANGES = {"image_size": (">= 1", "224"), "crop_ratio": ("(0, 1]", "0.875"), "std": ("> 0", "0.229 0.224 0.225"),
+           "epochs": (">= 1", "100"), "batch_size": (">= 1", "256"), "lrs": ("> 0", "0.1 0.3 1"),
+           "wds": (">= 0", "0 0.0001"), "heldout_fraction": ("[0, 1)", "0.1"), "stats_samples": (">= 1", "10000")}
+_RULES = {">= 1": lambda x: x >= 1, ">= 0": lambda x: x >= 0, "> 0": lambda x: x > 0,
+          "(0, 1]": lambda x: 0 < x <= 1, "[0, 1)": lambda x: 0 <= x < 1}
+
+
+def check_number(value: float, rule: str, name: str, example: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is finite and keeps ``rule`` (a key of ``_RULES``)."""
+    if not (math.isfinite(value) and _RULES[rule](value)):
+        raise ValueError(f"{name} {value:g} must be {'in ' if rule[0] in '([' else ''}{rule} (e.g. {example})")
+
+
 def recipe_names() -> List[str]:
     return sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
 
@@ -106,8 +121,10 @@ def _coerce(recipe: Recipe, source: str) -> Recipe:
     for field_name in ("lrs", "wds", "features"):
         if not values[field_name]:
             raise ValueError(f"recipe {source}: {field_name} is empty; give at least one value")
-    if values["epochs"] < 1 or values["batch_size"] < 1 or not 0 < values["crop_ratio"] <= 1:
-        raise ValueError(f"recipe {source}: epochs and batch_size must be >= 1 and crop_ratio in (0, 1]")
+    for field_name, (rule, example) in _RANGES.items():
+        for value in values[field_name] if isinstance(values[field_name], tuple) else (values[field_name],):
+            check_number(value, rule, f"--{field_name.replace('_', '-')}" if source == "overrides"
+                         else f"recipe {source}: {field_name}", example)
     if len(values["mean"]) != 3 or len(values["std"]) != 3:
         raise ValueError(f"recipe {source}: mean and std need one value per RGB channel")
     if len(values["crop_scale"]) != 2 or not 0 < values["crop_scale"][0] <= values["crop_scale"][1] <= 1:

@@ -165,3 +165,47 @@ def test_results_of_runs_are_labelled_by_run_and_checkpoint_and_never_collide(di
     table = capsys.readouterr().out
     assert table.count("| dino_a/model_final_checkpoint_phase1 |") == 2
     assert table.count("| dino_b/model_final_checkpoint_phase1 |") == 2
+
+
+BAD_NUMBERS = [
+    ("linear-probe", ["--epochs", "0"], r"--epochs 0 must be >= 1"),
+    ("linear-probe", ["--epochs", "-1"], r"--epochs -1 must be >= 1"),
+    ("linear-probe", ["--batch-size", "0"], r"--batch-size 0 must be >= 1"),
+    ("linear-probe", ["--lrs", "0.1", "-1"], r"--lrs -1 must be > 0"),
+    ("linear-probe", ["--lrs", "0"], r"--lrs 0 must be > 0"),
+    ("linear-probe", ["--wds", "0", "-0.001"], r"--wds -0.001 must be >= 0"),
+    ("linear-probe", ["--heldout-fraction", "1"], r"--heldout-fraction 1 must be in \[0, 1\)"),
+    ("linear-probe", ["--image-size", "0"], r"--image-size 0 must be >= 1"),
+    ("linear-probe", ["--fraction", "0"], r"--fraction 0 must be in \(0, 1\]"),
+    ("linear-probe", ["--workers", "-1"], r"--workers -1 must be >= 0"),
+    ("linear-probe", ["--threads", "0"], r"--threads 0 must be >= 1"),
+    ("knn", ["--ks", "20", "0"], r"--ks 0 must be >= 1"),
+    ("knn", ["--ks", "-5"], r"--ks -5 must be >= 1"),
+    ("knn", ["--temperature", "0"], r"--temperature 0 must be > 0"),
+    ("knn", ["--batch-size", "-2"], r"--batch-size -2 must be >= 1"),
+    ("knn", ["--fraction", "1.5"], r"--fraction 1.5 must be in \(0, 1\]"),
+    ("study", ["--knn", "--ks", "0"], r"--ks 0 must be >= 1"),
+    ("study", ["--lrs", "-1"], r"--lrs -1 must be > 0"),
+    ("study", ["--epochs", "0"], r"--epochs 0 must be >= 1"),
+    ("study", ["--from-scratch", "0"], r"--from-scratch 0 must be >= 1"),
+    ("study", ["--fractions", "0.1", "0"], r"--fractions 0 must be in \(0, 1\]"),
+]
+
+
+@pytest.mark.parametrize("command,extra,message", BAD_NUMBERS, ids=[" ".join(case[:2][1]) + f" ({case[0]})"
+                                                                       for case in BAD_NUMBERS])
+def test_bad_numbers_are_refused_before_any_work(empty_data, tmp_path, capsys, command, extra, message):
+    source = [] if command == "study" else ["--random", "convit_tiny"]
+    argv = [command, "low-data"] if command == "study" else [command]
+    assert main([*argv, *source, *extra, "--out", str(tmp_path / "out"), "--no-cache", "--quiet"]) == 2
+    assert re.search(message, one_line_error(capsys, command))
+    assert not empty_data.exists() and not (tmp_path / "out").exists()  # no dataset made, nothing written
+
+
+def test_a_bad_recipe_file_names_the_field(empty_data, tmp_path, capsys):
+    from convit_ssl.evaluation.linear_probe import RECIPE_DIR
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text((RECIPE_DIR / "digits.yaml").read_text().replace("wds:", "wds: [-0.5] #"))
+    assert main(["linear-probe", "--random", "convit_tiny", "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    assert "recipe mine.yaml: wds -0.5 must be >= 0" in one_line_error(capsys, "linear-probe")
