@@ -50,8 +50,9 @@ def test_probe_knn_and_results_from_a_checkpoint(digits_data, make_trunk, tmp_pa
 def test_random_trunk_probe_with_a_label_fraction(digits_data, tmp_path):
     out = tmp_path / "eval"
     assert main(["linear-probe", "--random", "convit_tiny", *TINY_OPTIONS, "--fraction", "0.1", "--seed", "2",
-                 "--out", str(out), *QUICK]) == 0
+                 "--batch-size", "5000", "--out", str(out), *QUICK]) == 0  # a batch larger than the dataset
     (probe,) = results_in(out)
+    assert probe["recipe"]["batch_size"] == 5000 and probe["chosen"]["test_top1"] > 0
     model = probe["manifest"]["models"][0]
     assert model["source"] == "random" and model["options"]["img_size"] == 32 and model["init_seed"] == 2
     assert probe["dataset"]["fraction"] == 0.1 and probe["dataset"]["train"] + probe["dataset"]["heldout"] == 139
