@@ -477,7 +477,8 @@ def final_checkpoint(run_dir: Path) -> Path:
 class EvaluationJob:
     """``convit-ssl EVAL --checkpoint <final checkpoint of run_dir> ARGS``, run after pretraining succeeded.
 
-    Unless ARGS set them: ``--out <run_dir>/EVAL``, ``--name <run folder name>``, and ``--device cpu`` with ``--cpu``.
+    Unless ARGS set them: ``--out <run_dir>/EVAL`` and ``--device cpu`` with ``--cpu``; results are labelled
+    ``<run folder>/<checkpoint>`` as for any checkpoint of a run folder.
     """
 
     def __init__(self, command: str, args: Sequence[str], run_dir: str, cpu: bool) -> None:
@@ -490,8 +491,7 @@ class EvaluationJob:
         from convit_ssl import cli
 
         checkpoint = final_checkpoint(Path(self.run_dir))
-        defaults = {"--out": str(Path(self.run_dir) / self.command), "--name": Path(self.run_dir).name,
-                    **({"--device": "cpu"} if self.cpu else {})}
+        defaults = {"--out": str(Path(self.run_dir) / self.command), **({"--device": "cpu"} if self.cpu else {})}
         given = {arg.split("=", 1)[0] for arg in self.args}
         argv = [self.command, "--checkpoint", str(checkpoint), *self.args]
         for flag, value in defaults.items():

@@ -110,3 +110,20 @@ def test_export_timm_of_a_run_folder_says_which_checkpoint(capsys, tmp_path):
     out = capsys.readouterr().out
     assert f"{run} is a run folder: using its latest checkpoint {run / 'model_final_checkpoint_phase1.torch'}" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pth", "run"]
+
+
+def test_evaluations_after_pretraining_are_labelled_by_run_and_checkpoint(tmp_path, monkeypatch):
+    from convit_ssl import launch
+    from convit_ssl.evaluation.arguments import checkpoint_label
+
+    run = tmp_path / "dino_tiny"
+    run.mkdir()
+    final = run / "model_final_checkpoint_phase1.torch"
+    final.write_bytes(b"")
+    (run / "checkpoint.torch").symlink_to(final.name)
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    launch.EvaluationJob("knn", ["--ks", "5"], str(run), cpu=True)()
+    (argv,) = calls
+    assert argv[:3] == ["knn", "--checkpoint", str(final)] and "--name" not in argv
+    assert checkpoint_label(final) == checkpoint_label(run / "checkpoint.torch") == "dino_tiny/model_final_checkpoint_phase1"
