@@ -218,6 +218,18 @@ def dataset_split_dir(name: str, split: str, root: Optional[Path] = None) -> Pat
     return folder
 
 
+def dataset_data_config(name: str, root: Optional[Path] = None) -> Optional[str]:
+    """The data config (``data=`` file: crops, statistics, patch size) recorded for dataset ``name`` when it was
+    registered: ``digits`` for the built-in datasets, a CIFAR copy's variant, what ``--like`` said for an image
+    folder (None when nothing was said)."""
+    _split_folder(name, "train", root)  # unknown names fail here; built-in datasets are written
+    record = read_manifest(root).get(name)
+    if record is None:
+        raise ValueError(f"dataset {name!r} has no record of its classes and images (registered by an older "
+                         f"convit-ssl or by hand): run {_again(name)}")
+    return record.get("data_file")
+
+
 def open_split(name: str, split: str, transform=None, root: Optional[Path] = None) -> "CheckedImageFolder":
     """The images of split ``split`` of catalog dataset ``name`` as a ``CheckedImageFolder``, checked against the
     record of ``prepare-data`` (see ``dataset_split_dir``)."""
@@ -521,10 +533,10 @@ def _cifar_members(path: Path) -> Iterator[Optional[Tuple[str, Dict[str, Callabl
     yield None
 
 
-def is_cifar(path: Path) -> bool:
-    """Whether ``path`` is a CIFAR-10/100 python archive or its extracted folder."""
+def cifar_variant(path: Path) -> Optional[str]:
+    """'cifar-10' or 'cifar-100' when ``path`` is a CIFAR python archive or its extracted folder, else None."""
     with _cifar_members(path) as found:
-        return found is not None
+        return None if found is None else found[0]
 
 
 def prepare_cifar(path: Path, out_dir: Path, progress: bool = True) -> Tuple[Path, Path, Dict[str, int], str]:
@@ -624,31 +636,44 @@ def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, D
 
 
 def prepare_dataset(name: str, source: Path, out_dir: Optional[Path] = None, progress: bool = True,
-                    root: Optional[Path] = None, data_file: Optional[str] = None) -> Dict[str, object]:
+                    root: Optional[Path] = None, like: Optional[str] = None) -> Dict[str, object]:
     """Register ``source`` (CIFAR archive/folder, or ImageNet-layout folder) as catalog dataset ``name``.
 
     CIFAR is written as PNGs to ``out_dir`` (default ``<data root>/<name>``) and read with the data config of its
-    variant (``cifar10``, ``cifar100``); an image folder is registered in place, with ``data_file`` (the data config
-    whose crops and statistics fit it) recorded as given. Returns a description: kind, train and val folders,
-    counts. Every check comes before anything is written.
+    variant (``cifar10``, ``cifar100``); an image folder is registered in place, read with data config ``like``
+    (default: ``name`` when a data config has that name, else none). Returns a description: kind, train and val
+    folders, counts, data config. Every check comes before anything is written.
     """
+    from convit_ssl.engine import data_config_names
+
     check_dataset_name(name)
     if name in _builtin_datasets():
         raise ValueError(f"{name!r} is a built-in dataset (written by convit-ssl prepare-data {name}, no --from): "
                          f"register yours under another name")
+    configs = data_config_names()
+    if like is not None and like not in configs:
+        raise ValueError(f"--like {like!r} is not a data config; choose from {', '.join(configs)}")
     source = Path(source).expanduser()
     if not source.exists():
         raise ValueError(f"--from {source} does not exist: pass an ImageNet-layout folder or a CIFAR python archive")
-    root = Path(root or data_root())
-    if is_cifar(source):
-        train_dir, val_dir, counts, kind = prepare_cifar(source, Path(out_dir or root / name), progress=progress)
-        data_file = kind.replace("-", "")
-    elif source.is_dir():
-        train_dir, val_dir, counts = check_image_folder(source, progress=progress)
-        kind = "image folder"
-    else:
+    variant = cifar_variant(source)
+    if variant is None and not source.is_dir():
         raise ValueError(f"{source} is neither a folder with train/ and val/ class folders nor a CIFAR-10/100 python "
                          f"archive (cifar-10-python.tar.gz, cifar-100-python.tar.gz or their extracted folder)")
+    if variant is not None and like is not None and like != variant.replace("-", ""):
+        raise ValueError(f"--like is for image folders: a CIFAR copy is read with its variant's data config, "
+                         f"{variant.replace('-', '')}; drop --like")
+    data_file = variant.replace("-", "") if variant else like or (name if name in configs else None)
+    if name in configs and data_file != name:
+        fits = f"register it as {data_file} or under another name" if data_file else "register it under another name"
+        raise ValueError(f"{name!r} names the data config {name}, which does not fit this {variant or 'image folder'} "
+                         f"copy: {fits}")
+    root = Path(root or data_root())
+    if variant is not None:
+        train_dir, val_dir, counts, kind = prepare_cifar(source, Path(out_dir or root / name), progress=progress)
+    else:
+        train_dir, val_dir, counts = check_image_folder(source, progress=progress)
+        kind = "image folder"
     register_dataset(name, train_dir, val_dir, root, kind=kind, data_file=data_file)
     return {"name": name, "kind": kind, "train": str(train_dir), "val": str(val_dir), "counts": counts,
             "data_file": data_file}

@@ -57,6 +57,26 @@ def _group_options(group: str) -> List[str]:
     return sorted(p.stem for p in (PACKAGE_CONFIGS / group).glob("*.yaml"))
 
 
+def data_config_names() -> List[str]:
+    """The shipped data configs (crop sizes, statistics, patch size of a kind of dataset): ``data=NAME``."""
+    return _group_options(SHORTHAND_GROUPS["data"])
+
+
+def _data_config_of(dataset: str, options: Sequence[str]) -> str:
+    """The data config that ``prepare-data`` recorded for registered ``dataset``; refused when there is none."""
+    from convit_ssl import data
+
+    try:
+        name = data.dataset_data_config(dataset)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if name not in options:
+        raise UsageError(f"dataset {dataset!r} has no data config recorded (which crops, statistics and patch size "
+                         f"suit it): run convit-ssl prepare-data {dataset} --from PATH --like DATA with DATA one of "
+                         f"{', '.join(options)}")
+    return name
+
+
 def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
     """Split command-line words into the recipe, the Hydra overrides and the run folder."""
     recipe, overrides, run_dir, choices, continue_with_changes = None, [], None, {}, None
@@ -71,8 +91,9 @@ def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
             choices[key] = value
             if value in options:
                 overrides.append(f"{SHORTHAND_GROUPS[key]}={value}")
-            elif key == "data":  # any dataset of the catalog, read with the recipe's crop sizes
-                overrides.append(f"config.CONVIT_SSL.DATASET={value}")
+            elif key == "data":  # a registered dataset, read with the data config recorded for it
+                overrides += [f"{SHORTHAND_GROUPS[key]}={_data_config_of(value, options)}",
+                              f"config.CONVIT_SSL.DATASET={value}"]
             else:
                 raise UsageError(f"unknown {key} {value!r}; choose from {', '.join(options)}")
         elif key.startswith("trunk."):
