@@ -45,18 +45,26 @@ def image_folder(root):
     return root
 
 
+def shipped(data_config):
+    """(global crop, local crop, mean) of a shipped data file, read from the file."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.load(engine.PACKAGE_CONFIGS / "config/convit_ssl/data" / f"{data_config}.yaml").config
+    return settings.CONVIT_SSL.GLOBAL_CROP, settings.CONVIT_SSL.LOCAL_CROP, list(settings.CONVIT_SSL.MEAN)
+
+
 def test_digits_val_takes_the_digits_settings(tmp_path, data_root, monkeypatch):
     monkeypatch.setenv(data.DATA_ENV, str(data_root))
-    drop_path = {"drop_path_rate": 0.1}
-    assert crops(compose(tmp_path, "data=digits_val")) == (
-        "digits_val", 32, 16, [0.5, 0.5, 0.5], {**drop_path, "img_size": 32, "patch_size": 4}, ["digits_val"])
-    assert crops(compose(tmp_path, "data=digits"))[1:5] == crops(compose(tmp_path, "data=digits_val"))[1:5]
+    held_out, digits = crops(compose(tmp_path, "data=digits_val")), crops(compose(tmp_path, "data=digits"))
+    assert held_out[0] == "digits_val" and held_out[5] == ["digits_val"] and held_out[1:5] == digits[1:5]
+    assert held_out[1:4] == shipped("digits") and held_out[1:3] == (32, 16)  # was ImageNet's 224 / 96
+    assert held_out[4]["img_size"] == 32 and held_out[4]["patch_size"] == 4  # was the preset's 224 / 16
 
 
 def test_a_cifar_copy_takes_its_variants_settings_and_a_folder_what_like_said(tmp_path, empty_data, capsys):
     assert main(["prepare-data", "small100", "--from", str(cifar100_folder(tmp_path / "c100")), "--quiet"]) == 0
     assert data.read_manifest()["small100"]["data_file"] == "cifar100"
-    assert crops(compose(tmp_path, "data=small100"))[:4] == ("small100", 32, 16, [0.4914, 0.4822, 0.4465])
+    assert crops(compose(tmp_path, "data=small100"))[:4] == ("small100", *shipped("cifar100"))
 
     pets = image_folder(tmp_path / "pets")
     assert main(["prepare-data", "pets", "--from", str(pets), "--quiet"]) == 0
@@ -64,7 +72,7 @@ def test_a_cifar_copy_takes_its_variants_settings_and_a_folder_what_like_said(tm
                                          r"--from PATH --like DATA .*imagenet1k"):
         compose(tmp_path, "data=pets")
     assert main(["prepare-data", "pets", "--from", str(pets), "--like", "imagenet1k", "--quiet"]) == 0
-    assert crops(compose(tmp_path, "data=pets"))[:4] == ("pets", 224, 96, [0.485, 0.456, 0.406])
+    assert crops(compose(tmp_path, "data=pets"))[:4] == ("pets", *shipped("imagenet1k"))
     with pytest.raises(UsageError, match=r"unknown dataset 'nope'"):
         compose(tmp_path, "data=nope")
 
