@@ -14,7 +14,14 @@ Built-in datasets (written on first use, no download):
   ``val`` 288 held-out training images. Choose recipes on it; report on ``digits``.
 
 ``prepare_cifar`` and ``check_image_folder`` turn a CIFAR-10/100 python archive or an ImageNet-layout folder into a
-catalog entry (``convit-ssl prepare-data``). This module does not import VISSL.
+catalog entry (``convit-ssl prepare-data``). ``dataset_manifest.json`` beside the catalog records each dataset's
+kind, the data config that fits it and each split's class folders and image count; ``dataset_split_dir`` and
+``open_split`` check them, so a changed dataset fails in one line instead of shifting labels.
+
+What this module guarantees: a folder is deleted or replaced only if this module created it (a marker file written
+first into it); CIFAR pickles are read by an allow-list unpickler that cannot run code; images are listed without
+following link loops (``list_images``) and read with errors that name the file (``read_image``). This module does
+not import VISSL.
 """
 from __future__ import annotations
 
@@ -62,16 +69,19 @@ def catalog_path(root: Optional[Path] = None) -> Path:
     return Path(root or data_root()) / CATALOG_FILE
 
 
-def read_catalog(root: Optional[Path] = None) -> Dict[str, Dict[str, List[str]]]:
-    """The catalog as a dict (empty when there is no catalog file yet)."""
-    path = catalog_path(root)
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    """The JSON object in ``path`` (empty when there is no file); a ``ValueError`` naming ``what`` and ``fix``."""
     if not path.is_file():
         return {}
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"dataset catalog {path} is not valid JSON ({error}): fix or delete it and run "
-                         f"convit-ssl prepare-data again")
+        raise ValueError(f"{what} {path} is not valid JSON ({error}): {fix}") from None
+
+
+def read_catalog(root: Optional[Path] = None) -> Dict[str, Dict[str, List[str]]]:
+    """The catalog as a dict (empty when there is no catalog file yet)."""
+    return _read_json(catalog_path(root), "dataset catalog", "fix or delete it and run convit-ssl prepare-data again")
 
 
 @contextmanager
@@ -119,23 +129,16 @@ def manifest_path(root: Optional[Path] = None) -> Path:
 
 def read_manifest(root: Optional[Path] = None) -> Dict[str, dict]:
     """``{name: {"kind", "data_file", "splits": {split: {"classes": [...], "images": N}}}}`` (empty without file)."""
-    path = manifest_path(root)
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"dataset manifest {path} is not valid JSON ({error}): delete it and run convit-ssl "
-                         f"prepare-data again for each dataset")
+    return _read_json(manifest_path(root), "dataset manifest",
+                      "delete it and run convit-ssl prepare-data again for each dataset")
 
 
 def register_dataset(name: str, train_dir: str | os.PathLike, val_dir: str | os.PathLike,
                      root: Optional[Path] = None, kind: str = "image folder",
-                     data_file: Optional[str] = None) -> Dict[str, dict]:
+                     data_file: Optional[str] = None) -> None:
     """Add or replace catalog entry ``name`` with two ``disk_folder`` splits (absolute paths), and its record in
     the manifest: ``kind``, ``data_file`` (the shipped data config whose crops and statistics fit it) and each
-    split's class folders and image count as listed now, which ``dataset_split_dir`` and ``open_split`` check.
-    Returns the split records."""
+    split's class folders and image count as listed now, which ``dataset_split_dir`` and ``open_split`` check."""
     check_dataset_name(name)
     root = Path(root or data_root())
     folders = {split: Path(folder).resolve() for split, folder in zip(SPLITS, (train_dir, val_dir))}
@@ -152,7 +155,6 @@ def register_dataset(name: str, train_dir: str | os.PathLike, val_dir: str | os.
         catalog = read_catalog(root)
         catalog[name] = {split: [str(folder)] * 2 for split, folder in folders.items()}
         write_json_atomic(catalog, catalog_path(root))
-    return splits
 
 
 # Datasets that need no input: written on first use.
@@ -187,12 +189,18 @@ def _split_folder(name: str, split: str, root: Optional[Path]) -> Path:
     return folder
 
 
-def _check_record(name: str, split: str, classes: Sequence[str], images: int, root: Optional[Path]) -> None:
-    """Raise ``ValueError`` unless the split lists the class folders and image count recorded at registration."""
-    record = read_manifest(root).get(name, {}).get("splits", {}).get(split)
+def _record(name: str, root: Optional[Path]) -> dict:
+    """The manifest entry of registered dataset ``name``; ``ValueError`` when it has none."""
+    record = read_manifest(root).get(name)
     if record is None:
         raise ValueError(f"dataset {name!r} has no record of its classes and images (registered by an older "
                          f"convit-ssl or by hand): run {_again(name)}")
+    return record
+
+
+def _check_record(name: str, split: str, classes: Sequence[str], images: int, root: Optional[Path]) -> None:
+    """Raise ``ValueError`` unless the split lists the class folders and image count recorded at registration."""
+    record = _record(name, root)["splits"][split]
     if list(classes) != record["classes"]:
         missing = [c for c in record["classes"] if c not in classes]
         added = [c for c in classes if c not in record["classes"]]
@@ -223,11 +231,7 @@ def dataset_data_config(name: str, root: Optional[Path] = None) -> Optional[str]
     registered: ``digits`` for the built-in datasets, a CIFAR copy's variant, what ``--like`` said for an image
     folder (None when nothing was said)."""
     _split_folder(name, "train", root)  # unknown names fail here; built-in datasets are written
-    record = read_manifest(root).get(name)
-    if record is None:
-        raise ValueError(f"dataset {name!r} has no record of its classes and images (registered by an older "
-                         f"convit-ssl or by hand): run {_again(name)}")
-    return record.get("data_file")
+    return _record(name, root)["data_file"]
 
 
 def open_split(name: str, split: str, transform=None, root: Optional[Path] = None) -> "CheckedImageFolder":
