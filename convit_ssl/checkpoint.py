@@ -378,13 +378,13 @@ def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Opt
     """
     source, out = checkpoint_file(checkpoint), Path(out)
     if out.is_dir():
-        raise CheckpointError(f"export-timm OUT {out} is a folder: pass a file name for OUT, e.g. "
+        raise CheckpointError(f"output {out} is a folder: pass a file name for the output, e.g. "
                               f"{out / (source.stem + '_timm.pth')}")
     inputs = [path for path in (source, source.parent / "train_config.yaml") if path.exists()]
     same = [path for path in inputs if out.exists() and os.path.samefile(out, path)]
     if same:
-        raise CheckpointError(f"export-timm OUT {out} is an input of the export (the same file as {same[0]}): "
-                              f"pass another OUT, e.g. {source.parent / (source.stem + '_timm.pth')}")
+        raise CheckpointError(f"output {out} is an input of the export (the same file as {same[0]}): pass "
+                              f"another output path, e.g. {source.parent / (source.stem + '_timm.pth')}")
     trunk, report = load_trunk(source, arch=arch)
     atomic_save(to_timm_state_dict(trunk), out)
     return report

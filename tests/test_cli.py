@@ -95,9 +95,9 @@ def test_export_timm_never_overwrites_its_input(capsys, tmp_path):
     for source, out in [(final, final), (link, link), (link, final), (final, link), (final, tmp_path / "hard_link.torch"),
                         (final, run / "train_config.yaml"), (run, link)]:
         err = _error(capsys, "export-timm", str(source), str(out))
-        assert f"{out} is an input of the export" in err and "pass another OUT" in err, err
+        assert f"output {out} is an input of the export" in err and "pass another output path" in err, err
     assert {path: path.read_bytes() for path in run.iterdir()} == before and link.is_symlink()
-    assert f"{run} is a folder: pass a file name for OUT" in _error(capsys, "export-timm", str(final), str(run))
+    assert f"output {run} is a folder: pass a file name for the output" in _error(capsys, "export-timm", str(final), str(run))
 
 
 def test_export_timm_of_a_run_folder_says_which_checkpoint(capsys, tmp_path):
