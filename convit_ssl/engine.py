@@ -251,14 +251,15 @@ def derive_iteration_settings(config) -> None:
 
 def hook_generator(config):
     """VISSL's hooks plus ours. Being a function of this module, it makes every worker process that
-    VISSL spawns import ``convit_ssl`` (and so register the trunk) when it is unpickled there."""
+    VISSL spawns import ``convit_ssl`` (and so register the trunk) when it is unpickled there.
+    ``SameRunHook`` comes last: it seeds the next step after every other hook has run."""
     from vissl.hooks import default_hook_generator
 
-    from convit_ssl.hooks import PreemptionCheckpointHook, build_gating_hook
+    from convit_ssl.hooks import PreemptionCheckpointHook, SameRunHook, build_gating_hook
 
     hooks = default_hook_generator(config) + [PreemptionCheckpointHook()]
     gating = build_gating_hook(config)
-    return hooks + ([gating] if gating is not None else [])
+    return hooks + ([gating] if gating is not None else []) + [SameRunHook()]
 
 
 def wait_for_preemption_checkpoint(run_dir, signalled_at: float, timeout_s: float = 90.0) -> bool:

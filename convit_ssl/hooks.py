@@ -1,4 +1,7 @@
-"""Training hook that records what the gates learn (see ``convit_ssl.diagnostics``).
+"""Our training hooks: what the gates learn, checkpoints on signals, resumed runs that are the same run.
+
+``PreemptionCheckpointHook`` saves at the next step after SIGUSR2 or SIGTERM; ``SameRunHook`` derives every
+random number from the position in training and cuts VISSL's logs back to the checkpoint on resume.
 
 ``GatingDiagnosticsHook`` keeps the first images of the first training batch it sees as a fixed
 probe batch. Before the forward pass of every ``frequency``-th update, and at the end of every
@@ -20,13 +23,17 @@ This module imports classy_vision, not VISSL; ``build_gating_hook`` reads the co
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import threading
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
 
+import numpy as np
 import torch
 from classy_vision.generic.distributed_util import is_primary
 from classy_vision.hooks.classy_hook import ClassyHook
@@ -48,6 +55,29 @@ def _first_images(inputs: Any) -> torch.Tensor:
         else:  # list of crops (multi-crop) or VISSL's MultiDimensionalTensor: the first (global) crop
             inputs = inputs[0]
     return inputs
+
+
+def truncate_json_lines(path: Path, keep) -> int:
+    """Cut a JSON-lines file before its first line that ``keep(record)`` rejects, does not parse or has no
+    newline (a write cut short by a kill). One truncate call: the kept lines are never rewritten, and an
+    append-mode stream open on the file goes on writing at its new end. Returns the lines dropped."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    offset = 0
+    for line in data.splitlines(keepends=True):
+        try:
+            kept = line.endswith(b"\n") and keep(json.loads(line))
+        except ValueError:
+            kept = False
+        if not kept:
+            break
+        offset += len(line)
+    if offset == len(data):
+        return 0
+    dropped = data[offset:].count(b"\n") + (not data.endswith(b"\n"))
+    os.truncate(path, offset)
+    return dropped
 
 
 class _SelectiveHook(ClassyHook):
@@ -96,6 +126,19 @@ class GatingDiagnosticsHook(_SelectiveHook):
         self.last_iteration: Optional[int] = None
         self.disabled = False
         self._writer = None
+
+    def on_start(self, task) -> None:
+        """On resume, drop the records after the checkpoint (the killed run wrote them; they come again)
+        and do not record the checkpoint's iteration twice."""
+        checkpoint = getattr(task, "checkpoint", None)
+        if checkpoint is None or not is_primary():
+            return
+        iteration = checkpoint["iteration"]
+        path = Path(self.output_dir or task.checkpoint_folder) / METRICS_FILE
+        truncate_json_lines(path, lambda record: record["iteration"] <= iteration)
+        records = path.read_text().splitlines() if path.is_file() else []
+        if records and json.loads(records[-1])["iteration"] == iteration:
+            self.last_iteration = iteration
 
     def on_forward(self, task) -> None:
         """Keep the probe batch from the first training batch; record every ``frequency`` updates."""
@@ -187,33 +230,46 @@ PREEMPTION_MARKER = "preemption_checkpoint.json"
 
 
 class PreemptionCheckpointHook(_SelectiveHook):
-    """Save an iteration checkpoint at the next step after SIGUSR2, the signal SLURM sends before a time limit
-    or a preemption (``--signal=USR2@120``), so a requeued run loses only the step in flight.
+    """Save an iteration checkpoint soon after SIGUSR2 or SIGTERM, so a requeued run loses at most a step or two.
 
-    Every rank installs the handler; the ranks agree through an all-reduce of the flag at each step (one
-    integer), save together through VISSL's checkpoint hook, and rank 0 then writes ``PREEMPTION_MARKER``
-    in the run folder (the launcher waits for it before it requeues the job).
+    SLURM sends SIGUSR2 before a time limit or a preemption (``--signal=USR2@120``) and SIGTERM on
+    ``scontrol requeue`` (and on cancellation), some seconds before SIGKILL. Every rank installs the handler.
+    The ranks must save at the same step without a host-device synchronisation at every step: each training
+    step starts an asynchronous all-reduce (MAX) of the rank's flag on a CPU (gloo) process group and reads the
+    result of the previous step's one, so all ranks see the same answer, one step after the signal. A single
+    process reads its flag directly. The ranks save together through VISSL's checkpoint hook, rank 0 then
+    writes ``PREEMPTION_MARKER`` in the run folder (the launcher waits for it before it requeues the job), and
+    each rank that got a signal hands it on to the handler it replaced: submitit's in the launcher's own process
+    (it requeues on SIGUSR2 and ignores SIGTERM, which SLURM follows with SIGKILL), else the default one, so a
+    SIGTERM still ends the process, after the checkpoint.
     """
 
-    def __init__(self, signum: int = signal.SIGUSR2):
+    def __init__(self, signums=(signal.SIGUSR2, signal.SIGTERM)):
         super().__init__()
-        self.requested = False
-        self.previous_handler = None
+        self.requested = None  # (signum, frame) of the first signal not yet answered by a checkpoint
+        self.previous_handlers = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous_handler = signal.signal(signum, self._request)
+            for signum in signums:
+                self.previous_handlers[signum] = signal.signal(signum, self._request)
+        self._group = None  # gloo group of every rank, for the flag
+        self._pending = None  # (work, flag) of the all-reduce started at the previous step
 
     def _request(self, signum, frame) -> None:
-        self.requested = (signum, frame)
+        if self.requested is None:
+            self.requested = (signum, frame)
+
+    def on_start(self, task) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            self._group = torch.distributed.new_group(backend="gloo")  # collective: every rank calls on_start
 
     def on_step(self, task) -> None:
-        if not task.train:
+        if not task.train or not self._agreed():
             return
-        flag = torch.tensor([int(bool(self.requested))], device=task.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if not flag.item():
-            return
-        request, self.requested = self.requested, False
+        if self._pending is not None:  # the all-reduce of this step carries the signal just answered
+            self._pending[0].wait()
+            self._pending = None
+        request, self.requested = self.requested, None
         checkpointer = next(hook for hook in task.hooks if hasattr(hook, "_checkpoint_model"))
         checkpointer._checkpoint_model(task, mode_frequency=1, mode_num=task.iteration, mode="iteration")
         if is_primary():
@@ -222,7 +278,95 @@ class PreemptionCheckpointHook(_SelectiveHook):
                 json.dump({"iteration": task.iteration, "checkpoint": f"model_iteration{task.iteration}.torch"}, stream)
             os.replace(marker + ".tmp", marker)
             logging.info(f"Saved the preemption checkpoint of iteration {task.iteration}")
-        # Training in the launcher's own process (one process per node): hand the signal on to the handler it
-        # replaced, submitit's, which requeues the job now that the checkpoint exists.
-        if request and callable(self.previous_handler):
-            self.previous_handler(*request)
+        if request is not None:
+            self._hand_on(*request)
+
+    def on_end(self, task) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+    def _agreed(self) -> bool:
+        """Whether any rank had a signal by the previous step (every rank gets the same answer)."""
+        if self._group is None:
+            return self.requested is not None
+        flag = torch.tensor([int(self.requested is not None)])
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group,
+                                            async_op=True)
+        previous, self._pending = self._pending, (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item())
+
+    def _hand_on(self, signum, frame) -> None:
+        previous = self.previous_handlers.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL and signum != signal.SIGUSR2:  # SIGTERM: end the process as it asked
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+# Streams of position seeds, so that a step and a sample never share a seed.
+STEP_STREAM, SAMPLE_STREAM = 0, 1
+
+
+def seed_from_position(*position: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (CPU and CUDA) from a tuple of integers."""
+    words = np.random.SeedSequence([int(p) % 2**64 for p in position]).generate_state(6, dtype=np.uint32)
+    random.seed(int(words[0]) << 32 | int(words[1]))
+    np.random.seed(words[2:4])
+    torch.manual_seed(int(words[4]) << 32 | int(words[5]))
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Run a block without changing the global Python, numpy and torch (CPU) generators."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+STEP_LOG, EPOCH_LOG = "stdout.json", "metrics.json"  # VISSL's per-iteration and per-epoch logs
+
+
+class SameRunHook(_SelectiveHook):
+    """Make a run that is killed and resumed the same run as one that never stopped.
+
+    * Randomness is a function of the position in training, which every checkpoint holds: at the start of
+      every training step (``on_phase_start`` and ``on_step``, after the other hooks) each rank seeds Python's,
+      numpy's and torch's generators from ``(SEED_VALUE, rank, iteration)``. Drop path, MoCo's batch shuffle
+      and whatever else draws from them in the step draw the same numbers after a resume; the data
+      augmentations are seeded per sample (``convit_ssl.vissl_glue``), independent of workers and resumes.
+    * On resume, rank 0 cuts VISSL's logs back to the checkpoint's iteration: ``stdout.json`` lines of the
+      steps after it (``iter`` counts the updates before the logged one) and ``metrics.json`` lines of later
+      epochs were written by the killed run and are written again, so no entry appears twice.
+    """
+
+    def on_start(self, task) -> None:
+        checkpoint = getattr(task, "checkpoint", None)
+        if checkpoint is None or not is_primary():
+            return
+        iteration = checkpoint["iteration"]
+        folder = Path(task.checkpoint_folder)
+        dropped = truncate_json_lines(folder / STEP_LOG, lambda record: record["iter"] < iteration)
+        dropped += truncate_json_lines(folder / EPOCH_LOG, lambda record: record["iteration"] <= iteration)
+        if dropped:
+            _log.info("resumed at iteration %d: dropped %d log lines written after it", iteration, dropped)
+
+    def on_phase_start(self, task) -> None:
+        self._seed(task)
+
+    def on_step(self, task) -> None:
+        self._seed(task)
+
+    @staticmethod
+    def _seed(task) -> None:
+        if task.train:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            seed_from_position(task.config["SEED_VALUE"], rank, task.iteration, STEP_STREAM)

@@ -19,6 +19,7 @@ Building the trunk from a VISSL config (``MODEL`` section):
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -93,9 +94,15 @@ class VisslConViT(ConViT):
 
 def _atomic_save_checkpoint(checkpoint_folder: str, state, checkpoint_file: str = "checkpoint.torch") -> str:
     """classy-vision's save_checkpoint writes in place (its comment says atomically, it is not): a kill
-    during the write leaves a truncated file that auto-resume then picks. Write, fsync, rename."""
+    during the write leaves a truncated file that auto-resume then picks. Write, fsync, rename.
+
+    VISSL also stores its loop counter as ``iteration_num``, which counts one extra tick per epoch (44
+    updates in 2 epochs: 45 at the end, with ``iteration`` 44); a resume only logs with it. Both keys hold
+    the number of optimizer updates done."""
     from convit_ssl.checkpoint import atomic_save
 
+    if isinstance(state, dict) and "iteration" in state and "iteration_num" in state:
+        state = {**state, "iteration_num": state["iteration"]}
     path = Path(checkpoint_folder) / checkpoint_file
     atomic_save(state, path)
     return str(path)
@@ -147,6 +154,99 @@ def _print_reproduction_env(current_env: Mapping[str, str]) -> None:
                  f"{', '.join(LOGGED_ENV_PREFIXES)}*, {', '.join(LOGGED_ENV_NAMES)})")
 
 
+def _seeded_per_sample(getitem):
+    """GenericSSLDataset.__getitem__ draws its augmentations from the global generators, whose state in a
+    loader worker depends on the worker count, the batches the worker made before and, after a resume, on
+    the worker's fresh start: a resumed run augments differently. Seed them per sample from
+    ``(SEED_VALUE, epoch, index)``; in the training process itself (no workers) keep its own state."""
+    from convit_ssl.hooks import SAMPLE_STREAM, preserved_random_state, seed_from_position
+    from torch.utils.data import get_worker_info
+
+    @functools.wraps(getitem)
+    def seeded_getitem(self, idx):
+        epoch = getattr(self, "augmentation_epoch", None)
+        if epoch is None:  # not driven by a training task (feature extraction)
+            return getitem(self, idx)
+        position = (self.cfg["SEED_VALUE"], epoch, idx, SAMPLE_STREAM)
+        if get_worker_info() is not None:
+            seed_from_position(*position)
+            return getitem(self, idx)
+        with preserved_random_state():
+            seed_from_position(*position)
+            return getitem(self, idx)
+
+    return seeded_getitem
+
+
+def _telling_dataset_the_epoch(set_epoch):
+    """TrainTask.set_epoch tells the sampler the epoch before every data iterator is made; tell the dataset
+    too (its copies in the loader workers are made after it), for the per-sample seeds."""
+
+    @functools.wraps(set_epoch)
+    def set_epoch_everywhere(self, phase_type, epoch, start_iter, train_phase_idx):
+        self.datasets[phase_type].augmentation_epoch = epoch
+        return set_epoch(self, phase_type, epoch, start_iter, train_phase_idx)
+
+    return set_epoch_everywhere
+
+
+def _random_state_neutral(build):
+    """DINO's teacher and MoCo's key encoder are built (randomly initialised, then overwritten) at the first
+    forward pass of a run, so a resumed run draws from the generators where the uninterrupted run did not:
+    build them without touching the generators."""
+    from convit_ssl.hooks import preserved_random_state
+
+    @functools.wraps(build)
+    def build_quietly(self, task):
+        with preserved_random_state():
+            return build(self, task)
+
+    return build_quietly
+
+
+def _moco_encoder_caught_up(build):
+    """On resume, VISSL's MoCo hook loads the key encoder from the checkpoint at the first forward pass and
+    skips that step's momentum update, which the uninterrupted run makes (the encoder ends 1 - momentum of a
+    step behind), and leaves the loaded parameters trainable. Make the update; freeze them."""
+
+    @functools.wraps(build)
+    def build_caught_up(self, task):
+        resumed = task.loss.checkpoint is not None
+        build(self, task)
+        for parameter in task.loss.moco_encoder.parameters():
+            parameter.requires_grad = False
+        if resumed:
+            self._update_momentum_encoder(task)
+
+    return build_caught_up
+
+
+class _DurableLines:
+    """VISSL's stdout.json stream buffers 10 KB, so a killed run lost its last iterations (all of them in a
+    short job). Every line written reaches the disk before the training goes on."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+        os.fsync(self.stream.fileno())
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _with_durable_step_log(init):
+    @functools.wraps(init)
+    def init_durable(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.json_stdout_logger is not None:
+            self.json_stdout_logger = _DurableLines(self.json_stdout_logger)
+
+    return init_durable
+
+
 def register_datasets() -> None:
     """Make every dataset of our catalog (convit_ssl.data) known to VISSL's dataset catalog."""
     from vissl.data.dataset_catalog import VisslDatasetCatalog
@@ -187,6 +287,18 @@ def _patch_vissl() -> None:
     vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint
     vissl_checkpoint.create_file_symlink = _atomic_symlink
     vissl_checkpoint.get_checkpoint_resume_files = _latest_checkpoint_file
+    # A resumed run is the same run (see convit_ssl.hooks.SameRunHook): positional seeds, quiet builders.
+    from vissl.data.ssl_dataset import GenericSSLDataset
+    from vissl.hooks.dino_hooks import DINOHook
+    from vissl.hooks.log_hooks import LogLossLrEtaHook
+    from vissl.hooks.moco_hooks import MoCoHook
+    from vissl.trainer.train_task import SelfSupervisionTask
+
+    GenericSSLDataset.__getitem__ = _seeded_per_sample(GenericSSLDataset.__getitem__)
+    SelfSupervisionTask.set_epoch = _telling_dataset_the_epoch(SelfSupervisionTask.set_epoch)
+    DINOHook._build_momentum_network = _random_state_neutral(DINOHook._build_momentum_network)
+    MoCoHook._build_moco_encoder = _random_state_neutral(_moco_encoder_caught_up(MoCoHook._build_moco_encoder))
+    LogLossLrEtaHook.__init__ = _with_durable_step_log(LogLossLrEtaHook.__init__)
 
 
 _REGISTERED = False
