@@ -41,7 +41,14 @@ signal, else the last one written at the end of an epoch or every
 ``CHECKPOINT.CHECKPOINT_ITER_FREQUENCY`` iterations. Checkpoints are written atomically, so an
 interrupted save leaves the previous one. Requeues after a time-out are counted against
 ``--max-requeues``; preemptions are not. Jobs are submitted with ``--requeue``, so SLURM may also
-requeue them after a node failure, and ``scontrol requeue JOBID`` restarts a run by hand.
+requeue them after a node failure, and ``scontrol requeue JOBID`` restarts a run by hand: SLURM sends
+SIGTERM first (KillWait seconds before SIGKILL), on which the training processes also save at the next step
+(submitit ignores SIGTERM), so the requeued run resumes there rather than at the last epoch checkpoint.
+
+Chained evaluations (``--then``) are submitted with ``--dependency=afterok:<pretraining>`` and
+``--kill-on-invalid-dep=yes``: when the pretraining fails or is cancelled, SLURM cancels them instead of
+leaving them pending for ever (``DependencyNeverSatisfied``). ``--dry-run`` runs the cluster checks
+(partition, node count) where SLURM answers, and otherwise prints that it skipped them.
 """
 from __future__ import annotations
 
@@ -162,6 +169,7 @@ class Plan:
     job_name: str
     evaluations: List[Tuple[str, List[str]]] = field(default_factory=list)
     partition: Optional[str] = None
+    cluster_check: str = ""  # --dry-run: what the cluster checks found, or why they were skipped
 
 
 def parse_minutes(text: str) -> int:
@@ -302,7 +310,10 @@ def check_cluster(args: argparse.Namespace) -> Optional[str]:
     """The partition exists and has enough nodes; returns the partition jobs go to."""
     if shutil.which("sbatch") is None:
         raise LaunchError("sbatch not found: run on a SLURM login node, or use --local or --dry-run")
-    counts, default = partitions()
+    return check_partition(args, *partitions())
+
+
+def check_partition(args: argparse.Namespace, counts: Dict[str, int], default: Optional[str]) -> str:
     partition = args.partition or default
     if partition is None:
         raise LaunchError(f"this cluster has no default partition: pass --partition ({', '.join(sorted(counts))})")
@@ -311,6 +322,20 @@ def check_cluster(args: argparse.Namespace) -> Optional[str]:
     if args.nodes > counts[partition]:
         raise LaunchError(f"--nodes {args.nodes} but partition {partition!r} has {counts[partition]} nodes")
     return partition
+
+
+def dry_run_cluster_check(args: argparse.Namespace) -> Tuple[Optional[str], str]:
+    """--dry-run: the cluster checks of a submission where SLURM answers (a failure is an error, as it would
+    be on submitting), else a line saying they were skipped and why. Returns the partition and that line."""
+    unchecked = "partition and node count not checked"
+    if shutil.which("sbatch") is None:
+        return args.partition, f"# cluster checks skipped: no sbatch on this machine ({unchecked})"
+    try:
+        cluster = partitions()
+    except LaunchError as error:
+        return args.partition, f"# cluster checks skipped: {error} ({unchecked})"
+    partition = check_partition(args, *cluster)
+    return partition, f"# cluster checks passed: partition {partition!r} has the {args.nodes} node(s) asked for"
 
 
 def check_job_dir(job_dir: str, create: bool) -> None:
@@ -368,7 +393,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     evaluations = parse_then(args.then)
     points = sweep_points(overrides + launcher_overrides(args), args.sweep)
     submits = not (args.local or args.dry_run or args.print_config)
-    partition = check_cluster(args) if submits else args.partition
+    partition, cluster_check = args.partition, ""
+    if submits:
+        partition = check_cluster(args)
+    elif args.dry_run and not args.local:
+        partition, cluster_check = dry_run_cluster_check(args)
     swept = {_key(sweep) for sweep in args.sweep}
     job_name = args.job_name or default_job_name([o for o in overrides if _key(o) not in swept])
     root = os.environ.get(RUNS_ENV) or "runs"
@@ -377,7 +406,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     job_dir = str(Path(job_dir).expanduser().absolute())
     check_job_dir(job_dir, create=False)
     compose_points(points, job_dir)
-    return Plan(points, job_dir, job_name, evaluations, partition)
+    return Plan(points, job_dir, job_name, evaluations, partition, cluster_check)
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -533,6 +562,8 @@ def make_executor(args: argparse.Namespace, folder: str, *, nodes: int, gpus: in
         return executor
     executor = _slurm_executor(folder, args.max_requeues, script_only=args.dry_run and shutil.which("srun") is None)
     extra = {"requeue": True}
+    if dependency:  # a chained job whose parent fails or is cancelled is cancelled too, not left pending
+        extra["kill_on_invalid_dep"] = "yes"
     extra.update(option.split("=", 1) for option in args.slurm)
     parameters = dict(
         job_name=name, partition=partition, time=minutes, nodes=nodes, ntasks_per_node=1,
@@ -591,6 +622,7 @@ def print_plan(args: argparse.Namespace, plan: Plan) -> None:
                                  partition=plan.partition)
         if len(plan.points) > 1:
             executor.parameters["map_count"] = len(plan.points)
+        print(plan.cluster_check)
         print("# sbatch script")
         print(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
     for point in plan.points:
@@ -599,7 +631,7 @@ def print_plan(args: argparse.Namespace, plan: Plan) -> None:
         print(yaml.safe_dump(json.loads(json.dumps(point.config, default=str)), sort_keys=False), end="")
     for name, eval_args in plan.evaluations:
         print(f"# then: convit-ssl {name} --checkpoint <final checkpoint> {shlex.join(eval_args)}"
-              f" (afterok on pretraining)")
+              f" (afterok on pretraining, cancelled with it)")
 
 
 def describe(submitted: Sequence[Submitted]) -> str:

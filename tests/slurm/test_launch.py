@@ -136,7 +136,16 @@ def test_dry_run_prints_the_sbatch_script_and_config(job_env, capsys, tiny):
                  "#SBATCH --signal=USR2@120", "srun --unbuffered"):
         assert line in out
     assert "NUM_NODES: 4" in out and "NUM_PROC_PER_NODE: 8" in out and "BACKEND: nccl" in out
+    assert "# cluster checks skipped: " in out and "partition and node count not checked" in out  # no SLURM here
     assert not job_env.exists(), "a dry run created the job folder"
+
+
+def test_chained_evaluation_is_cancelled_with_its_pretraining(job_env):
+    args = launch.build_parser().parse_args(["--dry-run", "--partition", "gpu", "config=dino"])
+    executor = launch.make_executor(args, str(job_env), nodes=1, gpus=1, name="knn-x", partition="gpu",
+                                    dependency="afterok:42")
+    script = executor._make_submission_file_text(executor._submitit_command_str, "x")
+    assert "#SBATCH --dependency=afterok:42" in script and "#SBATCH --kill-on-invalid-dep=yes" in script
 
 
 def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
