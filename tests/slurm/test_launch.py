@@ -103,13 +103,46 @@ def test_preempted_job_resumes_from_its_checkpoint(slurm, capsys, tiny):
     assert final_iteration(pretrain.run_dir) == 4 * 4  # every iteration done once: nothing lost, nothing repeated
 
 
+@pytest.mark.slow
+def test_hand_requeue_resumes_from_the_checkpoint_saved_on_sigterm(slurm, tiny):
+    """``scontrol requeue`` sends SIGTERM (then SIGKILL after KillWait): the ranks save at their next step."""
+    overrides = replaced(tiny, "config.OPTIMIZER.num_epochs=4", "config.DATA.TRAIN.DATA_LIMIT=64")
+    args = launch.build_parser().parse_args(["--nodes", "2", *CPU, *overrides])
+    (pretrain,) = launch.submit(args, launch.make_plan(args))
+    job_id = pretrain.job.job_id
+    wait_for(lambda: (pretrain.run_dir / "model_phase0.torch").exists(), 120, "the first checkpoint")
+    slurm.run("scontrol", "requeue", job_id)
+    wait_for(lambda: int(slurm.job_state(job_id).get("Restarts", 0)) >= 1
+             and slurm.job_state(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240,
+             "the requeued job to finish")
+    state = slurm.job_state(job_id)
+    assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, pretrain.job.paths.stderr.read_text()
+    marker = json.loads((pretrain.run_dir / "preemption_checkpoint.json").read_text())
+    assert marker["iteration"] >= 4, marker  # saved on the signal, after the first epoch's checkpoint
+    log = pretrain.job.paths.stdout.read_text()
+    resumed_from = log.split("Resume from file: ")[1].split()[0]
+    # the run goes on until SIGKILL and may checkpoint again: it resumes from the signal's checkpoint or a later one
+    assert torch.load(resumed_from, map_location="cpu", weights_only=True)["iteration"] >= marker["iteration"]
+    assert final_iteration(pretrain.run_dir) == 4 * 4
+
+
+@pytest.mark.slow
+def test_chained_evaluation_is_cancelled_when_its_pretraining_is(slurm, tiny):
+    args = launch.build_parser().parse_args(["--nodes", "1", *CPU, "--then", "knn=--recipe digits --ks 5", *tiny])
+    pretrain, knn = launch.submit(args, launch.make_plan(args))
+    slurm.run("scancel", pretrain.job.job_id)
+    wait_for(lambda: knn.job.job_id not in slurm.queue(), 60, "the chained kNN job to leave the queue")
+    assert slurm.job_state(knn.job.job_id).get("JobState") in ("CANCELLED", None), slurm.job_state(knn.job.job_id)
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
 @pytest.mark.parametrize("option, message", [
     (["--partition", "nope"], "unknown partition 'nope': this cluster has test"),
     (["--nodes", "3"], "--nodes 3 but partition 'test' has 2 nodes"),
 ])
 @pytest.mark.slow
-def test_cluster_errors_before_submitting(slurm, capsys, option, message, tiny):
-    assert launch.main([*option, *CPU, *tiny]) == 2
+def test_cluster_errors_before_submitting(slurm, capsys, option, message, dry_run, tiny):
+    assert launch.main([*dry_run, *option, *CPU, *tiny]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert slurm.queue() == []
