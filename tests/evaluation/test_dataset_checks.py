@@ -127,3 +127,21 @@ def test_vissl_training_names_the_image_it_cannot_read(tmp_path, make_image_data
     assert len(dataset) == 9 and np.asarray(dataset[3][0]).max() == 40  # class b
     with pytest.raises(ValueError, match=f"cannot read image {broken}"):
         dataset[8]
+
+
+@pytest.mark.slow
+def test_convit_ssl_train_names_the_image_it_cannot_read(empty_data, tmp_path, make_image_dataset):
+    import subprocess
+    import sys
+
+    folder = make_image_dataset(tmp_path / "abc", per_class=4)
+    assert main(["prepare-data", "abc", "--from", str(folder), "--like", "digits", "--quiet"]) == 0
+    broken = folder / "train" / "b" / "3.png"
+    broken.write_text("not an image")  # after prepare-data: only reading it finds out
+    run = subprocess.run([sys.executable, "-m", "convit_ssl", "train", "config=digits_simclr", "data=abc",
+                          "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=4", "config.OPTIMIZER.num_epochs=1",
+                          "trunk.depth=2", "trunk.local_up_to_layer=1", f"run_dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"convit-ssl train: error: cannot read image {broken} (UnidentifiedImageError"), last
