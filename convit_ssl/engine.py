@@ -225,6 +225,14 @@ def validate(config) -> None:
                 f"{kwargs['embed_dim']} wide but the heads expect EMBED_DIM={expected}; leave EMBED_DIM unset (it "
                 f"follows model=PRESET and trunk.embed_dim)"
             )
+    keep_last = config.CHECKPOINT.get("KEEP_LAST_N", -1)
+    keep_every = config.CHECKPOINT.get("KEEP_EVERY_N_EPOCHS", 0)
+    if type(keep_last) is not int or not (keep_last >= 1 or keep_last == -1):
+        raise UsageError(f"CHECKPOINT.KEEP_LAST_N={keep_last!r}: keep at least 1 checkpoint (the newest), or -1 "
+                         f"to keep them all")
+    if type(keep_every) is not int or keep_every < 0:
+        raise UsageError(f"CHECKPOINT.KEEP_EVERY_N_EPOCHS={keep_every!r}: give a whole number of epochs, 0 for no "
+                         f"milestone checkpoints")
     tensorboard = config.HOOKS.TENSORBOARD_SETUP
     if tensorboard.USE_TENSORBOARD and tensorboard.FLUSH_EVERY_N_MIN <= 0:
         raise UsageError("HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_MIN must be at least 1: at 0 TensorBoard's writer "

@@ -13,7 +13,8 @@ A run folder (VISSL's checkpoint folder, ``config.CHECKPOINT.DIR``) holds one ru
 
 Guarantees (each function says which it keeps): one run at a time (``owned``); the recorded config never
 changes under its checkpoints unless the user continues with changes explicitly (``record_config``);
-``latest_checkpoint`` is the one rule for "the newest checkpoint".
+``latest_checkpoint`` is the one rule for "the newest checkpoint"; ``prune_checkpoints`` deletes only
+this run's superseded checkpoint files, never the newest, the linked one, the final one or a milestone.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -32,6 +34,8 @@ LOCK_FILE = "run.lock"
 CONFIG_FILE = "train_config.yaml"
 CONFIG_HISTORY_FILE = "train_config_history.jsonl"
 LATEST_LINK = "checkpoint.torch"
+# Checkpoint names VISSL writes for a consolidated (non-FSDP) model; only these are ever pruned.
+_PRUNABLE = re.compile(r"model_(phase|iteration)(\d+)\.torch")
 # Config keys that name where or how the processes meet, not what is trained.
 _NOT_COMPARED = ("CHECKPOINT.DIR", "DISTRIBUTED.RUN_ID", "CONVIT_SSL.CONTINUE_WITH_CHANGES")
 
@@ -62,6 +66,33 @@ def latest_checkpoint(run_dir, skip_final: bool = False, nth: int = 1) -> Option
     if not others:
         return None
     return others[min(len(others), max(1, nth)) - 1]
+
+
+def prune_checkpoints(run_dir, keep_last: int, keep_every_epochs: int) -> List[Path]:
+    """Delete superseded checkpoints; returns the deleted files.
+
+    Kept: the ``keep_last`` newest, the final checkpoint, the target of ``checkpoint.torch``, every
+    ``model_phase<N>`` that ends an epoch divisible by ``keep_every_epochs`` (0: no milestones), and every
+    file whose name is not one VISSL gives a consolidated checkpoint. ``keep_last=-1`` keeps everything.
+    Call it only after the newest checkpoint is complete (saves are atomic) and linked.
+    """
+    if keep_last < 1:
+        return []
+    folder = Path(run_dir)
+    files = sorted(checkpoint_files(folder), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    link = folder / LATEST_LINK
+    linked = (folder / os.readlink(link)).name if link.is_symlink() else None
+    deleted = []
+    for path in files[keep_last:]:
+        match = _PRUNABLE.fullmatch(path.name)
+        if match is None or path.name == linked:
+            continue
+        kind, number = match.group(1), int(match.group(2))
+        if kind == "phase" and keep_every_epochs > 0 and (number + 1) % keep_every_epochs == 0:
+            continue
+        path.unlink()
+        deleted.append(path)
+    return deleted
 
 
 # ---------------------------------------------------------------------------------------------- ownership

@@ -247,6 +247,26 @@ def _with_durable_step_log(init):
     return init_durable
 
 
+def _checkpoint_then_prune(original):
+    """Wrap VISSL's ``LogLossMetricsCheckpointHook._checkpoint_model``, which keeps every checkpoint it writes:
+    after each save, the primary process deletes the superseded ones (``run_folder.prune_checkpoints``) as
+    ``CHECKPOINT.KEEP_LAST_N`` and ``KEEP_EVERY_N_EPOCHS`` say (absent: all are kept). FSDP shards are kept."""
+    from classy_vision.generic.distributed_util import is_primary
+    from fairscale.nn.data_parallel import FullyShardedDataParallel
+
+    from convit_ssl.run_folder import prune_checkpoints
+
+    @functools.wraps(original)
+    def checkpoint_model(self, task, *args, **kwargs):
+        original(self, task, *args, **kwargs)
+        keep = task.config["CHECKPOINT"]
+        if is_primary() and not isinstance(task.base_model, FullyShardedDataParallel):
+            prune_checkpoints(task.checkpoint_folder, keep_last=keep.get("KEEP_LAST_N", -1),
+                              keep_every_epochs=keep.get("KEEP_EVERY_N_EPOCHS", 0))
+
+    return checkpoint_model
+
+
 def register_datasets() -> None:
     """Make every dataset of our catalog (convit_ssl.data) known to VISSL's dataset catalog."""
     from vissl.data.dataset_catalog import VisslDatasetCatalog
@@ -274,6 +294,7 @@ def _patch_vissl() -> None:
     import vissl.engines.train as vissl_train_engine
     import vissl.utils.checkpoint as vissl_checkpoint
     import vissl.utils.env as vissl_env
+    from vissl.hooks.log_hooks import LogLossMetricsCheckpointHook
 
     from convit_ssl.data import CheckedImageFolder
 
@@ -284,6 +305,8 @@ def _patch_vissl() -> None:
     for engine in (vissl_train_engine, vissl_extract_features, vissl_extract_cluster, vissl_env):
         engine.print_system_env_info = _print_reproduction_env
 
+    checkpointer = LogLossMetricsCheckpointHook
+    checkpointer._checkpoint_model = _checkpoint_then_prune(checkpointer._checkpoint_model)
     vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint
     vissl_checkpoint.create_file_symlink = _atomic_symlink
     vissl_checkpoint.get_checkpoint_resume_files = _latest_checkpoint_file

@@ -1,0 +1,58 @@
+"""Old checkpoints are deleted once newer ones are complete; the newest, the linked, the final and milestones stay."""
+import os
+
+import pytest
+import torch
+
+from tiny_training import run, train_command
+
+
+def _write(folder, name, mtime):
+    path = folder / name
+    path.write_bytes(b"checkpoint")
+    os.utime(path, ns=(mtime, mtime))
+    return path
+
+
+def test_prune_keeps_the_newest_the_linked_the_final_and_milestones(tmp_path):
+    from convit_ssl.run_folder import prune_checkpoints
+
+    names = [f"model_phase{n}.torch" for n in range(10)] + ["model_iteration230.torch", "model_iteration250.torch"]
+    for order, name in enumerate(names):
+        _write(tmp_path, name, 10**18 + order * 10**9)
+    foreign = ["model_phase3_shard0.torch", "model_phase2.torch.tmp", "model_phase1_backup.torch", "notes.torch"]
+    for name in foreign:
+        _write(tmp_path, name, 10**18)
+    _write(tmp_path, "model_final_checkpoint_phase10.torch", 1)  # the final one, whatever its time
+    os.symlink("model_phase6.torch", tmp_path / "checkpoint.torch")  # what an evaluation reads
+    deleted = prune_checkpoints(tmp_path, keep_last=2, keep_every_epochs=5)
+    kept = {"model_iteration230.torch", "model_iteration250.torch",  # the 2 newest
+            "model_phase4.torch", "model_phase9.torch",  # epochs 5 and 10
+            "model_phase6.torch", "model_final_checkpoint_phase10.torch", *foreign}
+    assert {p.name for p in tmp_path.iterdir()} == kept | {"checkpoint.torch"}
+    assert sorted(p.name for p in deleted) == sorted(set(names) - kept)
+    assert prune_checkpoints(tmp_path, keep_last=-1, keep_every_epochs=0) == []
+
+
+@pytest.mark.slow
+def test_training_keeps_the_last_and_milestone_checkpoints(tmp_path, train_env):
+    run_dir = tmp_path / "run"
+    command = train_command(run_dir, "config.OPTIMIZER.num_epochs=5", "config.CHECKPOINT.CHECKPOINT_FREQUENCY=1",
+                            "config.CHECKPOINT.KEEP_EVERY_N_EPOCHS=2")
+    run(command, train_env)  # KEEP_LAST_N: 2 from the base config; epochs 2 and 4 are milestones
+    assert sorted(p.name for p in run_dir.glob("model_*.torch")) == [
+        "model_final_checkpoint_phase4.torch", "model_phase1.torch", "model_phase3.torch"]
+    assert os.readlink(run_dir / "checkpoint.torch") == "model_final_checkpoint_phase4.torch"
+    final = torch.load(run_dir / "checkpoint.torch", map_location="cpu", weights_only=True)
+    assert final["iteration"] == 5 * 22
+
+
+def test_retention_settings_are_checked(tmp_path, data_root, monkeypatch):
+    from convit_ssl import engine
+    from convit_ssl.cli import UsageError
+    from tiny_training import TINY
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    for word, problem in (("KEEP_LAST_N=0", "keep at least 1"), ("KEEP_EVERY_N_EPOCHS=-5", "whole number")):
+        with pytest.raises(UsageError, match=problem):
+            engine.compose([*TINY, f"config.CHECKPOINT.{word}"], run_dir=str(tmp_path / "run"))
