@@ -3,6 +3,7 @@ import os
 
 import pytest
 import timm
+import timm.scheduler
 import torch
 
 from convit_ssl import CheckpointError, create_trunk, from_timm_state_dict, load_trunk, to_timm_state_dict
@@ -122,12 +123,19 @@ def test_official_checkpoint_with_its_argparse_namespace_loads(tmp_path):
     args = argparse.Namespace(model="convit_tiny", lr=5e-4, input_size=64, output_dir="out", smoothing=0.1,
                               local_crops_scale=[0.05, 0.4], distributed=True, resume="")
     optimizer = torch.optim.AdamW(reference.parameters())
-    torch.save({"model": reference.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 299, "args": args},
-               tmp_path / "convit_tiny.pth")
+    scheduler = timm.scheduler.CosineLRScheduler(optimizer, t_initial=300, warmup_t=5, warmup_lr_init=1e-6)
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 0}  # torch.amp.GradScaler.state_dict()
+    torch.save({"model": reference.state_dict(), "model_ema": reference.state_dict(),
+                "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(), "scaler": scaler,
+                "epoch": 299, "args": args},
+               tmp_path / "convit_tiny.pth")  # what DeiT's main.py (and so ConViT's) saves
     trunk, report = load_trunk(tmp_path / "convit_tiny.pth")
     assert report.source_format == "official" and report.arch == "convit_tiny"
-    dino = {"student": reference.state_dict(), "teacher": {f"backbone.{k}": v for k, v in reference.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "epoch": 100, "args": args, "dino_loss": {"center": torch.zeros(1, 8)}}
+    teacher = {f"backbone.{key}": value for key, value in reference.state_dict().items()}
+    dino = {"student": reference.state_dict(), "teacher": teacher,
+            "optimizer": optimizer.state_dict(), "epoch": 100, "args": args, "dino_loss": {"center": torch.zeros(1, 8)},
+            "fp16_scaler": scaler}  # what DINO's main_dino.py saves
     torch.save(dino, tmp_path / "dino.pth")
     assert load_trunk(tmp_path / "dino.pth")[1].source_format == "dino"
     images = torch.randn(1, 3, 64, 64)

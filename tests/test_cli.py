@@ -81,31 +81,35 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(capsys, tmp_path, c
     assert not marker.exists() and sorted(path.name for path in tmp_path.iterdir()) == ["model.torch"]
 
 
+def _vissl_checkpoint(path):
+    """A VISSL training checkpoint of a convit_tiny trunk at ``path``."""
+    trunk = create_trunk("convit_tiny", img_size=64)
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}}, path)
+    return path
+
+
 def test_export_timm_never_overwrites_its_input(capsys, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    final = run / "model_final_checkpoint_phase1.torch"
-    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": create_trunk("convit_tiny",
-                                                                                      img_size=64).state_dict()}}}}, final)
+    final = _vissl_checkpoint(run / "model_final_checkpoint_phase1.torch")
     (run / "checkpoint.torch").symlink_to(final.name)
     (run / "train_config.yaml").write_text("MODEL: {}\n")
     os.link(final, tmp_path / "hard_link.torch")
     before = {path: path.read_bytes() for path in run.iterdir()}
     link = run / "checkpoint.torch"
-    for source, out in [(final, final), (link, link), (link, final), (final, link), (final, tmp_path / "hard_link.torch"),
-                        (final, run / "train_config.yaml"), (run, link)]:
+    for source, out in [(final, final), (link, link), (link, final), (final, link), (run, link),
+                        (final, tmp_path / "hard_link.torch"), (final, run / "train_config.yaml")]:
         err = _error(capsys, "export-timm", str(source), str(out))
         assert f"output {out} is an input of the export" in err and "pass another output path" in err, err
     assert {path: path.read_bytes() for path in run.iterdir()} == before and link.is_symlink()
-    assert f"output {run} is a folder: pass a file name for the output" in _error(capsys, "export-timm", str(final), str(run))
+    err = _error(capsys, "export-timm", str(final), str(run))
+    assert f"output {run} is a folder: pass a file name for the output" in err
 
 
 def test_export_timm_of_a_run_folder_says_which_checkpoint(capsys, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": create_trunk("convit_tiny",
-                                                                                      img_size=64).state_dict()}}}},
-               run / "model_final_checkpoint_phase1.torch")
+    _vissl_checkpoint(run / "model_final_checkpoint_phase1.torch")
     assert cli.main(["export-timm", str(run), str(tmp_path / "out.pth")]) == 0
     out = capsys.readouterr().out
     assert f"{run} is a run folder: using its latest checkpoint {run / 'model_final_checkpoint_phase1.torch'}" in out
@@ -126,4 +130,5 @@ def test_evaluations_after_pretraining_are_labelled_by_run_and_checkpoint(tmp_pa
     launch.EvaluationJob("knn", ["--ks", "5"], str(run), cpu=True)()
     (argv,) = calls
     assert argv[:3] == ["knn", "--checkpoint", str(final)] and "--name" not in argv
-    assert checkpoint_label(final) == checkpoint_label(run / "checkpoint.torch") == "dino_tiny/model_final_checkpoint_phase1"
+    label = "dino_tiny/model_final_checkpoint_phase1"
+    assert checkpoint_label(final) == checkpoint_label(run / "checkpoint.torch") == label

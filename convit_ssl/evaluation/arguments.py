@@ -144,8 +144,8 @@ def cache_from_args(args: argparse.Namespace) -> Optional[Path]:
 
 
 def checkpoint_label(file: Path) -> str:
-    """How results name a checkpoint file: ``<run folder>/<file stem>`` with links resolved (``runs/dino/checkpoint.torch``
-    -> ``dino/model_final_checkpoint_phase29``), or the file stem outside a run folder."""
+    """How results name a checkpoint file: ``<run folder>/<file stem>`` with links resolved
+    (``runs/dino/checkpoint.torch`` -> ``dino/model_final_checkpoint_phase29``), or the file stem outside a run."""
     from convit_ssl.checkpoint import is_run_folder
 
     resolved = Path(file).resolve()
