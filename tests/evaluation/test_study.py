@@ -78,6 +78,67 @@ def test_training_from_scratch_copies_the_trunks_and_scales_epochs(digits_data, 
         low_data_study(models, recipe, tmp_path, scratch_epochs=1)
 
 
+def test_train_supervised_follows_its_protocol_and_scores_like_sklearn(digits_data, quick_recipe, monkeypatch):
+    """The schedule and weight-decay groups of ``train_supervised`` against its protocol written out by hand, and
+    its top-1/top-5 against scikit-learn's top_k_accuracy_score on the trained trunk and head."""
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.optim.optimizer as optim_hooks
+    from sklearn.metrics import top_k_accuracy_score
+    from torch.utils.data import DataLoader
+
+    from convit_ssl.evaluation import scratch
+    from convit_ssl.evaluation.features import image_folder
+
+    heads, steps = [], []
+
+    class RecordedLinear(nn.Linear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            heads.append(self)
+
+    monkeypatch.setattr(scratch, "nn", type("nn", (), {"Linear": RecordedLinear, "init": nn.init, "Module": nn.Module}))
+    handle = optim_hooks.register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: steps.append((optimizer, [group["lr"] for group in optimizer.param_groups])))
+    trunk = twin_models("convit_tiny", seed=0, **TINY)[0].trunk
+    recipe = quick_recipe.replace(batch_size=32)
+    train_images = len(image_folder("digits", "train").samples)
+    indices = np.random.default_rng(0).permutation(train_images)[:96]
+    try:
+        result = scratch.train_supervised(trunk, "digits", recipe, indices, epochs=5, seed=0)
+    finally:
+        handle.remove()
+
+    # AdamW at 5e-4 x 32 / 512, warm-up over max(1, 5% of 15 steps) = 1 step, then cosine to 0
+    assert (result["epochs"], result["steps"], result["batch_size"], result["train_images"]) == (5, 15, 32, 96)
+    optimizer = steps[0][0]
+    assert len(steps) == 15 and all(o is optimizer for o, _ in steps)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    base = 5e-4 * 32 / 512
+    expected = [base] + [base * 0.5 * (1 + math.cos(math.pi * (step - 1) / 14)) for step in range(1, 15)]
+    assert [lrs[0] for _, lrs in steps] == pytest.approx(expected, rel=1e-12)
+    assert all(len(set(lrs)) == 1 for _, lrs in steps)  # every group on one schedule
+    # weight decay 0.05 except biases, norms, the position embedding and the class token
+    (head,) = heads
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] == 0.05 for p in group["params"]}
+    undecayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] == 0.0 for p in group["params"]}
+    assert id(head.weight) in decayed and id(trunk.blocks[0].attn.qk.weight) in decayed
+    for parameter in (head.bias, trunk.pos_embedding, trunk.class_token, trunk.norm.weight, trunk.blocks[0].norm1.bias):
+        assert id(parameter) in undecayed
+    assert len(decayed | undecayed) == sum(1 for _ in trunk.parameters()) + 2
+    # the scores of the trained trunk and head on the test split, computed independently
+    test_set = image_folder("digits", "val", recipe.preprocess.eval_transform())
+    trunk.eval()
+    with torch.no_grad():
+        logits, labels = zip(*[(head(trunk(images, out_feat_keys=["lastCLS"])[0]), targets)
+                               for images, targets in DataLoader(test_set, batch_size=64)])
+    logits, labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    for k in (1, 5):
+        oracle = 100 * top_k_accuracy_score(labels, logits, k=k, labels=list(range(10)))
+        assert result[f"top{k}"] == pytest.approx(oracle, abs=1e-9), k
+
+
 def test_relative_gain_matches_the_paper():
     assert round(relative_gain(47.8, 34.8)) == 37  # ConViT-S vs DeiT-S at 5% of ImageNet, Table 2
     assert relative_gain(1.0, 0.0) is None
