@@ -204,6 +204,27 @@ def _random_state_neutral(build):
     return build_quietly
 
 
+def _teacher_without_drop_path(build):
+    """VISSL builds DINO's teacher with ``VISION_TRANSFORMERS.DROP_PATH_RATE`` set to 0 (the paper's teacher
+    has no stochastic depth), a key our trunk does not read when a preset names the model: the teacher
+    dropped paths at the student's rate. Build it with ``OVERRIDES.drop_path_rate`` 0 too, then put the
+    run's value back."""
+
+    @functools.wraps(build)
+    def build_deterministic_teacher(self, task):
+        ours = task.config["MODEL"]["TRUNK"].get("CONVIT_SSL", None)
+        if ours is None:
+            return build(self, task)
+        overrides = ours.get("OVERRIDES", None)
+        ours["OVERRIDES"] = {**(overrides or {}), "drop_path_rate": 0.0}
+        try:
+            return build(self, task)
+        finally:
+            ours["OVERRIDES"] = overrides
+
+    return build_deterministic_teacher
+
+
 def _moco_encoder_caught_up(build):
     """On resume, VISSL's MoCo hook loads the key encoder from the checkpoint at the first forward pass and
     skips that step's momentum update, which the uninterrupted run makes (the encoder ends 1 - momentum of a
@@ -319,7 +340,8 @@ def _patch_vissl() -> None:
 
     GenericSSLDataset.__getitem__ = _seeded_per_sample(GenericSSLDataset.__getitem__)
     SelfSupervisionTask.set_epoch = _telling_dataset_the_epoch(SelfSupervisionTask.set_epoch)
-    DINOHook._build_momentum_network = _random_state_neutral(DINOHook._build_momentum_network)
+    DINOHook._build_momentum_network = _random_state_neutral(_teacher_without_drop_path(
+        DINOHook._build_momentum_network))
     MoCoHook._build_moco_encoder = _random_state_neutral(_moco_encoder_caught_up(MoCoHook._build_moco_encoder))
     LogLossLrEtaHook.__init__ = _with_durable_step_log(LogLossLrEtaHook.__init__)
 

@@ -78,3 +78,30 @@ def test_one_vissl_training_iteration_on_cpu(tmp_path):
     trunk, report = convit_ssl.load_trunk(run_dir / "checkpoint.torch")
     assert report.source_format == "vissl" and trunk.embed_dim == 36 and trunk.local_up_to_layer == 1
     assert (run_dir / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("trunk", [[], ["trunk.depth=3", "trunk.local_up_to_layer=1", "trunk.drop_path_rate=0.2"]])
+def test_dino_teacher_has_no_drop_path_and_is_built_without_drawing_random_numbers(tmp_path, monkeypatch, data_root,
+                                                                                    trunk):
+    """VISSL zeroes VISION_TRANSFORMERS.DROP_PATH_RATE for the teacher, a key that a preset does not read."""
+    import types
+
+    from vissl.hooks.dino_hooks import DINOHook
+    from vissl.models import build_model
+
+    from convit_ssl.models.convit import DropPath
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    config = engine.compose(["config=dino", "model=convit_tiny", "data=digits", *trunk,
+                             "config.MODEL.HEAD.PARAMS=[[swav_head,{dims:[192,16],use_bn:false,num_clusters:[8]}]]",
+                             "config.LOSS.dino_loss.output_dim=8"], run_dir=str(tmp_path / "run"))
+    overrides = dict(config.MODEL.TRUNK.CONVIT_SSL.OVERRIDES)
+    student = build_model(config.MODEL, config.OPTIMIZER)
+    task = types.SimpleNamespace(config=config, device=torch.device("cpu"), model=student,
+                                 loss=types.SimpleNamespace(checkpoint=None, momentum_teacher=None))
+    state = torch.get_rng_state()
+    DINOHook()._build_momentum_network(task)
+    assert torch.equal(torch.get_rng_state(), state)
+    rates = lambda model: [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]  # noqa: E731
+    assert max(rates(student)) > 0 and set(rates(task.loss.momentum_teacher)) == {0.0}
+    assert dict(config.MODEL.TRUNK.CONVIT_SSL.OVERRIDES) == overrides  # the run's config is left as it was
