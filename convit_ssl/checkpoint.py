@@ -27,6 +27,7 @@ import torch
 
 from convit_ssl.models.convit import PRESETS, ConViT, create_trunk
 from convit_ssl.run_folder import CONFIG_FILE, LATEST_LINK, latest_checkpoint
+from convit_ssl.trunk_config import trunk_kwargs
 
 _TIMM_TO_OURS = [
     (re.compile(r"^pos_embed$"), "pos_embedding"),
@@ -324,8 +325,6 @@ def run_trunk_kwargs(path: str | os.PathLike) -> Optional[Dict[str, object]]:
     if not config_file.is_file():
         return None
     import yaml
-
-    from convit_ssl.vissl_glue import trunk_kwargs
 
     with open(config_file) as stream:
         model = (yaml.safe_load(stream) or {}).get("MODEL", {})

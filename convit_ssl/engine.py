@@ -214,7 +214,7 @@ def resolve_device(config) -> None:
 def validate(config) -> None:
     """Checks that fail in one line before any work starts."""
     from convit_ssl import data
-    from convit_ssl.vissl_glue import trunk_kwargs
+    from convit_ssl.trunk_config import trunk_kwargs
 
     if config.MODEL.TRUNK.NAME == "convit_ssl":
         kwargs = trunk_kwargs(config.MODEL)

@@ -4,7 +4,8 @@ import torch
 
 import convit_ssl  # noqa: F401  (registers the trunk)
 from convit_ssl import engine
-from convit_ssl.vissl_glue import VisslConViT, trunk_kwargs
+from convit_ssl.trunk_config import trunk_kwargs
+from convit_ssl.vissl_glue import VisslConViT
 
 VISSL_CONVIT = "pretrain/vision_transformer/supervised/1gpu_convit_s_example"
 

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from convit_ssl.checkpoint import load_trunk
     from convit_ssl.models import ConViT
     from convit_ssl.report import write_report
-    from convit_ssl.vissl_glue import trunk_kwargs
+    from convit_ssl.trunk_config import trunk_kwargs
 
     out = Path(args.out or Path(os.environ.get("CONVIT_SSL_RUNS", "runs")) / "demo").resolve()
     out.mkdir(parents=True, exist_ok=True)

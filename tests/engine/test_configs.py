@@ -46,7 +46,7 @@ def test_recipe_builds_model_and_loss(recipe, tmp_path, data_root, monkeypatch):
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_file_composes_with_its_width(model, tmp_path, data_root, monkeypatch):
     from convit_ssl.models import PRESETS
-    from convit_ssl.vissl_glue import trunk_kwargs
+    from convit_ssl.trunk_config import trunk_kwargs
 
     monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
     config = _compose(tmp_path, "config=dino", f"model={model}", "data=digits")
@@ -90,7 +90,7 @@ def test_configs_found_from_any_working_directory(tmp_path, data_root, monkeypat
 
 def test_heads_follow_the_trunk_width(tmp_path, data_root, monkeypatch):
     """The width is the preset's (or trunk.embed_dim's), read from Python once: never restated in YAML."""
-    from convit_ssl.vissl_glue import trunk_kwargs
+    from convit_ssl.trunk_config import trunk_kwargs
 
     monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
     for words, width in ((["config.MODEL.TRUNK.CONVIT_SSL.PRESET=convit_base"], 768),
