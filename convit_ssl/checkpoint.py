@@ -18,13 +18,13 @@ import argparse
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from convit_ssl import atomic
 from convit_ssl.models.convit import PRESETS, ConViT, create_trunk
 from convit_ssl.run_folder import CONFIG_FILE, LATEST_LINK, latest_checkpoint
 from convit_ssl.trunk_config import trunk_kwargs
@@ -353,22 +353,6 @@ def load_trunk(path: str | os.PathLike, arch: Optional[str] = None, **overrides)
     return trunk, report
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Optional[str] = None) -> LoadReport:
     """Write the trunk of ``checkpoint`` (VISSL or other, or a run folder) as a timm state dict at ``out``.
 
@@ -385,5 +369,5 @@ def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Opt
         raise CheckpointError(f"output {out} is an input of the export (the same file as {same[0]}): pass "
                               f"another output path, e.g. {source.parent / (source.stem + '_timm.pth')}")
     trunk, report = load_trunk(source, arch=arch)
-    atomic_save(to_timm_state_dict(trunk), out)
+    atomic.torch_save(to_timm_state_dict(trunk), out)
     return report

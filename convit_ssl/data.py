@@ -42,6 +42,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from convit_ssl import atomic
+
 DATA_ENV = "CONVIT_SSL_DATA"
 CATALOG_FILE = "dataset_catalog.json"
 MANIFEST_FILE = "dataset_manifest.json"  # beside the catalog: what each dataset held when it was registered
@@ -96,26 +98,6 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write to a temporary file in the same folder, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(obj, path: str | os.PathLike) -> Path:
-    """``obj`` as indented JSON, written atomically (see ``write_text_atomic``)."""
-    return write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
-
-
 def check_dataset_name(name: str) -> None:
     """Raise ``ValueError`` unless ``name`` is a plain name (it becomes a folder name under the data root)."""
     if not _PLAIN_NAME.fullmatch(name or ""):
@@ -151,10 +133,10 @@ def register_dataset(name: str, train_dir: str | os.PathLike, val_dir: str | os.
     with _locked(root):
         manifest = read_manifest(root)
         manifest[name] = {"kind": kind, "data_file": data_file, "splits": splits}
-        write_json_atomic(manifest, manifest_path(root))
+        atomic.write_json(manifest, manifest_path(root))
         catalog = read_catalog(root)
         catalog[name] = {split: [str(folder)] * 2 for split, folder in folders.items()}
-        write_json_atomic(catalog, catalog_path(root))
+        atomic.write_json(catalog, catalog_path(root))
 
 
 # Datasets that need no input: written on first use.
@@ -379,7 +361,7 @@ def _publish(tmp: Path, target: Path, description: dict, fix: str) -> bool:
     """Mark ``tmp`` complete and rename it to ``target``; False if another process published first.
 
     An incomplete copy of ours at ``target`` is deleted only now, once the new one is complete."""
-    write_json_atomic(description, tmp / _DONE)
+    atomic.write_json(description, tmp / _DONE)
     if not _is_complete(target, fix) and target.exists() and _is_ours(target):
         _remove_ours(target)
     try:

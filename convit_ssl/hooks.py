@@ -38,6 +38,7 @@ import torch
 from classy_vision.generic.distributed_util import is_primary
 from classy_vision.hooks.classy_hook import ClassyHook
 
+from convit_ssl import atomic
 from convit_ssl.diagnostics import DISTANCE_KINDS, diagnostics_record, gating_diagnostics
 from convit_ssl.models.convit import ConViT
 
@@ -274,9 +275,8 @@ class PreemptionCheckpointHook(_SelectiveHook):
         checkpointer._checkpoint_model(task, mode_frequency=1, mode_num=task.iteration, mode="iteration")
         if is_primary():
             marker = os.path.join(task.checkpoint_folder, PREEMPTION_MARKER)
-            with open(marker + ".tmp", "w") as stream:
-                json.dump({"iteration": task.iteration, "checkpoint": f"model_iteration{task.iteration}.torch"}, stream)
-            os.replace(marker + ".tmp", marker)
+            atomic.write_json({"iteration": task.iteration, "checkpoint": f"model_iteration{task.iteration}.torch"},
+                              marker)
             logging.info(f"Saved the preemption checkpoint of iteration {task.iteration}")
         if request is not None:
             self._hand_on(*request)

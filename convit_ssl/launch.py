@@ -70,6 +70,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from convit_ssl import atomic
+
 RUNS_ENV = "CONVIT_SSL_RUNS"
 EVALUATIONS = ("linear-probe", "knn")
 PORT_RANGE = (15000, 30000)  # below Linux's ephemeral range (32768+), where client sockets live
@@ -426,10 +428,7 @@ def rendezvous_address(env, run_dir: Path, attempt: int) -> str:
         low, high = PORT_RANGE
         start = low + zlib.crc32(key.encode()) % (high - low)
         port = next(p for p in itertools.chain(range(start, high), range(low, start)) if _port_is_free(p))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f"{key}.tmp"
-        tmp.write_text(str(port))
-        tmp.rename(path)
+        atomic.write_text(str(port), path)
     else:
         deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
         while not path.exists():

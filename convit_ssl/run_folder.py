@@ -28,6 +28,7 @@ import socket
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
+from convit_ssl import atomic
 from convit_ssl.cli import UsageError
 
 LOCK_FILE = "run.lock"
@@ -159,15 +160,6 @@ def config_differences(recorded: Mapping, config: Mapping) -> Dict[str, tuple]:
     return differences
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-
-
 def record_config(run_dir, config: Mapping, continue_with_changes: bool = False) -> Dict[str, tuple]:
     """Write ``config`` (plain dict) as the run's ``train_config.yaml``, atomically; returns what changed.
 
@@ -201,7 +193,7 @@ def record_config(run_dir, config: Mapping, continue_with_changes: bool = False)
             stream.write(json.dumps(entry, default=str) + "\n")
             stream.flush()
             os.fsync(stream.fileno())
-    _atomic_write_text(path, text)
+    atomic.write_text(text, path)
     return differences
 
 

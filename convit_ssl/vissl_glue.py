@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+from convit_ssl import atomic
 from convit_ssl.models.convit import ConViT
 from convit_ssl.trunk_config import trunk_kwargs
 
@@ -38,22 +39,16 @@ def _atomic_save_checkpoint(checkpoint_folder: str, state, checkpoint_file: str 
     VISSL also stores its loop counter as ``iteration_num``, which counts one extra tick per epoch (44
     updates in 2 epochs: 45 at the end, with ``iteration`` 44); a resume only logs with it. Both keys hold
     the number of optimizer updates done."""
-    from convit_ssl.checkpoint import atomic_save
-
     if isinstance(state, dict) and "iteration" in state and "iteration_num" in state:
         state = {**state, "iteration_num": state["iteration"]}
     path = Path(checkpoint_folder) / checkpoint_file
-    atomic_save(state, path)
+    atomic.torch_save(state, path)
     return str(path)
 
 
-def _atomic_symlink(source: str, link: str) -> None:
+def _symlink_never_absent(source: str, link: str) -> None:
     """VISSL removes checkpoint.torch and then links it again: a kill in between leaves no link."""
-    tmp = f"{link}.tmp{os.getpid()}"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    os.symlink(os.path.basename(source), tmp)
-    os.replace(tmp, link)
+    atomic.replace_symlink(os.path.basename(source), link)
 
 
 def _latest_checkpoint_file(checkpoint_folder: str, config, skip_final: bool = False,
@@ -268,7 +263,7 @@ def _patch_vissl() -> None:
     checkpointer = LogLossMetricsCheckpointHook
     checkpointer._checkpoint_model = _checkpoint_then_prune(checkpointer._checkpoint_model)
     vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint
-    vissl_checkpoint.create_file_symlink = _atomic_symlink
+    vissl_checkpoint.create_file_symlink = _symlink_never_absent
     vissl_checkpoint.get_checkpoint_resume_files = _latest_checkpoint_file
     # A resumed run is the same run (see convit_ssl.hooks.SameRunHook): positional seeds, quiet builders.
     from vissl.data.ssl_dataset import GenericSSLDataset

@@ -7,7 +7,7 @@ import timm.scheduler
 import torch
 
 from convit_ssl import CheckpointError, create_trunk, from_timm_state_dict, load_trunk, to_timm_state_dict
-from convit_ssl.checkpoint import atomic_save, export_timm
+from convit_ssl.checkpoint import export_timm
 from payloads import CreatesFileWhenUnpickled
 
 
@@ -82,22 +82,6 @@ def test_missing_and_foreign_files(tmp_path):
     (tmp_path / "junk.torch").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read by torch.load"):
         load_trunk(tmp_path / "junk.torch")
-
-
-def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
-    target = tmp_path / "out.pth"
-    atomic_save({"a": torch.ones(2)}, target)
-
-    def failing_save(obj, stream):
-        stream.write(b"partial")
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_save({"a": torch.zeros(2)}, target)
-    monkeypatch.undo()
-    assert torch.equal(torch.load(target)["a"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["out.pth"]
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])

@@ -23,8 +23,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from convit_ssl import atomic
     from convit_ssl.cli import UsageError
-    from convit_ssl.data import write_text_atomic
     from convit_ssl.evaluation.results import csv_text, gather, markdown_table
 
     rows = [row for row in gather(args.paths) if args.kind is None or row.get("kind") == args.kind]
@@ -34,7 +34,7 @@ def run(args) -> int:
     table = markdown_table(rows)
     print(table, end="")
     if args.markdown:
-        write_text_atomic(table, args.markdown)
+        atomic.write_text(table, args.markdown)
     if args.csv:
-        write_text_atomic(csv_text(rows), args.csv)
+        atomic.write_text(csv_text(rows), args.csv)
     return 0

@@ -32,7 +32,8 @@ import torch.nn as nn
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
-from convit_ssl.data import open_split, write_json_atomic
+from convit_ssl import atomic
+from convit_ssl.data import open_split
 from convit_ssl.diagnostics import eval_mode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -249,7 +250,7 @@ def split_features(trunk: nn.Module, dataset: str, split: str, keys: Sequence[st
             for path in tmp_paths.values():
                 path.unlink(missing_ok=True)
         known = meta.get("model", {}) if sizes.keys() - set(missing) else {}  # the model of earlier keys
-        write_json_atomic({**description, **samples, "model": dict(model or known), "feature_sizes": sizes},
+        atomic.write_json({**description, **samples, "model": dict(model or known), "feature_sizes": sizes},
                           meta_path)
     arrays = {key: np.load(entry / f"{key}.npy", mmap_mode="r") for key in keys}
     return Features(arrays, labels, folder.classes, files)

@@ -16,13 +16,12 @@ import itertools
 import json
 import os
 import re
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-from convit_ssl.data import write_json_atomic
+from convit_ssl import atomic
 
 SCHEMA = "convit_ssl.result/1"
 # Columns of gathered tables, in this order when present; other row keys follow in first-seen order.
@@ -72,7 +71,7 @@ def make_manifest(models: Sequence[Mapping], args: Mapping, seeds: Mapping[str, 
 def write_result(result: Mapping, path: str | os.PathLike) -> Path:
     """Write ``result`` (with ``schema`` added) as JSON, atomically; returns the path."""
     path = Path(path)
-    write_json_atomic({"schema": SCHEMA, **result}, path)
+    atomic.write_json({"schema": SCHEMA, **result}, path)
     return path
 
 
@@ -87,23 +86,9 @@ def write_new_result(result: Mapping, folder: str | os.PathLike, stem: str) -> P
     hard-linked to the first free name, which fails on a name that exists, also one taken by another process
     in the meantime. Returns the path.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(json.dumps({"schema": SCHEMA, **result}, indent=2) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        for attempt in itertools.count(1):
-            path = folder / f"{_numbered(stem, attempt)}.json"
-            try:
-                os.link(tmp, path)
-                return path
-            except FileExistsError:
-                continue
-    finally:
-        os.unlink(tmp)
+    text = json.dumps({"schema": SCHEMA, **result}, indent=2) + "\n"
+    names = (Path(folder) / f"{_numbered(stem, attempt)}.json" for attempt in itertools.count(1))
+    return atomic.create_new(text, names)
 
 
 def new_folder(parent: str | os.PathLike, stem: str) -> Path:

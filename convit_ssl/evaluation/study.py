@@ -26,7 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from convit_ssl.data import write_text_atomic
+from convit_ssl import atomic
 from convit_ssl.evaluation.features import (
     check_feature_choices, frozen_check, split_features, state_digest, trunk_keys,
 )
@@ -161,8 +161,8 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
         table.append(row)
     plot_path = out_dir / "low_data.png"
     plot_low_data(table, (first, second), dataset, plot_path)
-    write_text_atomic(markdown_table(table), out_dir / "study.md")
-    write_text_atomic(csv_text(table), out_dir / "study.csv")
+    atomic.write_text(markdown_table(table), out_dir / "study.md")
+    atomic.write_text(csv_text(table), out_dir / "study.csv")
     study = {
         "kind": "low_data_study", "dataset": dataset, "fractions": fractions, "subset_rule": subset_rule,
         "models": [first, second], "table": table, "files": files, "plot": plot_path.name,
@@ -202,8 +202,6 @@ def plot_low_data(table: Sequence[Mapping], names: Sequence[str], dataset: str, 
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp)
-    tmp.replace(path)
+    with atomic.open_atomic(path, "wb") as stream:
+        figure.savefig(stream, format="png")
     return path

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convit_ssl import data
+from convit_ssl import atomic, data
 from convit_ssl.cli import main
 from convit_ssl.evaluation.features import Preprocess, image_folder, split_features
 
@@ -75,7 +75,7 @@ def test_registered_without_a_record_is_refused(empty_data, tmp_path, make_image
     data.register_dataset("abc", folder / "train", folder / "val")
     manifest = data.read_manifest()
     del manifest["abc"]
-    data.write_json_atomic(manifest, data.manifest_path())  # as an older convit-ssl left it
+    atomic.write_json(manifest, data.manifest_path())  # as an older convit-ssl left it
     with pytest.raises(ValueError, match=r"dataset 'abc' has no record of its classes and images .*run convit-ssl "
                                          r"prepare-data abc --from PATH again"):
         data.dataset_split_dir("abc", "train")
