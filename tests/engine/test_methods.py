@@ -147,14 +147,36 @@ def _check_moco(config, steps):
             assert _close(encoder, expected, atol=1e-8), name
 
 
+def _sinkhorn(scores, epsilon, iterations):
+    """Equal-partition soft codes of a batch of prototype scores (B x K): the SwAV paper's Algorithm 1."""
+    codes = torch.exp(scores / epsilon).T
+    codes /= codes.sum()
+    prototypes, batch = codes.shape
+    for _ in range(iterations):
+        codes *= (1 / prototypes / codes.sum(1)).unsqueeze(1)
+        codes *= (1 / batch / codes.sum(0)).unsqueeze(0)
+    return (codes / codes.sum(0, keepdim=True)).T
+
+
 def _check_swav(config, steps):
-    # the prototypes learn, and are L2-normalised after every update (normalize_last_layer)
+    swav = config.LOSS.swav_loss
+    assert swav.normalize_last_layer and len(swav.crops_for_assign) == 2
     for step in steps:
+        # the codes of each global crop predicted from every other crop, at temperature 0.1
+        (scores,) = step["output"][1:]
+        crops = scores.chunk(12)
+        terms = []
+        for assigned in swav.crops_for_assign:
+            codes = _sinkhorn(crops[assigned], swav.epsilon, swav.num_iters)
+            others = [v for v in range(len(crops)) if v != assigned]
+            terms.append(sum(-(codes * F.log_softmax(crops[v] / swav.temperature, dim=1)).sum(1).mean()
+                             for v in others) / len(others))
+        assert math.isclose(step["loss"], (sum(terms) / len(terms)).item(), rel_tol=1e-5)
+        # the prototypes learn, and are L2-normalised after every update (normalize_last_layer)
         before, after = step["student_before"]["heads.0.prototypes0.weight"], step["student_after"][
             "heads.0.prototypes0.weight"]
         assert not torch.equal(before, after)
         assert _close(after.norm(dim=1), torch.ones(len(after)))
-    assert config.LOSS.swav_loss.normalize_last_layer and steps[1]["loss"] > 0
 
 
 def _check_barlow_twins(config, steps):
