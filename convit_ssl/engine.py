@@ -263,11 +263,12 @@ def hook_generator(config):
     ``SameRunHook`` comes last: it seeds the next step after every other hook has run."""
     from vissl.hooks import default_hook_generator
 
+    from convit_ssl.health import build_health_hook
     from convit_ssl.hooks import PreemptionCheckpointHook, SameRunHook, build_gating_hook
 
     hooks = default_hook_generator(config) + [PreemptionCheckpointHook()]
-    gating = build_gating_hook(config)
-    return hooks + ([gating] if gating is not None else []) + [SameRunHook()]
+    optional = [build_gating_hook(config), build_health_hook(config)]
+    return hooks + [hook for hook in optional if hook is not None] + [SameRunHook()]
 
 
 def wait_for_preemption_checkpoint(run_dir, signalled_at: float, timeout_s: float = 90.0) -> bool:

@@ -4,7 +4,9 @@ solo-learn tests its methods: a 2-block ConViT of width 32 on 8 digits a step, o
 A recording hook, run after VISSL's own at each event, keeps what a step saw; each method's loss and state
 update are then recomputed by hand from the recorded tensors (the formulas of the method papers).
 """
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from classy_vision.hooks import ClassyHook
 
 from convit_ssl import engine
+from convit_ssl.health import HEALTH_FILE, effective_rank, feature_std, mean_entropy
 
 WIDTH = 32
 TINY = [
@@ -19,7 +22,7 @@ TINY = [
     "config.DATA.TRAIN.DATA_LIMIT=16", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=8",  # 2 steps in one epoch
     "config.DATA.NUM_DATALOADER_WORKERS=0", "config.OPTIMIZER.num_epochs=1",
     "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=false", "config.HOOKS.CONVIT_GATING.ENABLE=false",
-    "config.HOOKS.PERF_STATS.MONITOR_PERF_STATS=false",
+    "config.HOOKS.PERF_STATS.MONITOR_PERF_STATS=false", "config.HOOKS.CONVIT_HEALTH.FREQUENCY=1",
     # a learning rate that moves the student well away from the teacher in two steps (the recipes warm up from 1e-6)
     "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.auto_scale=false",
     "config.OPTIMIZER.param_schedulers.lr.schedulers.0.start_value=0.01",
@@ -193,6 +196,29 @@ def _check_barlow_twins(config, steps):
         assert math.isclose(step["loss"], expected.item(), rel_tol=1e-4)
 
 
+def _check_health(config, steps):
+    """health.jsonl holds one record per step with that step's loss (and DINO's teacher entropy, from the
+    recorded teacher output and centre); metrics.json's epoch line holds the mean loss of the epoch's steps."""
+    folder = Path(config.CHECKPOINT.DIR)
+    records = [json.loads(line) for line in (folder / HEALTH_FILE).read_text().splitlines()]
+    assert [record["iteration"] for record in records] == [1, 2]
+    for record, step in zip(records, steps):
+        assert math.isclose(record["loss"], step["loss"], rel_tol=1e-5) and record["loss_steps"] == 1
+        # the embedding measured is the head's output of that step (SwAV: its embeddings, before the prototypes)
+        embedding = step["output"][0] if isinstance(step["output"], list) else step["output"]
+        assert record["method"] == config.LOSS.name and record["embedding_dim"] == embedding.shape[1]
+        assert math.isclose(record["feature_std"], feature_std(embedding), rel_tol=1e-4)
+        assert math.isclose(record["effective_rank"], effective_rank(embedding), rel_tol=1e-4)
+        assert record["trunk_dim"] == WIDTH and 0 < record["trunk_feature_std"] < 1
+        if config.LOSS.name == "dino_loss":
+            teacher = F.softmax((step["teacher_output"] - step["center_before"]) / step["teacher_temp"], dim=-1)
+            assert math.isclose(record["teacher_entropy"], mean_entropy(teacher), rel_tol=1e-4)
+            assert math.isclose(record["max_entropy"], math.log(config.LOSS.dino_loss.output_dim), rel_tol=1e-5)
+    epoch = json.loads((folder / "metrics.json").read_text().splitlines()[-1])
+    assert epoch["iteration"] == 2 and epoch["train_loss_steps"] == 2
+    assert math.isclose(epoch["train_loss"], (steps[0]["loss"] + steps[1]["loss"]) / 2, rel_tol=1e-5)
+
+
 CHECKS = {"dino": _check_dino, "moco": _check_moco, "swav": _check_swav, "barlow_twins": _check_barlow_twins}
 
 
@@ -201,3 +227,4 @@ def test_two_training_steps(method, tmp_path, monkeypatch, data_root):
     config, steps = _train_two_steps(method, tmp_path, monkeypatch, data_root)
     _check_common(steps)
     CHECKS[method](config, steps)
+    _check_health(config, steps)
