@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from classy_vision.generic.distributed_util import is_primary
 
+from convit_ssl.atomic import write_text
 from convit_ssl.hooks import EPOCH_LOG, _first_images, _SelectiveHook, _trunk_of, preserved_random_state, \
     truncate_json_lines
 
@@ -151,9 +151,7 @@ def add_to_last_line(path: Path, iteration: int, values: Mapping) -> bool:
     if not isinstance(last, dict) or last.get("iteration") != iteration:
         return False
     lines[-1] = json.dumps({**last, **values})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text("\n".join(lines) + "\n", path)
     return True
 
 
