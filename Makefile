@@ -17,7 +17,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # The throwaway SLURM cluster of tests/slurm needs Debian's slurm and munge (installed when root, as in CI).
 SLURM_PACKAGES := slurmctld slurmd slurm-client munge
 
-.PHONY: install slurm-packages demo test test-fast bench clean
+.PHONY: install slurm-packages demo test test-fast bench gpu-check clean
 
 install: $(STAMP)
 
@@ -44,6 +44,20 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+
+# `make gpu-check WHEELS=folder` on a bare machine with one NVIDIA GPU and Python 3.12 with torch and timm, no
+# network: a virtual environment that sees those two, the other packages from the wheels in WHEELS (the list
+# is in benchmarks/gpu_check.py), then parity, torch.compile, DINO and throughput checks (at most 8 minutes).
+WHEELS ?= .whl
+GPU_PYTHON ?= python3
+GPU_VENV := build/gpu-venv
+GPU_CHECK_OUT ?= benchmarks/results/gpu_check.json
+
+gpu-check:
+	@test -d "$(WHEELS)" || { echo "gpu-check: no wheel folder $(WHEELS): pass WHEELS=folder (see benchmarks/gpu_check.py)"; exit 2; }
+	test -x $(GPU_VENV)/bin/python || $(GPU_PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip --disable-pip-version-check -q install --no-index --no-deps $(WHEELS)/*.whl
+	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python benchmarks/gpu_check.py --device cuda --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -123,7 +123,7 @@ class Runner:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.images = torch.randn(batch, 3, resolution.img_size, resolution.img_size, device=device)
         self.device = device
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def train_step(self) -> None:
         self.model.train()

@@ -1,6 +1,7 @@
-"""The throughput benchmark runs end to end (tiny inputs) and its ratios are computed round by round."""
+"""The throughput benchmark and the GPU check run end to end (tiny inputs, CPU); ratios are paired round by round."""
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
+GPU_CHECK = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
 
 
 def _load_benchmark():
@@ -79,3 +81,31 @@ def test_resolution_argument():
     for bad in ("224/", "big", "100/16"):
         with pytest.raises(argparse.ArgumentTypeError, match="resolution"):
             throughput.Resolution.parse(bad)
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_path(tmp_path):
+    """The GPU check's code, on CPU at tiny sizes: parity with timm, compile, a DINO run, the benchmark; one JSON."""
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(GPU_CHECK), "--device", "cpu", "--out", str(out)], capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["passed"] and set(report["checks"]) == {"parity", "compile", "dino", "throughput"}
+    parity = {result["precision"]: result for result in report["checks"]["parity"]["result"]}
+    assert set(parity) == {"fp32", "bf16", "fp16"}
+    assert parity["fp32"]["output_error"] < 1e-5 and parity["fp32"]["gradient_error"] < 1e-4
+    for precision, tolerance in (("bf16", 0.05), ("fp16", 0.01)):
+        assert 0 < parity[precision]["output_error"] < tolerance  # autocast really ran in low precision
+        assert parity[precision]["gradient_error"] < tolerance
+        assert parity[precision]["timm_output_error"] > 0
+    compiled = report["checks"]["compile"]["result"]
+    assert compiled["output_error"] < 1e-4 and compiled["gradient_error"] < 1e-4
+    dino = report["checks"]["dino"]["result"]
+    assert dino["backend"] == "gloo" and dino["world_size"] == 1 and dino["amp"] is False
+    assert len(dino["losses"]) == dino["iterations"] == 8 and all(math.isfinite(loss) for loss in dino["losses"])
+    assert isinstance(dino["loss_falling"], bool)
+    throughput = report["checks"]["throughput"]["result"]
+    assert throughput["precision"] == "bf16" and [row["input"] for row in throughput["summary"]] == ["32/16", "64/16"]
+    for row in throughput["summary"]:
+        assert row["ratios"]["train_img_per_s/vs_timm_convit"] > 0 and row["peak_memory_mib"]["convit_ssl"] > 0
