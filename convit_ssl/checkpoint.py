@@ -25,6 +25,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from convit_ssl import atomic
+from convit_ssl.errors import UsageError
 from convit_ssl.models.convit import PRESETS, ConViT, create_trunk
 from convit_ssl.run_folder import CONFIG_FILE, LATEST_LINK, latest_checkpoint
 from convit_ssl.trunk_config import trunk_kwargs
@@ -50,7 +51,7 @@ CHECKPOINT_GLOBALS = (argparse.Namespace,)
 LATEST_RULE = f"{LATEST_LINK} if present, else the final checkpoint, else the newest model_*.torch"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be read as a ConViT/DeiT trunk; the message says why and what to do."""
 
 

@@ -2,7 +2,8 @@
 
 Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only
 when its subcommand runs, so ``convit-ssl --help`` stays fast. Errors that a user can fix
-(``UsageError`` and the package's ``ValueError`` subclasses) print one line, not a traceback.
+(``convit_ssl.errors.UsageError`` and its subclasses) print one line; any other exception is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import argparse
 import importlib
 import sys
 from typing import List, Optional
+
+from convit_ssl.errors import UsageError
 
 # (subcommand, module under convit_ssl.commands, one-line help)
 COMMANDS = [
@@ -23,10 +26,6 @@ COMMANDS = [
     ("export-timm", "export_timm", "write the trunk of a VISSL checkpoint as a timm state dict"),
     ("demo", "demo", "the main job: pretrain on digits, probe ConViT vs DeiT vs random init, print one table"),
 ]
-
-
-class UsageError(Exception):
-    """A mistake in the user's input; the message names the problem and the fix."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as error:
+    except UsageError as error:
         print(f"convit-ssl {argv[0]}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -43,6 +43,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from convit_ssl import atomic
+from convit_ssl.errors import UsageError
 
 DATA_ENV = "CONVIT_SSL_DATA"
 CATALOG_FILE = "dataset_catalog.json"
@@ -78,7 +79,7 @@ def _read_json(path: Path, what: str, fix: str) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{what} {path} is not valid JSON ({error}): {fix}") from None
+        raise UsageError(f"{what} {path} is not valid JSON ({error}): {fix}") from None
 
 
 def read_catalog(root: Optional[Path] = None) -> Dict[str, Dict[str, List[str]]]:
@@ -101,7 +102,7 @@ def _locked(root: Path) -> Iterator[None]:
 def check_dataset_name(name: str) -> None:
     """Raise ``ValueError`` unless ``name`` is a plain name (it becomes a folder name under the data root)."""
     if not _PLAIN_NAME.fullmatch(name or ""):
-        raise ValueError(f"dataset name {name!r} is not a plain name: use letters, digits, '_', '-' and '.' (not "
+        raise UsageError(f"dataset name {name!r} is not a plain name: use letters, digits, '_', '-' and '.' (not "
                          f"first), e.g. cifar10")
 
 
@@ -127,7 +128,7 @@ def register_dataset(name: str, train_dir: str | os.PathLike, val_dir: str | os.
     splits = {}
     for split, folder in folders.items():
         if not folder.is_dir():
-            raise ValueError(f"dataset {name!r}: the {split} folder {folder} does not exist")
+            raise UsageError(f"dataset {name!r}: the {split} folder {folder} does not exist")
         classes, samples = list_images(folder)
         splits[split] = {"classes": classes, "images": len(samples)}
     with _locked(root):
@@ -152,7 +153,7 @@ def _again(name: str) -> str:
 def _split_folder(name: str, split: str, root: Optional[Path]) -> Path:
     """The folder the catalog names for split ``split`` of ``name`` (built-in datasets written on first use)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        raise UsageError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     root = Path(root or data_root())
     catalog = read_catalog(root)
     if name in _builtin_datasets() and (name not in catalog or name not in read_manifest(root)):
@@ -160,13 +161,13 @@ def _split_folder(name: str, split: str, root: Optional[Path]) -> Path:
         catalog = read_catalog(root)
     if name not in catalog:
         known = sorted(set(catalog) | set(_builtin_datasets()))
-        raise ValueError(
+        raise UsageError(
             f"unknown dataset {name!r} (catalog {catalog_path(root)}); known: {', '.join(known)}; "
             f"add it with: convit-ssl prepare-data {name} --from PATH"
         )
     folder = Path(catalog[name][split][0])
     if not folder.is_dir():
-        raise ValueError(f"dataset {name!r}: the {split} folder {folder} does not exist; prepare it again with "
+        raise UsageError(f"dataset {name!r}: the {split} folder {folder} does not exist; prepare it again with "
                          f"{_again(name)} (or restore the folder)")
     return folder
 
@@ -175,7 +176,7 @@ def _record(name: str, root: Optional[Path]) -> dict:
     """The manifest entry of registered dataset ``name``; ``ValueError`` when it has none."""
     record = read_manifest(root).get(name)
     if record is None:
-        raise ValueError(f"dataset {name!r} has no record of its classes and images (registered by an older "
+        raise UsageError(f"dataset {name!r} has no record of its classes and images (registered by an older "
                          f"convit-ssl or by hand): run {_again(name)}")
     return record
 
@@ -188,10 +189,10 @@ def _check_record(name: str, split: str, classes: Sequence[str], images: int, ro
         added = [c for c in classes if c not in record["classes"]]
         change = "; ".join([f"missing {', '.join(missing[:5])}"] * bool(missing) + [f"new {', '.join(added[:5])}"]
                            * bool(added)) or "reordered"
-        raise ValueError(f"dataset {name!r}: the {split} class folders changed since prepare-data ({change}): labels "
+        raise UsageError(f"dataset {name!r}: the {split} class folders changed since prepare-data ({change}): labels "
                          f"would shift; restore them, or run {_again(name)}")
     if images != record["images"]:
-        raise ValueError(f"dataset {name!r}: the {split} split has {images} images, {record['images']} when prepared: "
+        raise UsageError(f"dataset {name!r}: the {split} split has {images} images, {record['images']} when prepared: "
                          f"files were added or removed; restore them, or run {_again(name)}")
 
 
@@ -244,7 +245,7 @@ def list_images(split_dir: str | os.PathLike) -> Tuple[List[str], List[Tuple[str
         for folder, _, files in os.walk(os.path.join(split_dir, name), followlinks=True):
             stat = os.stat(folder)
             if (stat.st_dev, stat.st_ino) in seen:
-                raise ValueError(f"{folder} leads back to a folder already read (a symbolic link loop, or a second "
+                raise UsageError(f"{folder} leads back to a folder already read (a symbolic link loop, or a second "
                                  f"link to it): remove the link, or its images would be read more than once")
             seen.add((stat.st_dev, stat.st_ino))
             folders.append((folder, sorted(file for file in files if file.lower().endswith(IMAGE_EXTENSIONS))))
@@ -252,7 +253,7 @@ def list_images(split_dir: str | os.PathLike) -> Tuple[List[str], List[Tuple[str
     return classes, samples
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(UsageError):
     """An image file that PIL cannot read; the message names it.
 
     A DataLoader worker's exception comes back to the main process with the worker's traceback in its message:
@@ -338,7 +339,7 @@ def _is_ours(folder: Path) -> bool:
 def _remove_ours(folder: Path) -> None:
     """Delete ``folder``, which must be one this module created; any other folder is refused."""
     if not _is_ours(folder):
-        raise ValueError(f"{folder} was not created by convit-ssl: refusing to delete it")
+        raise UsageError(f"{folder} was not created by convit-ssl: refusing to delete it")
     shutil.rmtree(folder)
 
 
@@ -346,14 +347,14 @@ def _is_complete(target: Path, fix: str) -> bool:
     """Whether ``target`` holds a complete prepared copy. Raises ``ValueError`` (``fix`` says what to do) unless
     ``target`` is absent, an empty folder, or a folder of ours: nothing else is ever replaced."""
     if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} exists and is not a folder: nothing was written; {fix}")
+        raise UsageError(f"{target} exists and is not a folder: nothing was written; {fix}")
     if not target.exists():
         return False
     if (target / _DONE).is_file():
         return True
     if _is_ours(target) or not any(target.iterdir()):
         return False
-    raise ValueError(f"{target} exists, holds files and was not created by convit-ssl: nothing was written or "
+    raise UsageError(f"{target} exists, holds files and was not created by convit-ssl: nothing was written or "
                      f"deleted; {fix}")
 
 
@@ -370,7 +371,7 @@ def _publish(tmp: Path, target: Path, description: dict, fix: str) -> bool:
     except OSError as error:  # target exists: a concurrent writer won; its copy is complete, drop ours
         _remove_ours(tmp)
         if not (target / _DONE).is_file():
-            raise ValueError(f"could not move the new copy to {target} ({error.strerror}): {fix}") from None
+            raise UsageError(f"could not move the new copy to {target} ({error.strerror}): {fix}") from None
         return False
 
 
@@ -382,7 +383,7 @@ def _check_written(target: Path, fix: str) -> None:
     for folder, count in json.loads((target / _DONE).read_text())["counts"].items():
         found = len(list_images(target / folder)[1]) if (target / folder).is_dir() else 0
         if found != count:
-            raise ValueError(f"{target / folder} holds {found} images, {count} when convit-ssl wrote it: {fix}")
+            raise UsageError(f"{target / folder} holds {found} images, {count} when convit-ssl wrote it: {fix}")
 
 
 def _stratified_split(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int):
@@ -470,9 +471,9 @@ def _unpickle(stream, where: str) -> dict:
     try:
         data = _CifarUnpickler(stream, encoding="bytes").load()
     except Exception as error:  # any malformed pickle: UnpicklingError, EOFError, ValueError, TypeError, ...
-        raise ValueError(f"{where} is not a CIFAR python pickle: {error}; use the original CIFAR archive") from None
+        raise UsageError(f"{where} is not a CIFAR python pickle: {error}; use the original CIFAR archive") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{where} holds a {type(data).__name__}, not a CIFAR dict; use the original CIFAR archive")
+        raise UsageError(f"{where} holds a {type(data).__name__}, not a CIFAR dict; use the original CIFAR archive")
     return {key.decode() if isinstance(key, bytes) else key: value for key, value in data.items()}
 
 
@@ -480,11 +481,11 @@ def _checked_batch(batch: dict, where: str, label_key: str, num_classes: int) ->
     """(N, 32, 32, 3) uint8 images and N labels of a CIFAR batch; ``ValueError`` naming ``where`` otherwise."""
     data, labels = batch.get("data"), batch.get(label_key)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
-        raise ValueError(f"{where}: 'data' is not an (N, 3072) uint8 array, so not a CIFAR batch; use the original "
+        raise UsageError(f"{where}: 'data' is not an (N, 3072) uint8 array, so not a CIFAR batch; use the original "
                          f"CIFAR archive")
     if not (isinstance(labels, list) and len(labels) == len(data)
             and all(isinstance(label, int) and 0 <= label < num_classes for label in labels)):
-        raise ValueError(f"{where}: {label_key!r} is not {len(data)} labels in 0..{num_classes - 1}, so not a CIFAR "
+        raise UsageError(f"{where}: {label_key!r} is not {len(data)} labels in 0..{num_classes - 1}, so not a CIFAR "
                          f"batch; use the original CIFAR archive")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
@@ -540,23 +541,23 @@ def prepare_cifar(path: Path, out_dir: Path, progress: bool = True) -> Tuple[Pat
     if _is_complete(out_dir, fix):
         source = json.loads((out_dir / _DONE).read_text()).get("source")
         if source != str(path):
-            raise ValueError(f"{out_dir} already holds a copy of {source}: pass --out with a new folder for {path}, "
+            raise UsageError(f"{out_dir} already holds a copy of {source}: pass --out with a new folder for {path}, "
                              f"or delete {out_dir} first")
         _check_written(out_dir, f"delete {out_dir} and run convit-ssl prepare-data again")
     else:
         with _cifar_members(path) as found:
             if found is None:
-                raise ValueError(f"{path} is not a CIFAR-10/100 python archive or folder")
+                raise UsageError(f"{path} is not a CIFAR-10/100 python archive or folder")
             variant, members = found
             train_members, test_member, meta_member, label_key, names_key = _CIFAR[variant]
             label_names = members[meta_member]().get(names_key)
             if not isinstance(label_names, list) or not label_names:
-                raise ValueError(f"{path}: {meta_member} has no list {names_key!r}, so not a CIFAR archive")
+                raise UsageError(f"{path}: {meta_member} has no list {names_key!r}, so not a CIFAR archive")
             class_folders = _class_folder_names([_as_text(name) for name in label_names])
             # CIFAR-10 ships five training batches; a cut-down archive with fewer is accepted.
             splits = {"train": [name for name in train_members if name in members], "val": [test_member]}
             if not splits["train"]:
-                raise ValueError(f"{path} holds no training batch ({', '.join(train_members)}): not a CIFAR archive")
+                raise UsageError(f"{path} holds no training batch ({', '.join(train_members)}): not a CIFAR archive")
             batches = {member: _checked_batch(members[member](), f"{path}: {member}", label_key, len(class_folders))
                        for names in splits.values() for member in names}
         per_class = {split: sum(np.bincount(batches[member][1], minlength=len(class_folders)) for member in names)
@@ -564,7 +565,7 @@ def prepare_cifar(path: Path, out_dir: Path, progress: bool = True) -> Tuple[Pat
         empty = {split: [class_folders[i] for i in np.flatnonzero(seen == 0)] for split, seen in per_class.items()}
         if any(empty.values()):
             split, names = next((split, names) for split, names in empty.items() if names)
-            raise ValueError(f"{path}: the {split} split has no image of class(es) {', '.join(names[:5])}: a class "
+            raise UsageError(f"{path}: the {split} split has no image of class(es) {', '.join(names[:5])}: a class "
                              f"without images would shift every label after it; use the complete archive")
         tmp = _new_folder(out_dir.parent, out_dir.name)
         with tqdm(desc=f"writing {variant} PNGs", unit="img", disable=not progress) as bar:
@@ -595,26 +596,26 @@ def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, D
     for split in SPLITS:
         split_dir = path / split
         if not split_dir.is_dir():
-            raise ValueError(f"{path} has no {split}/ folder: expected {path}/train/<class>/<image> and "
+            raise UsageError(f"{path} has no {split}/ folder: expected {path}/train/<class>/<image> and "
                              f"{path}/val/<class>/<image> (ImageNet layout) or a CIFAR python archive")
         classes[split], samples = list_images(split_dir)
         if not classes[split]:
-            raise ValueError(f"{split_dir} has no class folders: put the images of each class in a folder of its own")
+            raise UsageError(f"{split_dir} has no class folders: put the images of each class in a folder of its own")
         per_class = np.bincount([label for _, label in samples], minlength=len(classes[split]))
         empty = [classes[split][index] for index in np.flatnonzero(per_class == 0)]
         if empty:
-            raise ValueError(f"{split_dir}: class folder(s) without images: {', '.join(empty[:5])}; image extensions: "
+            raise UsageError(f"{split_dir}: class folder(s) without images: {', '.join(empty[:5])}; image extensions: "
                              f"{' '.join(IMAGE_EXTENSIONS)}")
         counts[split] = len(samples)
         images += [image for image, _ in samples]
     if classes["train"] != classes["val"]:
         only = sorted(set(classes["train"]) ^ set(classes["val"]))
-        raise ValueError(f"{path}: train/ and val/ have different class folders ({', '.join(only[:5])}"
+        raise UsageError(f"{path}: train/ and val/ have different class folders ({', '.join(only[:5])}"
                          f"{', ...' if len(only) > 5 else ''}): labels would not match; give both splits the same "
                          f"classes")
     bad = [os.path.relpath(image, path) for image in unreadable_images(images, progress)]
     if bad:
-        raise ValueError(f"{path}: {len(bad)} image(s) that PIL cannot read: {', '.join(bad[:5])}"
+        raise UsageError(f"{path}: {len(bad)} image(s) that PIL cannot read: {', '.join(bad[:5])}"
                          f"{', ...' if len(bad) > 5 else ''}; delete or replace them and run convit-ssl prepare-data "
                          f"again")
     counts["classes"] = len(classes["train"])
@@ -634,25 +635,25 @@ def prepare_dataset(name: str, source: Path, out_dir: Optional[Path] = None, pro
 
     check_dataset_name(name)
     if name in _builtin_datasets():
-        raise ValueError(f"{name!r} is a built-in dataset (written by convit-ssl prepare-data {name}, no --from): "
+        raise UsageError(f"{name!r} is a built-in dataset (written by convit-ssl prepare-data {name}, no --from): "
                          f"register yours under another name")
     configs = data_config_names()
     if like is not None and like not in configs:
-        raise ValueError(f"--like {like!r} is not a data config; choose from {', '.join(configs)}")
+        raise UsageError(f"--like {like!r} is not a data config; choose from {', '.join(configs)}")
     source = Path(source).expanduser()
     if not source.exists():
-        raise ValueError(f"--from {source} does not exist: pass an ImageNet-layout folder or a CIFAR python archive")
+        raise UsageError(f"--from {source} does not exist: pass an ImageNet-layout folder or a CIFAR python archive")
     variant = cifar_variant(source)
     if variant is None and not source.is_dir():
-        raise ValueError(f"{source} is neither a folder with train/ and val/ class folders nor a CIFAR-10/100 python "
+        raise UsageError(f"{source} is neither a folder with train/ and val/ class folders nor a CIFAR-10/100 python "
                          f"archive (cifar-10-python.tar.gz, cifar-100-python.tar.gz or their extracted folder)")
     if variant is not None and like is not None and like != variant.replace("-", ""):
-        raise ValueError(f"--like is for image folders: a CIFAR copy is read with its variant's data config, "
+        raise UsageError(f"--like is for image folders: a CIFAR copy is read with its variant's data config, "
                          f"{variant.replace('-', '')}; drop --like")
     data_file = variant.replace("-", "") if variant else like or (name if name in configs else None)
     if name in configs and data_file != name:
         fits = f"register it as {data_file} or under another name" if data_file else "register it under another name"
-        raise ValueError(f"{name!r} names the data config {name}, which does not fit this {variant or 'image folder'} "
+        raise UsageError(f"{name!r} names the data config {name}, which does not fit this {variant or 'image folder'} "
                          f"copy: {fits}")
     root = Path(root or data_root())
     if variant is not None:

@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from convit_ssl.errors import UsageError
 from convit_ssl.models.convit import ConViT, GatedPositionalSelfAttention, GridSize, relative_positions
 
 DISTANCE_KINDS = ("positional", "content", "mixed")
@@ -179,20 +180,20 @@ def attention_maps(
     """
     image = _check_images(image)
     if image.shape[0] != 1:
-        raise ValueError(f"attention_maps takes one image, got a batch of {image.shape[0]}: pass image[0]")
+        raise UsageError(f"attention_maps takes one image, got a batch of {image.shape[0]}: pass image[0]")
     available = gpsa_blocks(trunk)
     blocks = list(available if blocks is None else blocks)
     unknown = [b for b in blocks if b not in available]
     if unknown:
-        raise ValueError(f"blocks {unknown} are not GPSA blocks; GPSA blocks of this trunk: {available}")
+        raise UsageError(f"blocks {unknown} are not GPSA blocks; GPSA blocks of this trunk: {available}")
     heads = list(range(trunk.num_heads) if heads is None else heads)
     if any(not 0 <= h < trunk.num_heads for h in heads):
-        raise ValueError(f"heads {heads} out of range: this trunk has heads 0..{trunk.num_heads - 1}")
+        raise UsageError(f"heads {heads} out of range: this trunk has heads 0..{trunk.num_heads - 1}")
     with torch.no_grad(), eval_mode(trunk), _full_precision(trunk):
         inputs, grid_size = gpsa_inputs(trunk, image)
         row, col = query if query is not None else (grid_size[0] // 2, grid_size[1] // 2)
         if not (0 <= row < grid_size[0] and 0 <= col < grid_size[1]):
-            raise ValueError(f"query patch {(row, col)} is outside the {grid_size[0]}x{grid_size[1]} patch grid")
+            raise UsageError(f"query patch {(row, col)} is outside the {grid_size[0]}x{grid_size[1]} patch grid")
         q = row * grid_size[1] + col
         maps = {kind: [] for kind in DISTANCE_KINDS}
         gates = []

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from convit_ssl.cli import UsageError
+from convit_ssl.errors import UsageError
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 RECIPE_GROUP = "convit_ssl/pretrain"

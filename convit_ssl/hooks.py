@@ -40,6 +40,7 @@ from classy_vision.hooks.classy_hook import ClassyHook
 
 from convit_ssl import atomic
 from convit_ssl.diagnostics import DISTANCE_KINDS, diagnostics_record, gating_diagnostics
+from convit_ssl.errors import UsageError
 from convit_ssl.models.convit import ConViT
 
 _log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class GatingDiagnosticsHook(_SelectiveHook):
     def __init__(self, frequency: int, probe_batch: int, output_dir: Optional[str] = None, tensorboard: bool = False):
         super().__init__()
         if frequency < 1 or probe_batch < 1:
-            raise ValueError(f"gating hook: FREQUENCY ({frequency}) and PROBE_BATCH ({probe_batch}) must be "
+            raise UsageError(f"gating hook: FREQUENCY ({frequency}) and PROBE_BATCH ({probe_batch}) must be "
                              f"positive integers; set HOOKS.CONVIT_GATING.ENABLE=False to turn the hook off")
         self.frequency = frequency
         self.probe_batch = probe_batch
@@ -219,7 +220,7 @@ def build_gating_hook(config: Mapping, output_dir: Optional[str] = None) -> Opti
     for key in ("FREQUENCY", "PROBE_BATCH"):
         value = section.get(key, None)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"HOOKS.CONVIT_GATING.{key} must be a positive integer, got {value!r}: "
+            raise UsageError(f"HOOKS.CONVIT_GATING.{key} must be a positive integer, got {value!r}: "
                              f"set it in the config (e.g. FREQUENCY: 100, PROBE_BATCH: 16)")
         values[key] = value
     tensorboard = bool((hooks.get("TENSORBOARD_SETUP", None) or {}).get("USE_TENSORBOARD", False))

@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from convit_ssl import atomic
+from convit_ssl.errors import UsageError
 
 RUNS_ENV = "CONVIT_SSL_RUNS"
 EVALUATIONS = ("linear-probe", "knn")
@@ -78,7 +79,7 @@ PORT_RANGE = (15000, 30000)  # below Linux's ephemeral range (32768+), where cli
 RENDEZVOUS_TIMEOUT_S = 600
 
 
-class LaunchError(Exception):
+class LaunchError(UsageError):
     """A problem found before anything is submitted; the message names it and the fix, in one line."""
 
 
@@ -362,14 +363,13 @@ def check_job_dir(job_dir: str, create: bool) -> None:
 def compose_points(points: Sequence[Point], job_dir: str) -> None:
     """Compose every point now, to fail before submitting; the node composes again with its job id."""
     from convit_ssl import engine
-    from convit_ssl.cli import UsageError
 
     for point in points:
         # compose writes train_config.yaml into the run folder, which has no job id yet
         with tempfile.TemporaryDirectory() as scratch:
             try:
                 point.config = engine.compose(point.overrides, run_dir=scratch)
-            except (UsageError, ValueError, FileNotFoundError) as error:
+            except UsageError as error:
                 where = f" (sweep point {point.subdir})" if point.subdir else ""
                 raise LaunchError(f"{error}{where}") from None
         point.config.CHECKPOINT.DIR = str(Path(job_dir) / point.subdir)
@@ -498,7 +498,7 @@ def final_checkpoint(run_dir: Path) -> Path:
     found = sorted(run_dir.glob("model_final_checkpoint_phase*.torch"),
                    key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
     if not found:
-        raise FileNotFoundError(f"no model_final_checkpoint_phase*.torch in {run_dir}: did pretraining finish?")
+        raise UsageError(f"no model_final_checkpoint_phase*.torch in {run_dir}: did pretraining finish?")
     return found[-1]
 
 

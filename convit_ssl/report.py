@@ -35,6 +35,7 @@ from matplotlib.patches import Rectangle
 from convit_ssl.checkpoint import checkpoint_file, load_trunk, run_checkpoint
 from convit_ssl.data import IMAGE_EXTENSIONS, read_catalog
 from convit_ssl.diagnostics import DISTANCE_KINDS, attention_maps, gating_diagnostics
+from convit_ssl.errors import UsageError
 from convit_ssl.hooks import METRICS_FILE
 from convit_ssl.models.convit import ConViT
 
@@ -81,7 +82,7 @@ def load_gating_metrics(path: str | os.PathLike) -> List[dict]:
             record = json.loads(line)
             by_iteration[int(record["iteration"])] = record
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path} line {number} is not a gating record ({error}): "
+            raise UsageError(f"{path} line {number} is not a gating record ({error}): "
                              f"delete the line or the file and rerun the report")
     return [by_iteration[i] for i in sorted(by_iteration)]
 
@@ -420,7 +421,7 @@ def _sample_image(trunk: ConViT, image_path: Optional[str], config: Mapping) -> 
     size = (trunk.grid_size[0] * trunk.patch_size, trunk.grid_size[1] * trunk.patch_size)
     if image_path is not None:
         if not Path(image_path).is_file():
-            raise ValueError(f"image {image_path} does not exist: pass an image file with --image")
+            raise UsageError(f"image {image_path} does not exist: pass an image file with --image")
         return read_image(image_path, size), f"`{Path(image_path).name}`"
     found = dataset_image_file(config)
     if found is not None:
@@ -440,12 +441,12 @@ def _resolve(source: Path, out_dir: Optional[str | os.PathLike]):
         metrics_path = source / METRICS_FILE
         records = load_gating_metrics(metrics_path) if metrics_path.is_file() else []
         if checkpoint is None and not records:
-            raise ValueError(f"{source} has no checkpoint (*.torch) and no {METRICS_FILE}: pass a VISSL run folder, "
+            raise UsageError(f"{source} has no checkpoint (*.torch) and no {METRICS_FILE}: pass a VISSL run folder, "
                              f"or a checkpoint file with --out")
         return source, checkpoint, records, Path(out_dir) if out_dir is not None else source / REPORT_DIR
     checkpoint = checkpoint_file(source)
     if out_dir is None:
-        raise ValueError(f"{source} is a checkpoint file: pass --out DIR for the report folder")
+        raise UsageError(f"{source} is a checkpoint file: pass --out DIR for the report folder")
     return None, checkpoint, [], Path(out_dir)
 
 
@@ -462,7 +463,7 @@ def write_report(source: str | os.PathLike, out_dir: Optional[str | os.PathLike]
     run_dir, checkpoint, records, out_dir = _resolve(source, out_dir)
     trunk, load_report = load_trunk(checkpoint) if checkpoint is not None else (None, None)
     if trunk is not None and trunk.local_up_to_layer == 0:
-        raise ValueError(f"{checkpoint} holds a trunk without GPSA layers (a DeiT): there are no gates to report")
+        raise UsageError(f"{checkpoint} holds a trunk without GPSA layers (a DeiT): there are no gates to report")
     out_dir.mkdir(parents=True, exist_ok=True)
     name = source.name if run_dir is not None else source.stem
 
@@ -532,11 +533,11 @@ def write_comparison(run_a: str | os.PathLike, run_b: str | os.PathLike, out_dir
     for letter, run in (("A", Path(run_a)), ("B", Path(run_b))):
         metrics_path = run / METRICS_FILE
         if not metrics_path.is_file():
-            raise ValueError(f"run {letter} ({run}) has no {METRICS_FILE}: pass a run folder trained with "
+            raise UsageError(f"run {letter} ({run}) has no {METRICS_FILE}: pass a run folder trained with "
                              f"HOOKS.CONVIT_GATING.ENABLE=True")
         records = load_gating_metrics(metrics_path)
         if not records:
-            raise ValueError(f"run {letter} ({run}) has an empty {METRICS_FILE}: it has not reached its first record")
+            raise UsageError(f"run {letter} ({run}) has an empty {METRICS_FILE}: it has not reached its first record")
         runs[f"{letter}: {run.name}"] = records
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from convit_ssl import atomic
-from convit_ssl.cli import UsageError
+from convit_ssl.errors import UsageError
 
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "train_config.yaml"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping
 
+from convit_ssl.errors import UsageError
 from convit_ssl.models.convit import preset_kwargs
 
 # VISSL section -> (VISSL key, our keyword). MLP_DIM becomes mlp_ratio = MLP_DIM / HIDDEN_DIM.
@@ -52,14 +53,14 @@ def trunk_kwargs(model_config: Mapping[str, Any]) -> Dict[str, Any]:
         return preset_kwargs(preset, **overrides)
     vit, convit = trunk["VISION_TRANSFORMERS"], trunk.get("CONVIT", None) or {}
     if vit.get("QK_SCALE", False):
-        raise ValueError("MODEL.TRUNK.VISION_TRANSFORMERS.QK_SCALE is not supported: ConViT scales by 1/sqrt(D); "
+        raise UsageError("MODEL.TRUNK.VISION_TRANSFORMERS.QK_SCALE is not supported: ConViT scales by 1/sqrt(D); "
                          "set it to False")
     if convit.get("CLASS_TOKEN_IN_LOCAL_LAYERS", False):
-        raise ValueError("MODEL.TRUNK.CONVIT.CLASS_TOKEN_IN_LOCAL_LAYERS=True is not supported: the class token "
+        raise UsageError("MODEL.TRUNK.CONVIT.CLASS_TOKEN_IN_LOCAL_LAYERS=True is not supported: the class token "
                          "joins after the last GPSA block as in the paper; set it to False")
     classifier = vit.get("CLASSIFIER", "token")
     if classifier not in (None, "token"):
-        raise ValueError(f"MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER={classifier!r} is not supported: use 'token' "
+        raise UsageError(f"MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER={classifier!r} is not supported: use 'token' "
                          f"and pick pooled features with out_feat_keys (lastPOOL)")
     kwargs: Dict[str, Any] = {}
     for section, values in (("VISION_TRANSFORMERS", vit), ("CONVIT", convit)):

@@ -24,6 +24,21 @@ def test_help_lists_commands(capsys):
         assert name in out
 
 
+@pytest.mark.parametrize("bug", [ValueError("a genuine bug"), FileNotFoundError("a path the code got wrong")])
+def test_a_bug_keeps_its_traceback_and_a_usage_error_is_one_line(capsys, monkeypatch, bug):
+    from convit_ssl.commands import results
+    from convit_ssl.errors import UsageError
+
+    def run(args):
+        raise bug
+
+    monkeypatch.setattr(results, "run", run)
+    with pytest.raises(type(bug), match=str(bug)):
+        cli.main(["results", "somewhere"])
+    monkeypatch.setattr(results, "run", lambda args: (_ for _ in ()).throw(UsageError("bad input: pass good input")))
+    assert _error(capsys, "results", "somewhere") == "convit-ssl results: error: bad input: pass good input"
+
+
 def test_unknown_config_lists_close_matches(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("CONVIT_SSL_DATA", str(tmp_path))
     err = _error(capsys, "train", "config=dinno")

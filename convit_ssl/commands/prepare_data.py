@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convit_ssl.cli import UsageError
+from convit_ssl.errors import UsageError
 
 
 def add_arguments(parser) -> None:

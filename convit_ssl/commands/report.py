@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from convit_ssl.cli import UsageError
+from convit_ssl.errors import UsageError
 
 EPILOG = """examples:
   convit-ssl report runs/dino_convit_tiny                 # writes runs/dino_convit_tiny/report/

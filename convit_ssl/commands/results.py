@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from convit_ssl import atomic
-    from convit_ssl.cli import UsageError
+    from convit_ssl.errors import UsageError
     from convit_ssl.evaluation.results import csv_text, gather, markdown_table
 
     rows = [row for row in gather(args.paths) if args.kind is None or row.get("kind") == args.kind]

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from convit_ssl.data import data_root, dataset_split_dir
+from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.linear_probe import Recipe, check_number, load_recipe, recipe_names
 from convit_ssl.evaluation.results import file_sha256, make_manifest, slug, write_new_result
 
@@ -93,7 +94,7 @@ def parse_options(pairs: List[str]) -> Dict[str, object]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--trunk-option {pair!r} is not KEY=VALUE: write e.g. --trunk-option patch_size=4")
+            raise UsageError(f"--trunk-option {pair!r} is not KEY=VALUE: write e.g. --trunk-option patch_size=4")
         options[key.strip()] = yaml.safe_load(value)
     return options
 
@@ -120,7 +121,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         if args.data is None or args.data in recipe_names():
             name = args.data or DEFAULT_RECIPE
         else:
-            raise ValueError(f"no recipe is named like dataset {args.data!r}: pass --recipe with one of "
+            raise UsageError(f"no recipe is named like dataset {args.data!r}: pass --recipe with one of "
                              f"{', '.join(recipe_names())} or a YAML path")
     overrides = {key: getattr(args, key, None) for key in
                  ("image_size", "crop_ratio", "batch_size", "epochs", "lrs", "wds", "features", "heldout_fraction",

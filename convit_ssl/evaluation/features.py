@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from convit_ssl import atomic
 from convit_ssl.data import open_split
 from convit_ssl.diagnostics import eval_mode
+from convit_ssl.errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,7 +95,7 @@ def trunk_keys(choices: Sequence[str]) -> List[str]:
     for choice in choices:
         parts = choice.split("+")
         if not all(parts):
-            raise ValueError(f"feature choice {choice!r} has an empty part: join keys with '+', e.g. lastCLS+lastPOOL")
+            raise UsageError(f"feature choice {choice!r} has an empty part: join keys with '+', e.g. lastCLS+lastPOOL")
         keys.extend(part for part in parts if part not in keys)
     return keys
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.features import (
     Preprocess, check_feature_choices, frozen_check, split_features, state_digest, trunk_keys,
 )
@@ -45,7 +46,7 @@ def knn_predict(train_features, train_labels, test_features, ks: Sequence[int] =
     labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.int64)
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1 or ks[-1] > len(train):
-        raise ValueError(f"k must be between 1 and the number of training samples {len(train)}, got {ks}: "
+        raise UsageError(f"k must be between 1 and the number of training samples {len(train)}, got {ks}: "
                          f"pass smaller --ks")
     num_classes = int(num_classes or int(labels.max()) + 1)
     chunk_size = chunk_size or max(1, _CHUNK_BYTES // (4 * len(train)))
@@ -97,7 +98,7 @@ def knn_evaluation(trunk: nn.Module, dataset: str, preprocess: Preprocess, featu
     memory = class_subset(train.labels, fraction, seed, subset_rule, train.files)
     usable = [k for k in ks if k <= len(memory)]
     if not usable:
-        raise ValueError(f"every k in {list(ks)} exceeds the {len(memory)} training images kept: pass smaller --ks")
+        raise UsageError(f"every k in {list(ks)} exceeds the {len(memory)} training images kept: pass smaller --ks")
     rows, accuracies = [], {}
     for choice in features:
         accuracies[choice] = knn_classify(train.choice(choice, memory), train.labels[memory], test.choice(choice),

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.features import (
     Features, Preprocess, check_feature_choices, eval_mode, extract, frozen_check, image_folder, split_features,
     state_digest, trunk_keys,
@@ -97,7 +98,7 @@ _RULES = {">= 1": lambda x: x >= 1, ">= 0": lambda x: x >= 0, "> 0": lambda x: x
 def check_number(value: float, rule: str, name: str, example: str) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is finite and keeps ``rule`` (a key of ``_RULES``)."""
     if not (math.isfinite(value) and _RULES[rule](value)):
-        raise ValueError(f"{name} {value:g} must be {'in ' if rule[0] in '([' else ''}{rule} (e.g. {example})")
+        raise UsageError(f"{name} {value:g} must be {'in ' if rule[0] in '([' else ''}{rule} (e.g. {example})")
 
 
 def recipe_names() -> List[str]:
@@ -117,18 +118,18 @@ def _coerce(recipe: Recipe, source: str) -> Recipe:
             "stats_samples": int(recipe.stats_samples),
         }
     except (TypeError, ValueError) as error:
-        raise ValueError(f"recipe {source}: a field has the wrong type ({error}); lrs, wds and features are lists")
+        raise UsageError(f"recipe {source}: a field has the wrong type ({error}); lrs, wds and features are lists")
     for field_name in ("lrs", "wds", "features"):
         if not values[field_name]:
-            raise ValueError(f"recipe {source}: {field_name} is empty; give at least one value")
+            raise UsageError(f"recipe {source}: {field_name} is empty; give at least one value")
     for field_name, (rule, example) in _RANGES.items():
         for value in values[field_name] if isinstance(values[field_name], tuple) else (values[field_name],):
             check_number(value, rule, f"--{field_name.replace('_', '-')}" if source == "overrides"
                          else f"recipe {source}: {field_name}", example)
     if len(values["mean"]) != 3 or len(values["std"]) != 3:
-        raise ValueError(f"recipe {source}: mean and std need one value per RGB channel")
+        raise UsageError(f"recipe {source}: mean and std need one value per RGB channel")
     if len(values["crop_scale"]) != 2 or not 0 < values["crop_scale"][0] <= values["crop_scale"][1] <= 1:
-        raise ValueError(f"recipe {source}: crop_scale is [smallest, largest] share of the image area, in (0, 1]")
+        raise UsageError(f"recipe {source}: crop_scale is [smallest, largest] share of the image area, in (0, 1]")
     return Recipe(**values)
 
 
@@ -140,7 +141,7 @@ def _recipe_path(name: str, folder: Path = Path(".")) -> Path:
     elif not path.is_absolute():
         path = folder / path
     if not path.is_file():
-        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(recipe_names())} (or pass a .yaml path)")
+        raise UsageError(f"unknown recipe {name!r}; known: {', '.join(recipe_names())} (or pass a .yaml path)")
     return path
 
 
@@ -151,7 +152,7 @@ def _normalisation(name: str) -> dict:
     path = DATA_CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in DATA_CONFIG_DIR.glob("*.yaml")))
-        raise ValueError(f"normalisation {name!r} names no data file; known: {known}")
+        raise UsageError(f"normalisation {name!r} names no data file; known: {known}")
     section = yaml.safe_load(path.read_text())["config"]["CONVIT_SSL"]
     return {"mean": section["MEAN"], "std": section["STD"]}
 
@@ -162,7 +163,7 @@ def _recipe_fields(path: Path, including: Tuple[Path, ...] = ()) -> dict:
     import yaml
 
     if path in including:
-        raise ValueError(f"recipe {path.name}: its defaults include it again ({' -> '.join(p.name for p in including)})")
+        raise UsageError(f"recipe {path.name}: its defaults include it again ({' -> '.join(p.name for p in including)})")
     own = yaml.safe_load(path.read_text()) or {}
     defaults = list(own.pop("defaults", None) or [])
     if "normalisation" in own:
@@ -182,7 +183,7 @@ def load_recipe(name: str) -> Recipe:
     fields = [field.name for field in dataclasses.fields(Recipe)]
     unknown, missing = sorted(set(data) - set(fields)), [key for key in fields if key not in data]
     if unknown or missing:
-        raise ValueError(f"recipe {path.name}: " + "; ".join(
+        raise UsageError(f"recipe {path.name}: " + "; ".join(
             part for part in (f"unknown field(s) {', '.join(unknown)}" if unknown else "",
                               f"missing field(s) {', '.join(missing)}" if missing else "") if part)
             + f"; the fields are {', '.join(fields)}")
@@ -377,7 +378,7 @@ def _probe_streamed(trunk: nn.Module, recipe: Recipe, dataset: str, fraction: fl
     pool = class_subset(labels, fraction, seed, subset_rule, [path for path, _ in plain.samples])
     fit, heldout = heldout_split(labels, recipe.heldout_fraction, seed, indices=pool)
     if len(heldout) == 0:
-        raise ValueError("a streamed probe chooses its head on held-out images, and there are none: raise "
+        raise UsageError("a streamed probe chooses its head on held-out images, and there are none: raise "
                          "heldout_fraction (e.g. --heldout-fraction 0.1) or probe cached features (stream: false)")
     run = dict(batch_size=recipe.batch_size, num_workers=num_workers, progress=progress)
     sample = np.sort(np.random.default_rng(seed).permutation(fit)[:recipe.stats_samples])

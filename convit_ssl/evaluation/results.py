@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 from convit_ssl import atomic
+from convit_ssl.errors import UsageError
 
 SCHEMA = "convit_ssl.result/1"
 # Columns of gathered tables, in this order when present; other row keys follow in first-seen order.
@@ -117,7 +118,7 @@ def gather(paths: Iterable[str | os.PathLike]) -> List[dict]:
     for path in paths:
         path = Path(path)
         if not path.exists():
-            raise ValueError(f"{path} does not exist: pass folders or files written by linear-probe, knn or study")
+            raise UsageError(f"{path} does not exist: pass folders or files written by linear-probe, knn or study")
         files = [path] if path.is_file() else sorted(path.rglob("*.json"))
         for file in files:
             result = read_result(file)

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from convit_ssl import atomic
+from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.features import (
     check_feature_choices, frozen_check, split_features, state_digest, trunk_keys,
 )
@@ -76,12 +77,12 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
     for ``scratch_epochs / f`` epochs (``scratch.train_supervised``), the paper's own protocol.
     """
     if len(models) != 2:
-        raise ValueError(f"the low-data study compares two models (a ConViT and its DeiT twin), got {len(models)}")
+        raise UsageError(f"the low-data study compares two models (a ConViT and its DeiT twin), got {len(models)}")
     if recipe.stream:
-        raise ValueError("the low-data study probes features extracted once per model; pass --no-stream "
+        raise UsageError("the low-data study probes features extracted once per model; pass --no-stream "
                          "(or a recipe with stream: false)")
     if scratch_epochs and any(model.info.get("source") != "random" for model in models):
-        raise ValueError("training from scratch needs random-init models: drop --checkpoints, or drop --from-scratch")
+        raise UsageError("training from scratch needs random-init models: drop --checkpoints, or drop --from-scratch")
     started = time.time()
     dataset = dataset or recipe.dataset
     out_dir = Path(out_dir)

@@ -17,6 +17,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from convit_ssl.errors import UsageError
+
 FRACTIONS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0)
 RULES = ("random", "first")
 
@@ -27,7 +29,7 @@ def _class_indices(labels: np.ndarray) -> Dict[int, np.ndarray]:
 
 def _check_fraction(fraction: float) -> None:
     if not 0 < fraction <= 1:
-        raise ValueError(f"label fraction {fraction} is outside (0, 1]: pass e.g. 0.01 for 1% of the labels")
+        raise UsageError(f"label fraction {fraction} is outside (0, 1]: pass e.g. 0.01 for 1% of the labels")
 
 
 def class_subset(labels: Sequence[int], fraction: float, seed: int = 0, rule: str = "random",
@@ -38,7 +40,7 @@ def class_subset(labels: Sequence[int], fraction: float, seed: int = 0, rule: st
     """
     _check_fraction(fraction)
     if rule not in RULES:
-        raise ValueError(f"unknown subset rule {rule!r}: use one of {', '.join(RULES)}")
+        raise UsageError(f"unknown subset rule {rule!r}: use one of {', '.join(RULES)}")
     labels = np.asarray(labels)
     chosen = []
     for label, indices in _class_indices(labels).items():
@@ -70,7 +72,7 @@ def heldout_split(labels: Sequence[int], fraction: float, seed: int = 0,
     labels = np.asarray(labels)
     indices = np.arange(len(labels)) if indices is None else np.asarray(indices)
     if not 0 <= fraction < 1:
-        raise ValueError(f"held-out fraction {fraction} is outside [0, 1): pass e.g. 0.1")
+        raise UsageError(f"held-out fraction {fraction} is outside [0, 1): pass e.g. 0.1")
     train, heldout = [], []
     for label, members in _class_indices(labels[indices]).items():
         members = np.random.default_rng([seed, label, 1]).permutation(indices[members])

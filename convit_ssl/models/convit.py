@@ -48,6 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from convit_ssl.errors import UsageError
+
 GridSize = Tuple[int, int]
 
 
@@ -335,7 +337,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, GridSize]:
         height, width = x.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
+            raise UsageError(
                 f"image size {height}x{width} is not divisible by the patch size {self.patch_size}: "
                 f"resize or crop to a multiple of {self.patch_size}"
             )
@@ -492,7 +494,7 @@ class ConViT(nn.Module):
         """Map a feature key to (kind, block indices): kind is 'CLS' or 'POOL'."""
         match = _FEATURE_KEY.match(key)
         if match is None:
-            raise ValueError(f"unknown feature key {key!r}; valid keys: {', '.join(self.feature_keys())}")
+            raise UsageError(f"unknown feature key {key!r}; valid keys: {', '.join(self.feature_keys())}")
         kind = "CLS" if "CLS" in key else "POOL"
         if key.startswith("last"):
             blocks = [self.depth - 1]
@@ -500,15 +502,15 @@ class ConViT(nn.Module):
             n = int(match.group(2) or match.group(3))
             limit = self.num_class_token_blocks if kind == "CLS" else self.depth
             if not 1 <= n <= limit:
-                raise ValueError(self._cls_hint(key, limit) if kind == "CLS" else
+                raise UsageError(self._cls_hint(key, limit) if kind == "CLS" else
                                  f"feature key {key!r}: n must be between 1 and the depth {self.depth}")
             blocks = list(range(self.depth - n, self.depth))
         else:
             index = int(match.group(4) or match.group(5))
             if not 0 <= index < self.depth:
-                raise ValueError(f"feature key {key!r}: block index must be between 0 and {self.depth - 1}")
+                raise UsageError(f"feature key {key!r}: block index must be between 0 and {self.depth - 1}")
             if kind == "CLS" and index < self.local_up_to_layer:
-                raise ValueError(self._cls_hint(key, self.num_class_token_blocks))
+                raise UsageError(self._cls_hint(key, self.num_class_token_blocks))
             blocks = [index]
         return kind, blocks
 
@@ -556,25 +558,25 @@ class ConViT(nn.Module):
 def _validate(img_size, patch_size, embed_dim, depth, num_heads, local_up_to_layer, use_local_init,
               pos_embed_class_token) -> None:
     if img_size[0] % patch_size or img_size[1] % patch_size:
-        raise ValueError(
+        raise UsageError(
             f"img_size {img_size[0]}x{img_size[1]} is not divisible by patch_size {patch_size}: "
             f"use a multiple of {patch_size} (e.g. {patch_size * max(1, img_size[0] // patch_size)})"
         )
     if embed_dim % num_heads:
-        raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: "
+        raise UsageError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: "
                          f"embed_dim is the total width, choose a multiple of num_heads")
     if not 0 <= local_up_to_layer < depth:
-        raise ValueError(
+        raise UsageError(
             f"local_up_to_layer={local_up_to_layer} GPSA blocks with depth={depth}: ConViT needs at least one "
             f"plain block after the GPSA blocks to carry the class token; use 0 <= local_up_to_layer <= {depth - 1}"
         )
     if local_up_to_layer > 0 and use_local_init and math.isqrt(num_heads) ** 2 != num_heads:
-        raise ValueError(
+        raise UsageError(
             f"local init needs a square number of heads (a sqrt(H) x sqrt(H) kernel), got num_heads={num_heads}: "
             f"use 4, 9 or 16 heads, or set use_local_init=False"
         )
     if pos_embed_class_token and local_up_to_layer > 0:
-        raise ValueError("pos_embed_class_token=True is the DeiT/ViT layout and needs local_up_to_layer=0")
+        raise UsageError("pos_embed_class_token=True is the DeiT/ViT layout and needs local_up_to_layer=0")
 
 
 # Paper sizes (Table 1): 48 dims per head, 64 for the "+" sizes; 10 GPSA blocks of 12.
@@ -603,10 +605,10 @@ _KEYWORDS = (
 def preset_kwargs(arch: str, **overrides) -> dict:
     """Keyword arguments of preset ``arch`` with ``overrides`` (timm's names) applied on top."""
     if arch not in PRESETS:
-        raise ValueError(f"unknown arch {arch!r}; known presets: {', '.join(PRESETS)}")
+        raise UsageError(f"unknown arch {arch!r}; known presets: {', '.join(PRESETS)}")
     unknown = sorted(set(overrides) - set(_KEYWORDS))
     if unknown:
-        raise ValueError(f"unknown ConViT option(s) {', '.join(unknown)}; valid options: {', '.join(_KEYWORDS)}")
+        raise UsageError(f"unknown ConViT option(s) {', '.join(unknown)}; valid options: {', '.join(_KEYWORDS)}")
     return {**PRESETS[arch], **overrides}
 
 

@@ -49,7 +49,7 @@ def test_training_keeps_the_last_and_milestone_checkpoints(tmp_path, train_env):
 
 def test_retention_settings_are_checked(tmp_path, data_root, monkeypatch):
     from convit_ssl import engine
-    from convit_ssl.cli import UsageError
+    from convit_ssl.errors import UsageError
     from tiny_training import TINY
 
     monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from convit_ssl import data, engine
-from convit_ssl.cli import UsageError, main
+from convit_ssl.cli import main
+from convit_ssl.errors import UsageError
 
 
 @pytest.fixture
