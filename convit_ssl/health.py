@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from classy_vision.generic.distributed_util import is_primary
 
 from convit_ssl.atomic import write_text
+from convit_ssl.errors import UsageError
 from convit_ssl.hooks import EPOCH_LOG, _first_images, _SelectiveHook, _trunk_of, preserved_random_state, \
     truncate_json_lines
 
@@ -277,7 +278,7 @@ def build_health_hook(config: Mapping, output_dir: Optional[str] = None) -> Opti
     for key, least in (("FREQUENCY", 1), ("PROBE_BATCH", 2), ("LOSS_WINDOW", 2)):
         value = section.get(key, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"HOOKS.CONVIT_HEALTH.{key} must be an integer >= {least}, got {value!r}: set it in "
+            raise UsageError(f"HOOKS.CONVIT_HEALTH.{key} must be an integer >= {least}, got {value!r}: set it in "
                              f"the config (e.g. FREQUENCY: 20, PROBE_BATCH: 64, LOSS_WINDOW: 5) or ENABLE: False")
         values[key] = value
     return TrainingHealthHook(frequency=values["FREQUENCY"], probe_batch=values["PROBE_BATCH"],
