@@ -36,7 +36,9 @@ from convit_ssl.checkpoint import checkpoint_file, load_trunk, run_checkpoint
 from convit_ssl.data import IMAGE_EXTENSIONS, read_catalog
 from convit_ssl.diagnostics import DISTANCE_KINDS, attention_maps, gating_diagnostics
 from convit_ssl.errors import UsageError
-from convit_ssl.hooks import METRICS_FILE
+from convit_ssl.evaluation.results import SCHEMA, gather, markdown_table, read_result
+from convit_ssl.health import HEALTH_FILE
+from convit_ssl.hooks import EPOCH_LOG, METRICS_FILE
 from convit_ssl.models.convit import ConViT
 
 REPORT_DIR = "report"
@@ -47,7 +49,10 @@ FIGURE_INCHES = {
     "gate_trajectories": (12.0, 7.0),
     "attention_distance": (15.0, 4.5),
     "attention_maps": (12.0, 7.5),
+    "training_health": (15.0, 4.5),
 }
+DEFAULT_RESULTS_DIR = Path("runs") / "eval"  # linear-probe's and knn's default --out
+RESULT_COLUMNS = ["kind", "model", "dataset", "fraction", "feature", "k", "top1", "top5", "file"]
 INITIAL_GATE = 1 / (1 + math.exp(-1))  # sigmoid(1): every GPSA gate at initialisation
 CONVOLUTIONAL_GATE = 0.5  # a head above it puts more weight on positional than on content attention
 GATE_RESOLUTION = 0.0005  # mean-gate changes below the summary's three decimals count as no change
@@ -63,8 +68,9 @@ _RUN_STYLES = ("-", "--")
 
 # ---------------------------------------------------------------- reading a run folder
 
-def load_gating_metrics(path: str | os.PathLike) -> List[dict]:
-    """Records of a ``gating_metrics.jsonl``, sorted by iteration, the last record of an iteration kept.
+def load_gating_metrics(path: str | os.PathLike, what: str = "gating record") -> List[dict]:
+    """Records of a ``gating_metrics.jsonl`` (or ``health.jsonl``), sorted by iteration, the last record of an
+    iteration kept.
 
     A resumed run appends records again from its checkpoint's iteration on; the later ones win. An
     unterminated last line (a job killed while writing) is ignored; any other bad line is an error.
@@ -82,7 +88,7 @@ def load_gating_metrics(path: str | os.PathLike) -> List[dict]:
             record = json.loads(line)
             by_iteration[int(record["iteration"])] = record
         except (ValueError, KeyError, TypeError) as error:
-            raise UsageError(f"{path} line {number} is not a gating record ({error}): "
+            raise UsageError(f"{path} line {number} is not a {what} ({error}): "
                              f"delete the line or the file and rerun the report")
     return [by_iteration[i] for i in sorted(by_iteration)]
 
@@ -102,7 +108,8 @@ def _top1_entries(node, prefix: str = "") -> List[Tuple[str, dict]]:
 
 
 def find_results(run_dir: str | os.PathLike) -> List[dict]:
-    """Evaluation results of a run: every ``*.json`` under it with a ``top1`` entry (report folders skipped).
+    """Plain result files of a run: every ``*.json`` under it with a ``top1`` entry (report folders and
+    convit-ssl result files, which ``run_results`` reads, skipped).
 
     Returns rows ``{"file": path relative to run_dir, "entry": dotted key or "-", "top1": ..., "top5": ...}``.
     """
@@ -115,10 +122,54 @@ def find_results(run_dir: str | os.PathLike) -> List[dict]:
             content = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # not a result file
+        if isinstance(content, dict) and content.get("schema") == SCHEMA:
+            continue
         for entry, values in _top1_entries(content):
             rows.append({"file": path.relative_to(run_dir).as_posix(), "entry": entry,
                          "top1": values["top1"], "top5": values.get("top5", None)})
     return rows
+
+
+def result_folders(run_dir: str | os.PathLike, extra: Sequence[str | os.PathLike] = ()) -> List[Path]:
+    """Where a run's evaluation results may be: the run folder, ``eval`` beside it (``runs/eval`` for
+    ``runs/NAME``), ``runs/eval`` of the working folder (the default ``--out`` of linear-probe and knn), and
+    ``extra``; existing folders only, each once."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir, run_dir.parent / "eval", DEFAULT_RESULTS_DIR, *map(Path, extra)]
+    folders: List[Path] = []
+    for folder in candidates:
+        if folder.is_dir() and folder.resolve() not in [f.resolve() for f in folders]:
+            folders.append(folder)
+    return folders
+
+
+def run_results(run_dir: str | os.PathLike, folders: Sequence[str | os.PathLike]) -> List[dict]:
+    """Rows of the convit-ssl result files under ``folders`` whose manifest names a checkpoint file of this run
+    (a model whose ``file`` lies in ``run_dir``), each row with its ``file``."""
+    run_dir = Path(run_dir).resolve()
+    rows = []
+    for row in gather(folders):
+        result = read_result(row["file"])
+        files = [model.get("file") for model in (result.get("manifest") or {}).get("models", [])]
+        if any(file and Path(file).parent == run_dir for file in files):
+            rows.append(row)
+    return rows
+
+
+def load_epoch_losses(run_dir: str | os.PathLike) -> List[dict]:
+    """``metrics.json`` lines that hold a ``train_loss`` (written by ``convit_ssl.health``), in order."""
+    path = Path(run_dir) / EPOCH_LOG
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed job
+        if isinstance(record, dict) and isinstance(record.get("train_loss", None), (int, float)):
+            lines.append(record)
+    return lines
 
 
 # ---------------------------------------------------------------- the sample image
@@ -311,6 +362,33 @@ def plot_attention_distances(runs: Mapping[str, Sequence[dict]], path: str | os.
     return _save(figure, Path(path))
 
 
+def plot_training_health(epochs: Sequence[dict], health: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Training loss over updates (health records' means, epochs' per-sample means), the embedding's and the
+    trunk's feature std against the spread-out value 1/sqrt(D), and their effective ranks."""
+    figure = _new_figure("training_health")
+    loss_ax, std_ax, rank_ax = figure.subplots(1, 3)
+    if health:
+        updates = [r["iteration"] for r in health]
+        loss_ax.plot(updates, [r["loss"] for r in health], linewidth=1, label="mean since the last record")
+        std_ax.plot(updates, [r["feature_std"] for r in health], label="embedding (head output)")
+        std_ax.plot(updates, [r["trunk_feature_std"] for r in health], label="trunk features (probe batch)")
+        std_ax.axhline(health[-1]["feature_std_healthy"], color="grey", linestyle=":", label="1/sqrt(D), embedding")
+        rank_ax.plot(updates, [r["effective_rank"] for r in health], label=f"embedding (D = {health[-1]['embedding_dim']})")
+        rank_ax.plot(updates, [r["trunk_effective_rank"] for r in health], label=f"trunk (D = {health[-1]['trunk_dim']})")
+        std_ax.legend(fontsize=7)
+        rank_ax.legend(fontsize=7)
+    if epochs:
+        loss_ax.plot([r["iteration"] for r in epochs], [r["train_loss"] for r in epochs], "o", color="black",
+                     markersize=4, label="epoch mean (metrics.json)")
+    loss_ax.legend(fontsize=7)
+    loss_ax.set_title("training loss per sample")
+    std_ax.set_title("std of L2-normalised features")
+    rank_ax.set_title("effective rank")
+    for ax in (loss_ax, std_ax, rank_ax):
+        ax.set_xlabel("updates")
+    return _save(figure, Path(path))
+
+
 def plot_attention_maps(maps: Mapping, image: torch.Tensor, block_row: int, path: str | os.PathLike) -> Path:
     """Image with the query patch, and per head (columns) the positional, content and mixed maps (rows).
 
@@ -399,9 +477,38 @@ def _distance_table(start: Optional[Mapping[str, torch.Tensor]], end: Mapping[st
     return lines
 
 
+def _health_lines(epochs: Sequence[dict], health: Sequence[dict]) -> List[str]:
+    """The loss per epoch and the last health record, with every symptom the run reported."""
+    if not epochs and not health:
+        return [f"No `train_loss` in `{EPOCH_LOG}` and no `{HEALTH_FILE}`: enable HOOKS.CONVIT_HEALTH to record them."]
+    lines = []
+    if epochs:
+        lines += ["| epoch | updates | training loss per sample |", "|---|---|---|"]
+        lines += [f"| {r.get('train_phase_idx', '')} | {r['iteration']} | {r['train_loss']:.4f} |" for r in epochs]
+    if health:
+        first, last = health[0], health[-1]
+        lines += ["", f"Health after {last['iteration']} updates ({last['method']}): embedding feature std "
+                  f"{last['feature_std']:.4f} (spread out: {last['feature_std_healthy']:.4f}; first record "
+                  f"{first['feature_std']:.4f}), effective rank {last['effective_rank']:.1f} of "
+                  f"{last['embedding_dim']}; trunk features std {last['trunk_feature_std']:.4f}, effective rank "
+                  f"{last['trunk_effective_rank']:.1f} of {last['trunk_dim']}"
+                  + (f"; teacher entropy {last['teacher_entropy']:.3f} of at most {last['max_entropy']:.3f}"
+                     if "teacher_entropy" in last else "") + "."]
+        seen = list(dict.fromkeys(symptom for r in health for symptom in r.get("symptoms", [])))
+        lines += ["", "**Collapse symptoms reported:** " + ("; ".join(seen) if seen else "none") + "."]
+    return lines
+
+
+def _run_results_lines(rows: Sequence[dict]) -> List[str]:
+    if not rows:
+        return []
+    shown = [{**row, "file": Path(row["file"]).name} for row in rows]
+    return [markdown_table(shown, [c for c in RESULT_COLUMNS if any(c in row for row in shown)]).rstrip()]
+
+
 def _results_lines(rows: Sequence[dict]) -> List[str]:
     if not rows:
-        return ["No evaluation result files (*.json with a top1 entry) in the run folder."]
+        return []
     lines = ["| file | entry | top1 | top5 |", "|---|---|---|---|"]
     for r in rows:
         top5 = "" if r["top5"] is None else f"{r['top5']:.2f}"
@@ -451,13 +558,15 @@ def _resolve(source: Path, out_dir: Optional[str | os.PathLike]):
 
 
 def write_report(source: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None,
-                 image_path: Optional[str] = None) -> Path:
+                 image_path: Optional[str] = None, results: Sequence[str | os.PathLike] = ()) -> Path:
     """Figures and ``summary.md`` for a run folder or a checkpoint file; returns the summary's path.
 
     ``out_dir`` defaults to ``<run>/report`` for a run folder and is required for a checkpoint file.
     Gates at the start and end come from the first and last records of ``gating_metrics.jsonl``;
     without records (a bare checkpoint), from the init value 0.731 and the checkpoint. The heatmap shows
-    the checkpoint's gates when there is one, else the last record's.
+    the checkpoint's gates when there is one, else the last record's. For a run folder, the training loss and
+    health are plotted and the evaluation results of its checkpoints listed, searched in ``result_folders``
+    (``results``: more folders).
     """
     source = Path(source)
     run_dir, checkpoint, records, out_dir = _resolve(source, out_dir)
@@ -518,7 +627,20 @@ def write_report(source: str | os.PathLike, out_dir: Optional[str | os.PathLike]
               f"Head-averaged sum_j A_ij ||r_ij||, averaged over queries, {distance_note}.", ""]
     lines += _distance_table(start, end)
     if run_dir is not None:
-        lines += ["", "## Evaluation results", "", *_results_lines(find_results(run_dir))]
+        epochs = load_epoch_losses(run_dir)
+        health_path = run_dir / HEALTH_FILE
+        health = load_gating_metrics(health_path, "health record") if health_path.is_file() else []
+        lines += ["", "## Training loss and health", "", *_health_lines(epochs, health)]
+        if epochs or health:
+            figures.append(("Training loss, feature std and effective rank over training",
+                            plot_training_health(epochs, health, out_dir / "training_health.png")))
+        folders = result_folders(run_dir, results)
+        found = _run_results_lines(run_results(run_dir, folders)) + _results_lines(find_results(run_dir))
+        searched = ", ".join(f"`{folder}`" for folder in folders)
+        lines += ["", "## Evaluation results", "",
+                  *(found or [f"No evaluation results of this run's checkpoints in {searched}: run "
+                              f"`convit-ssl linear-probe --checkpoint {run_dir}` or `convit-ssl knn`, or pass "
+                              f"--results DIR."])]
     lines += ["", "## Figures", ""]
     for caption, path in figures:
         lines += [f"![{caption}]({path.name})", "", caption, ""]

@@ -12,8 +12,10 @@ EPILOG = """examples:
   convit-ssl report --compare runs/convit runs/convit_no_local_init --out report_compare
 
 A run folder gives final gates, gate trajectories and attention distances over training (from
-gating_metrics.jsonl, written when HOOKS.CONVIT_GATING.ENABLE is on), attention maps and the run's
-evaluation results. Takes seconds on a CPU; a checkpoint is loaded once.
+gating_metrics.jsonl, written when HOOKS.CONVIT_GATING.ENABLE is on), attention maps, the training loss
+and collapse checks (metrics.json, health.jsonl) and the results of linear-probe and knn on the run's
+checkpoints (found by the checkpoint named in each result's manifest, in the run folder, eval/ beside it,
+runs/eval or --results DIR). Takes seconds on a CPU; a checkpoint is loaded once.
 """
 
 
@@ -25,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="overlay the gate trajectories and attention distances of two run folders")
     parser.add_argument("--out", metavar="DIR",
                         help="report folder (default RUN_DIR/report; required for a checkpoint file and --compare)")
+    parser.add_argument("--results", nargs="+", metavar="DIR", default=[],
+                        help="more folders of linear-probe/knn result files (searched besides the run folder, "
+                             "eval/ beside it and runs/eval); results of this run's checkpoints are listed")
     parser.add_argument("--image", metavar="FILE",
                         help="image for the attention maps (default: the first image of the run's dataset, "
                              "else a synthetic pattern)")
@@ -38,14 +43,19 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         if args.out is None:
             raise UsageError("--compare needs --out DIR: the comparison belongs to neither run folder")
-        if args.image is not None:
-            raise UsageError("--image is for the attention maps of one run or checkpoint, not for --compare")
+        if args.image is not None or args.results:
+            raise UsageError("--image and --results are for the report of one run or checkpoint, not for --compare")
         for run_dir in args.compare:
             if not Path(run_dir).is_dir():
                 raise UsageError(f"{run_dir} is not a folder: --compare takes two run folders")
         summary = report.write_comparison(*args.compare, out_dir=args.out)
     elif args.source:
-        summary = report.write_report(args.source, out_dir=args.out, image_path=args.image)
+        if args.results and not Path(args.source).is_dir():
+            raise UsageError("--results lists the evaluations of a run folder's checkpoints: pass a run folder")
+        for folder in args.results:
+            if not Path(folder).is_dir():
+                raise UsageError(f"--results {folder} is not a folder: pass folders of linear-probe/knn results")
+        summary = report.write_report(args.source, out_dir=args.out, image_path=args.image, results=args.results)
     else:
         raise UsageError("give a run folder or a checkpoint file, or --compare RUN_A RUN_B --out DIR")
     print(f"wrote {summary.parent}: {', '.join(sorted(p.name for p in summary.parent.iterdir()))}")

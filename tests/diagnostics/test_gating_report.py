@@ -174,7 +174,60 @@ def test_attention_maps_use_an_image_of_the_runs_dataset(trunk, images, tmp_path
     assert "`img_001.png` (from the run's dataset)" in summary.read_text()
 
 
-def test_usage_errors(tmp_path):
+def test_usage_errors(tmp_path, capsys):
     assert main(["report"]) == 2
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert main(["report", str(tmp_path)]) == 2  # a folder with neither checkpoint nor metrics
+    (tmp_path / "model.torch").write_bytes(b"")
+    assert main(["report", str(tmp_path / "model.torch"), "--results", str(tmp_path)]) == 2
+    assert "--results lists the evaluations of a run folder's checkpoints" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--results", str(tmp_path / "missing")]) == 2
+    assert "is not a folder: pass folders of linear-probe/knn results" in capsys.readouterr().err
+    assert main(["report", "--compare", str(tmp_path), str(tmp_path), "--out", "x", "--results", str(tmp_path)]) == 2
+    assert "--image and --results are for the report of one run" in capsys.readouterr().err
+
+
+def test_run_report_shows_training_health_and_the_runs_results_in_runs_eval(trunk, images, tmp_path):
+    from convit_ssl.evaluation.results import write_result
+
+    run = make_run(tmp_path / "runs" / "run", trunk, images)
+    (run / "metrics.json").write_text(
+        json.dumps({"iteration": 22, "phase_idx": 0, "train_phase_idx": 0, "train_loss": 4.5, "train_loss_steps": 22})
+        + "\n" + json.dumps({"iteration": 44, "phase_idx": 1, "train_phase_idx": 1, "train_loss": 3.25,
+                              "train_loss_steps": 22}) + "\n")
+    health = [{"iteration": i, "epoch": i // 22, "method": "barlow_twins_loss", "loss": loss, "loss_steps": 20,
+               "feature_std": std, "feature_std_healthy": 0.0625, "effective_rank": rank, "embedding_dim": 256,
+               "trunk_feature_std": 0.01, "trunk_effective_rank": 3.0, "trunk_dim": 96, "symptoms": symptoms}
+              for i, loss, std, rank, symptoms in [(20, 500.0, 0.05, 40.0, []), (40, 300.0, 0.001, 1.5, ["std low"])]]
+    (run / "health.jsonl").write_text("".join(json.dumps(record) + "\n" for record in health))
+    checkpoint = run / "model_final_checkpoint_phase2.torch"
+    row = {"kind": "knn", "model": "run/model_final_checkpoint_phase2", "dataset": "digits_val", "fraction": 1.0,
+           "feature": "lastCLS", "k": 20, "top1": 71.25, "top5": 95.5}
+    write_result({"kind": "knn", "manifest": {"models": [{"file": str(checkpoint.resolve())}]}, "rows": [row]},
+                 tmp_path / "runs" / "eval" / "knn-run.json")
+    other = tmp_path / "runs" / "other" / "model_final_checkpoint_phase2.torch"  # another run's checkpoint
+    write_result({"kind": "knn", "manifest": {"models": [{"file": str(other)}]}, "rows": [{**row, "top1": 12.0}]},
+                 tmp_path / "runs" / "eval" / "knn-other.json")
+
+    assert main(["report", str(run)]) == 0
+    text = (run / "report" / "summary.md").read_text()
+    assert "| 0 | 22 | 4.5000 |" in text and "| 1 | 44 | 3.2500 |" in text
+    assert ("Health after 40 updates (barlow_twins_loss): embedding feature std 0.0010 (spread out: 0.0625; "
+            "first record 0.0500), effective rank 1.5 of 256") in text
+    assert "**Collapse symptoms reported:** std low." in text
+    assert "| knn | run/model_final_checkpoint_phase2 | digits_val | 1 | lastCLS | 20 | 71.25 | 95.50 | knn-run.json |" \
+        in text
+    assert "12.00" not in text  # the other run's result is not this run's
+    assert "| eval/linear_probe.json | - | 61.25 | 88.50 |" in text  # plain result files in the run folder too
+    assert_png(run / "report" / "training_health.png", "training_health")
+    assert "](training_health.png)" in text
+
+
+def test_run_report_says_where_it_looked_for_results(trunk, images, tmp_path):
+    run = make_run(tmp_path / "run", trunk, images)
+    for path in (run / "eval").iterdir():
+        path.unlink()
+    assert main(["report", str(run)]) == 0
+    text = (run / "report" / "summary.md").read_text()
+    assert f"No evaluation results of this run's checkpoints in `{run}`" in text
+    assert "enable HOOKS.CONVIT_HEALTH to record them" in text
