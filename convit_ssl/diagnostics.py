@@ -16,14 +16,13 @@ Shapes: B probe images, L GPSA blocks (``trunk.local_up_to_layer``), H heads, N 
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 
 from convit_ssl.errors import UsageError
 from convit_ssl.models.convit import ConViT, GatedPositionalSelfAttention, GridSize, relative_positions
+from convit_ssl.models.modes import eval_mode
 
 DISTANCE_KINDS = ("positional", "content", "mixed")
 
@@ -40,18 +39,6 @@ def mean_attention_distance(attention: torch.Tensor, grid_size: GridSize) -> tor
     """
     distances = patch_distances(grid_size, attention.device, attention.dtype)
     return (attention * distances).sum(dim=-1).mean(dim=-1)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode, then give every submodule back its own train/eval flag."""
-    modes = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for sub, training in modes:
-            sub.training = training
 
 
 def _full_precision(trunk: ConViT):

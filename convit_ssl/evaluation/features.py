@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from convit_ssl import atomic
 from convit_ssl.data import open_split
-from convit_ssl.diagnostics import eval_mode
 from convit_ssl.errors import UsageError
+from convit_ssl.models.modes import eval_mode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -42,10 +42,11 @@ from torch.utils.data import DataLoader, Subset
 
 from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.features import (
-    Features, Preprocess, check_feature_choices, eval_mode, extract, frozen_check, image_folder, split_features,
+    Features, Preprocess, check_feature_choices, extract, frozen_check, image_folder, split_features,
     state_digest, trunk_keys,
 )
 from convit_ssl.evaluation.subsets import class_subset, heldout_split
+from convit_ssl.models.modes import eval_mode
 
 MOMENTUM = 0.9
 INIT_STD = 0.01

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from convit_ssl.evaluation.features import check_feature_choices, eval_mode, image_folder
+from convit_ssl.evaluation.features import check_feature_choices, image_folder
+from convit_ssl.models.modes import eval_mode
 
 BASE_LR = 5e-4  # per 512 images in a batch
 WEIGHT_DECAY = 0.05
