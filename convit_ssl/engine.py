@@ -275,7 +275,7 @@ def wait_for_preemption_checkpoint(run_dir, signalled_at: float, timeout_s: floa
     """Wait until the run in ``run_dir`` saved its checkpoint after the signal (True), or ``timeout_s`` passed."""
     import time
 
-    from convit_ssl.hooks import PREEMPTION_MARKER
+    from convit_ssl.run_folder import PREEMPTION_MARKER
 
     marker = Path(run_dir) / PREEMPTION_MARKER
     deadline = time.time() + timeout_s

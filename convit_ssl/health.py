@@ -38,12 +38,12 @@ from classy_vision.generic.distributed_util import is_primary
 
 from convit_ssl.atomic import write_text
 from convit_ssl.errors import UsageError
-from convit_ssl.hooks import EPOCH_LOG, _first_images, _SelectiveHook, _trunk_of, preserved_random_state, \
+from convit_ssl.hooks import _first_images, _SelectiveHook, _trunk_of, preserved_random_state, \
     truncate_json_lines
+from convit_ssl.run_folder import EPOCH_LOG, HEALTH_FILE
 
 _log = logging.getLogger(__name__)
 
-HEALTH_FILE = "health.jsonl"
 COLLAPSED_STD_FRACTION = 0.1  # feature std below this fraction of 1/sqrt(D): the features collapsed to a point
 COLLAPSED_RANK = 2.0  # effective rank below it: the features lie on a line
 UNIFORM_FRACTION = 0.98  # DINO: loss and teacher entropy above this fraction of ln(K): a uniform teacher

@@ -42,12 +42,9 @@ from convit_ssl import atomic
 from convit_ssl.diagnostics import DISTANCE_KINDS, diagnostics_record, gating_diagnostics
 from convit_ssl.errors import UsageError
 from convit_ssl.models.convit import ConViT
+from convit_ssl.run_folder import EPOCH_LOG, METRICS_FILE, PREEMPTION_MARKER, STEP_LOG, TENSORBOARD_DIR
 
 _log = logging.getLogger(__name__)
-
-METRICS_FILE = "gating_metrics.jsonl"
-TENSORBOARD_DIR = "tb_logs"  # VISSL's own TensorBoard folder inside the checkpoint dir
-
 
 def _first_images(inputs: Any) -> torch.Tensor:
     """The first image tensor of a VISSL model input: a tensor, a list of crops or a dict of inputs."""
@@ -228,9 +225,6 @@ def build_gating_hook(config: Mapping, output_dir: Optional[str] = None) -> Opti
                                  output_dir=output_dir, tensorboard=tensorboard)
 
 
-PREEMPTION_MARKER = "preemption_checkpoint.json"
-
-
 class PreemptionCheckpointHook(_SelectiveHook):
     """Save an iteration checkpoint soon after SIGUSR2 or SIGTERM, so a requeued run loses at most a step or two.
 
@@ -331,9 +325,6 @@ def preserved_random_state() -> Iterator[None]:
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
-
-
-STEP_LOG, EPOCH_LOG = "stdout.json", "metrics.json"  # VISSL's per-iteration and per-epoch logs
 
 
 class SameRunHook(_SelectiveHook):

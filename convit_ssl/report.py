@@ -37,9 +37,8 @@ from convit_ssl.data import IMAGE_EXTENSIONS, read_catalog
 from convit_ssl.diagnostics import DISTANCE_KINDS, attention_maps, gating_diagnostics
 from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.results import SCHEMA, gather, markdown_table, read_result
-from convit_ssl.health import HEALTH_FILE
-from convit_ssl.hooks import EPOCH_LOG, METRICS_FILE
 from convit_ssl.models.convit import ConViT
+from convit_ssl.run_folder import EPOCH_LOG, HEALTH_FILE, METRICS_FILE
 
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.md"

@@ -9,7 +9,11 @@ A run folder (VISSL's checkpoint folder, ``config.CHECKPOINT.DIR``) holds one ru
     model_iteration<N>.torch       mid-epoch checkpoint after iteration N
     model_final_checkpoint_phase<N>.torch
     checkpoint.torch               link to the newest checkpoint
-    metrics.json, stdout.json, log.txt, tb_logs/, gating_metrics.jsonl
+    metrics.json, stdout.json      VISSL's per-epoch and per-iteration logs (EPOCH_LOG, STEP_LOG); log.txt
+    tb_logs/                       TensorBoard events (TENSORBOARD_DIR)
+    gating_metrics.jsonl           the gating hook's records (METRICS_FILE)
+    health.jsonl                   the training-health hook's records (HEALTH_FILE)
+    preemption_checkpoint.json     the checkpoint the preemption hook saved on a signal (PREEMPTION_MARKER)
 
 Guarantees (each function says which it keeps): one run at a time (``owned``); the recorded config never
 changes under its checkpoints unless the user continues with changes explicitly (``record_config``);
@@ -35,6 +39,11 @@ LOCK_FILE = "run.lock"
 CONFIG_FILE = "train_config.yaml"
 CONFIG_HISTORY_FILE = "train_config_history.jsonl"
 LATEST_LINK = "checkpoint.torch"
+STEP_LOG, EPOCH_LOG = "stdout.json", "metrics.json"
+TENSORBOARD_DIR = "tb_logs"
+METRICS_FILE = "gating_metrics.jsonl"
+HEALTH_FILE = "health.jsonl"
+PREEMPTION_MARKER = "preemption_checkpoint.json"
 # Checkpoint names VISSL writes for a consolidated (non-FSDP) model; only these are ever pruned.
 _PRUNABLE = re.compile(r"model_(phase|iteration)(\d+)\.torch")
 # Config keys that name where or how the processes meet, not what is trained.

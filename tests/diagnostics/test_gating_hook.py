@@ -9,6 +9,7 @@ import torch.nn as nn
 from convit_ssl import hooks
 from convit_ssl.diagnostics import gating_diagnostics
 from convit_ssl.hooks import GatingDiagnosticsHook, build_gating_hook
+from convit_ssl.run_folder import METRICS_FILE, TENSORBOARD_DIR
 
 
 class SSLModel(nn.Module):
@@ -30,7 +31,7 @@ def fake_task(trunk, crops, folder, wrap_ddp=False):
 
 
 def read_records(folder):
-    return [json.loads(line) for line in (folder / hooks.METRICS_FILE).read_text().splitlines()]
+    return [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines()]
 
 
 def test_records_match_the_parameters_at_the_logged_step(trunk, images, tmp_path):
@@ -75,7 +76,7 @@ def test_only_the_primary_process_writes(trunk, images, tmp_path, monkeypatch):
     task = fake_task(trunk, images, tmp_path)
     hook.on_forward(task)
     hook.on_phase_end(task)
-    assert not (tmp_path / hooks.METRICS_FILE).exists() and hook.probe is None
+    assert not (tmp_path / METRICS_FILE).exists() and hook.probe is None
 
 
 def test_tensorboard_scalars(trunk, images, tmp_path):
@@ -85,7 +86,7 @@ def test_tensorboard_scalars(trunk, images, tmp_path):
     task = fake_task(trunk, {"images": images}, tmp_path / "unused")
     hook.on_forward(task)
     hook.on_end(task)
-    events = EventAccumulator(str(tmp_path / "out" / hooks.TENSORBOARD_DIR))
+    events = EventAccumulator(str(tmp_path / "out" / TENSORBOARD_DIR))
     events.Reload()
     (scalar,) = events.Scalars("gating/layer1/head1")
     assert scalar.step == 0 and scalar.value == pytest.approx(0.7310586)
@@ -97,7 +98,7 @@ def test_tensorboard_scalars(trunk, images, tmp_path):
 def test_a_trunk_without_gpsa_disables_the_hook(make_trunk, images, tmp_path):
     hook = GatingDiagnosticsHook(frequency=1, probe_batch=2)
     hook.on_forward(fake_task(make_trunk(local_up_to_layer=0), images, tmp_path))
-    assert hook.disabled and not (tmp_path / hooks.METRICS_FILE).exists()
+    assert hook.disabled and not (tmp_path / METRICS_FILE).exists()
 
 
 def test_build_gating_hook_from_config():
