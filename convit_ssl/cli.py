@@ -28,6 +28,13 @@ COMMANDS = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a mistake on the command line in one line (and exit status 2), without the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convit-ssl",
@@ -41,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_parser(name: str, module_name: str, help_text: str):
     module = importlib.import_module(f"convit_ssl.commands.{module_name}")
-    parser = argparse.ArgumentParser(prog=f"convit-ssl {name}", description=help_text,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=f"convit-ssl {name}", description=help_text,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     return module, parser
 
@@ -55,9 +62,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     by_name = {name: (module, help_text) for name, module, help_text in COMMANDS}
     if argv[0] not in by_name:
-        parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(by_name)}")
+        print(f"convit-ssl: error: unknown command {argv[0]!r}; choose from {', '.join(by_name)}", file=sys.stderr)
+        return 2
     module, parser = _command_parser(argv[0], *by_name[argv[0]])
-    args = parser.parse_args(argv[1:])
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as exit_:  # --help (0), or a mistake OneLineParser printed in one line (2)
+        return exit_.code
     try:
         return int(module.run(args) or 0)
     except UsageError as error:

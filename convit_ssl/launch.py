@@ -145,11 +145,12 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """``convit-ssl train``'s arguments (the overrides, --print-config) and the cluster options."""
+    from convit_ssl import cli
     from convit_ssl.commands import train
 
-    parser = argparse.ArgumentParser(prog="launchers/slurm.py",
-                                     description="Submit ConViT SSL pretraining to SLURM as one multi-node job.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.OneLineParser(prog="launchers/slurm.py",
+                               description="Submit ConViT SSL pretraining to SLURM as one multi-node job.",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_arguments(parser)
     parser.epilog = EPILOG
     return add_cluster_arguments(parser)
@@ -665,7 +666,10 @@ def wait_all(submitted: Sequence[Submitted]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0), or a mistake the parser printed in one line (2)
+        return exit_.code
     try:
         plan = make_plan(args)
         if args.dry_run or args.print_config:

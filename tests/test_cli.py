@@ -39,6 +39,17 @@ def test_a_bug_keeps_its_traceback_and_a_usage_error_is_one_line(capsys, monkeyp
     assert _error(capsys, "results", "somewhere") == "convit-ssl results: error: bad input: pass good input"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["bogus"], "convit-ssl: error: unknown command 'bogus'; choose from train, "),
+    (["linear-probe", "--random", "convit_tiny", "--lrs", "abc"],
+     "convit-ssl linear-probe: error: argument --lrs: invalid float value: 'abc' (see convit-ssl linear-probe --help)"),
+    (["knn", "--ks", "5"], "convit-ssl knn: error: one of the arguments --checkpoint --random is required (see "),
+    (["export-timm", "only-one"], "convit-ssl export-timm: error: the following arguments are required: out (see "),
+])
+def test_command_line_mistakes_are_one_line_without_the_usage(capsys, argv, message):
+    assert message in _error(capsys, *argv)
+
+
 def test_unknown_config_lists_close_matches(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("CONVIT_SSL_DATA", str(tmp_path))
     err = _error(capsys, "train", "config=dinno")

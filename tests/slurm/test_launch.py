@@ -199,6 +199,7 @@ def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
     (["--then", "knn=--ks 20 --bogus"], "--then knn: unknown arguments --bogus"),
     (["--then", "linear-probe=--epochs many"], "--then linear-probe: argument --epochs: invalid int value"),
     (["--nodes", "2", "--gpus-per-node", "2"], "use --nodes 1, or --cpu"),
+    (["--nodes", "two"], "argument --nodes: invalid int value: 'two' (see launchers/slurm.py --help)"),
     (["--sweep", "model"], "is not KEY=V1,V2"),
     (["run_dir=/somewhere", "--job-dir", "/elsewhere"], "run_dir= and --job-dir both name the job folder"),
 ])
