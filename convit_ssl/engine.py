@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from convit_ssl import config_checks
 from convit_ssl.errors import UsageError
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -97,7 +98,7 @@ def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
             else:
                 raise UsageError(f"unknown {key} {value!r}; choose from {', '.join(options)}")
         elif key.startswith("trunk."):
-            overrides.append(f"++config.MODEL.TRUNK.CONVIT_SSL.OVERRIDES.{key[len('trunk.'):]}={value}")
+            overrides.append(f"++{config_checks.TRUNK_OVERRIDES}{key[len('trunk.'):]}={value}")
         elif key == "run_dir":
             run_dir = value
         elif key == "continue_with_changes":
@@ -167,7 +168,10 @@ def compose(args: Sequence[str], run_dir: Optional[str] = None):
     try:
         with initialize_config_module(config_module="vissl.config", version_base=None):
             cfg = hydra_compose("defaults", overrides=overrides)
+            recipe = _recipe_without_settings(hydra_compose, overrides)
         OmegaConf.resolve(cfg)  # our recipes interpolate crop sizes, statistics and head widths
+        given = OmegaConf.to_container(cfg.config)
+        config_checks.check_override_types(given, parsed["overrides"], [config_checks.vissl_defaults(), recipe])
         resolve_device(cfg.config)  # before VISSL derives batch sizes and learning rates from it
         cfg.config.CHECKPOINT.DIR = str(run_dir)
         with _no_new_folders(run_dir):  # VISSL's SwAV inference creates the checkpoint folder
@@ -175,9 +179,26 @@ def compose(args: Sequence[str], run_dir: Optional[str] = None):
     except (HydraException, OmegaConfBaseException) as error:
         message = str(error).splitlines()[0]
         raise UsageError(f"config {parsed['recipe']} does not compose: {message}") from None
+    config_checks.check_no_dropped_overrides(given, config, parsed["overrides"], config.MACHINE.DEVICE)
     validate(config)
     derive_iteration_settings(config)
     return config
+
+
+def _recipe_without_settings(hydra_compose, overrides: Sequence[str]) -> Dict[str, Any]:
+    """The ``config`` section of the recipe and its files without any ``config.KEY=VALUE`` setting: the types
+    that the settings must keep ({} when it does not compose on its own)."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    files = [o for o in overrides if not o.lstrip("+").startswith("config.")]
+    if len(files) == len(overrides):
+        return {}
+    try:
+        return OmegaConf.to_container(hydra_compose("defaults", overrides=files).config, resolve=True)
+    except (HydraException, OmegaConfBaseException):
+        return {}
 
 
 @contextlib.contextmanager
@@ -213,10 +234,10 @@ def resolve_device(config) -> None:
 
 def validate(config) -> None:
     """Checks that fail in one line before any work starts."""
-    from convit_ssl import data
     from convit_ssl.trunk_config import trunk_kwargs
 
     if config.MODEL.TRUNK.NAME == "convit_ssl":
+        config_checks.check_trunk_overrides(config.MODEL.TRUNK.get("CONVIT_SSL", {}).get("OVERRIDES") or {})
         kwargs = trunk_kwargs(config.MODEL)
         expected = config.MODEL.TRUNK.get("CONVIT_SSL", {}).get("EMBED_DIM")
         if expected and expected != kwargs["embed_dim"]:
@@ -237,9 +258,21 @@ def validate(config) -> None:
     if tensorboard.USE_TENSORBOARD and tensorboard.FLUSH_EVERY_N_MIN <= 0:
         raise UsageError("HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_MIN must be at least 1: at 0 TensorBoard's writer "
                          "thread flushes in a busy loop and holds the GIL, slowing training many times over")
+    config_checks.check_head_consistency(config)
+    config_checks.check_amounts(config, train_images(config))
+
+
+def train_images(config) -> Dict[str, int]:
+    """The images of each training dataset read from disk, as recorded at prepare-data (checked against the
+    folder: ``data.dataset_split_dir`` fails in one line when they changed)."""
+    from convit_ssl import data
+
+    images = {}
     for source, name in zip(config.DATA.TRAIN.DATA_SOURCES, config.DATA.TRAIN.DATASET_NAMES):
         if source in ("disk_folder", "disk_filelist"):
             data.dataset_split_dir(name, "train")
+            images[name] = data.read_manifest()[name]["splits"]["train"]["images"]
+    return images
 
 
 def derive_iteration_settings(config) -> None:
@@ -247,10 +280,7 @@ def derive_iteration_settings(config) -> None:
     epochs = config.get("CONVIT_SSL", {}).get("TEACHER_TEMP_WARMUP_EPOCHS")
     if config.LOSS.name != "dino_loss" or not epochs:
         return
-    from convit_ssl import data
-
-    split_dir = data.dataset_split_dir(config.DATA.TRAIN.DATASET_NAMES[0], "train")
-    images = sum(1 for path in split_dir.rglob("*") if path.is_file())
+    images = sum(train_images(config).values())
     world = config.DISTRIBUTED.NUM_NODES * config.DISTRIBUTED.NUM_PROC_PER_NODE
     iterations_per_epoch = max(1, math.floor(images / (config.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world)))
     total = iterations_per_epoch * config.OPTIMIZER.num_epochs

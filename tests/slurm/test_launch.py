@@ -160,9 +160,13 @@ def test_local_two_node_pretraining_then_knn(job_env, tiny):
     assert "knn job" in done.stdout and list((run_dir / "knn").glob("*.json")), "the kNN evaluation wrote no result"
 
 
+# 32 images make no batch of 8 images x 8 GPUs: the dry runs train on all 1,437 digits
+ALL_IMAGES = "config.DATA.TRAIN.DATA_LIMIT=-1"
+
+
 def test_dry_run_prints_the_sbatch_script_and_config(job_env, capsys, tiny):
     assert launch.main(["--dry-run", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--qos", "high",
-                        "--slurm", "mail-type=END", "--max-requeues", "5", *tiny]) == 0
+                        "--slurm", "mail-type=END", "--max-requeues", "5", *tiny, ALL_IMAGES]) == 0
     out = capsys.readouterr().out
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --qos=high", "#SBATCH --mail-type=END", "#SBATCH --requeue",
@@ -183,7 +187,7 @@ def test_chained_evaluation_is_cancelled_with_its_pretraining(job_env):
 
 def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
     assert launch.main(["--dry-run", "--partition", "gpu", "--sweep", "model=convit_tiny,convit_small",
-                        "--sweep", "config.OPTIMIZER.num_epochs=1,2", *tiny]) == 0
+                        "--sweep", "config.OPTIMIZER.num_epochs=1,2", *tiny, ALL_IMAGES]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --array=0-3%4" in out
     names = re.findall(r"# resolved config for (\S+):", out)

@@ -1,0 +1,250 @@
+"""Checks of a composed training config that fail in one line before anything starts or is submitted.
+
+``convit_ssl.engine.compose`` runs them (the one path of ``convit-ssl train``, ``--print-config`` and the
+launcher, ``--dry-run`` included):
+
+* ``check_override_types``: every ``config.KEY=VALUE`` keeps the type its key has in VISSL's defaults or
+  the recipe (``num_epochs=abc`` is refused here, not 23 s later on the nodes).
+* ``check_trunk_overrides``: every ``trunk.FIELD=VALUE`` has the type of ConViT's keyword ``FIELD``.
+* ``check_no_dropped_overrides``: an override that VISSL's inference replaces (``LOSS.dino_loss.output_dim``
+  comes from the head) or that has no effect on this device (AMP on a CPU) is refused, never dropped.
+* ``check_head_consistency``: the losses' embedding widths that VISSL does not derive match the head.
+* ``check_amounts``: epochs, batch sizes and learning rates are positive; one batch fits the dataset.
+
+No VISSL import: the configs are plain mappings (VISSL's AttrDict, or containers from OmegaConf).
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import types
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+from convit_ssl.errors import UsageError
+
+_MISSING = object()
+TRUNK_OVERRIDES = "config.MODEL.TRUNK.CONVIT_SSL.OVERRIDES."  # where ``trunk.FIELD=VALUE`` goes
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(tree, Mapping) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return tree
+
+
+def _config_overrides(overrides: Sequence[str]) -> List[tuple]:
+    """``(dotted key under config, value text)`` of each ``config.KEY=VALUE`` Hydra override (``+``/``++`` too),
+    the last one for a key given twice; ``trunk.FIELD`` words are checked as ConViT's keywords instead."""
+    found = {}
+    for override in overrides:
+        if override.startswith("~"):
+            continue
+        key, _, text = override.lstrip("+").partition("=")
+        if key.startswith("config.") and not key.startswith(TRUNK_OVERRIDES):
+            found[key[len("config."):]] = text
+    return list(found.items())
+
+
+# ---------------------------------------------------------------------------------------------- types
+@lru_cache(maxsize=1)
+def vissl_defaults() -> Dict[str, Any]:
+    """The ``config`` section of VISSL's defaults.yaml, as plain values."""
+    import yaml
+
+    path = Path(importlib.util.find_spec("vissl").submodule_search_locations[0]) / "config" / "defaults.yaml"
+    return yaml.safe_load(path.read_text())["config"]
+
+
+def _kind(value: Any) -> str:
+    """What a config value is for the type check: bool, int, float, str, dict, list or null."""
+    if value is None:
+        return "null"
+    for kind, kind_type in (("bool", bool), ("int", int), ("float", float), ("str", str), ("dict", Mapping)):
+        if isinstance(value, kind_type):
+            return kind
+    return "list"
+
+
+def _fits(value: Any, reference: Any) -> bool:
+    """Whether ``value`` can stand where the config has ``reference`` (an int where a float is: yes)."""
+    want, have = _kind(reference), _kind(value)
+    if not (want == "null" or want == have or (want == "float" and have == "int")):
+        return False
+    if want == "list" and reference and len({_kind(item) for item in reference}) == 1:
+        return all(_fits(item, reference[0]) for item in value)
+    return True
+
+
+def check_override_types(composed: Mapping, overrides: Sequence[str], references: Sequence[Mapping]) -> None:
+    """Each ``config.KEY=VALUE`` of ``overrides`` keeps the type its key has in one of ``references`` (VISSL's
+    defaults, the recipe composed without the overrides); ``composed`` is the composed ``config`` section.
+    Keys that no reference defines are not checked."""
+    for key, text in _config_overrides(overrides):
+        value = _lookup(composed, key)
+        expected = [ref for ref in (_lookup(tree, key) for tree in references) if ref is not _MISSING]
+        if value is _MISSING or not expected or any(_fits(value, ref) for ref in expected):
+            continue
+        kinds = " or ".join(sorted({_kind(ref) for ref in expected}))
+        raise UsageError(f"config.{key}={text}: expected {kinds}, got {_kind(value)} {value!r}; give a value of "
+                         f"that type")
+
+
+def _fits_hint(value: Any, hint: Any) -> bool:
+    """Whether ``value`` matches the annotation ``hint`` of a ConViT keyword (int, float, bool, Sequence[int], unions)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits_hint(value, arg) for arg in typing.get_args(hint))
+    if origin is not None and issubclass(origin, Sequence):
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_fits_hint(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True
+
+
+def check_trunk_overrides(overrides: Mapping[str, Any]) -> None:
+    """Each ``trunk.FIELD=VALUE`` has the type of ConViT's keyword ``FIELD`` (unknown fields: see preset_kwargs)."""
+    from convit_ssl.models.convit import ConViT
+
+    hints = typing.get_type_hints(ConViT.__init__)
+    defaults = inspect.signature(ConViT.__init__).parameters
+    for field, value in overrides.items():
+        if field in hints and not _fits_hint(value, hints[field]):
+            hint = defaults[field].annotation  # the annotation as written
+            raise UsageError(f"trunk.{field}={value!r}: ConViT's {field} is {hint} (default "
+                             f"{defaults[field].default!r}); give a value of that type")
+
+
+# ---------------------------------------------------------------------------------------------- effect
+# Overrides whose value VISSL rewrites yet keeps the user's intent: learning rates scaled by the batch, a
+# queue length rounded to a multiple of the global batch.
+_REWRITTEN_WITH_EFFECT = ("OPTIMIZER.param_schedulers.", "LOSS.swav_loss.queue.queue_length",
+                          "LOSS.swav_momentum_loss.queue.queue_length")
+# Where VISSL takes the settings it replaces from, for the message.
+_SOURCES = {"output_dim": "the head's num_clusters (MODEL.HEAD.PARAMS)",
+            "num_prototypes": "the head's num_clusters (MODEL.HEAD.PARAMS)",
+            "embedding_dim": "the head's last dims entry (MODEL.HEAD.PARAMS)",
+            "num_crops": "the transforms' total_num_crops (DATA.TRAIN.TRANSFORMS)",
+            "world_size": "DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE",
+            "effective_batch_size": "DATA.TRAIN.BATCHSIZE_PER_REPLICA and the world size"}
+
+
+def check_no_dropped_overrides(given: Mapping, final: Mapping, overrides: Sequence[str], device: str) -> None:
+    """Refuse a ``config.KEY=VALUE`` that does not survive into the config VISSL trains with.
+
+    ``given`` is the config as composed, ``final`` after device resolution and VISSL's inference. A setting
+    turned off on a CPU (AMP, LARC, SyncBN) is refused there; any other key whose value changed was replaced
+    (``LOSS.dino_loss.output_dim`` comes from the head). ``auto`` values and the learning-rate schedule (scaled
+    with the batch) are not compared.
+    """
+    for key, text in _config_overrides(overrides):
+        before, after = _lookup(given, key), _lookup(final, key)
+        if key in _GPU_ONLY:
+            if device == "cpu" and before not in (False, None, _MISSING):
+                raise UsageError(f"config.{key}={text} has no effect on a CPU ({_GPU_ONLY[key]}); remove it, or "
+                                 f"run on GPUs")
+            continue
+        if before is _MISSING or before == after or before == "auto" or key.startswith(_REWRITTEN_WITH_EFFECT):
+            continue
+        if after is _MISSING:
+            raise UsageError(f"config.{key}={text} has no effect: VISSL drops it; remove it")
+        source = _SOURCES.get(key.rsplit(".", 1)[-1], "other settings")
+        raise UsageError(f"config.{key}={text} has no effect: VISSL sets it to {after!r} from {source}; change that "
+                         f"instead, or remove the override")
+
+
+# Settings that ``engine.resolve_device`` turns off on a CPU, and why.
+_GPU_ONLY = {"MODEL.AMP_PARAMS.USE_AMP": "no mixed precision there",
+             "OPTIMIZER.use_larc": "LARC needs apex, which is CUDA-only",
+             "MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN": "synchronised batch norm needs CUDA"}
+
+
+def _head_output_dim(head_params: Sequence) -> Any:
+    """The width of what the head hands the loss: the last ``dims`` of its last MLP (a SwAV head's embedding)."""
+    if not head_params:
+        return None
+    name, options = head_params[-1][0], head_params[-1][1]
+    dims = options.get("dims") if isinstance(options, Mapping) else None
+    return dims[-1] if name in ("mlp", "swav_head") and dims else None
+
+
+# Loss settings that VISSL reads as they are and that must equal the head's output width.
+_HEAD_WIDTH_KEYS = ("moco_loss.embedding_dim", "simclr_info_nce_loss.buffer_params.embedding_dim",
+                    "barlow_twins_loss.embedding_dim")
+
+
+def check_head_consistency(config: Mapping) -> None:
+    """The loss's embedding width (MoCo, SimCLR, Barlow Twins; VISSL does not derive these) equals the head's."""
+    loss = config["LOSS"]["name"]
+    width = _head_output_dim(config["MODEL"]["HEAD"]["PARAMS"])
+    for key in _HEAD_WIDTH_KEYS:
+        if not key.startswith(loss + ".") or width is None:
+            continue
+        value = _lookup(config["LOSS"], key)
+        if value is not _MISSING and value != width:
+            raise UsageError(f"LOSS.{key}={value} but the head (MODEL.HEAD.PARAMS) outputs {width} dims: set "
+                             f"config.LOSS.{key}={width}, or change the head")
+
+
+# ---------------------------------------------------------------------------------------------- amounts
+# The keys that hold a learning rate in each of VISSL's schedules (the others carry VISSL's unused defaults).
+_SCHEDULE_VALUES = {"cosine": ("start_value", "end_value"), "linear": ("start_value", "end_value"),
+                    "constant": ("value",), "inverse_sqrt": ("start_value",), "step_with_fixed_gamma": ("base_value",),
+                    "multistep": ("values",), "step": ("values",)}
+
+
+def _learning_rates(schedule: Mapping, path: str) -> Dict[str, float]:
+    """``{dotted path: value}`` of every learning rate a VISSL schedule (``param_schedulers.lr``) uses, after
+    VISSL's scaling; a composite schedule's parts included."""
+    if schedule.get("name") == "composite":
+        rates: Dict[str, float] = {}
+        for index, part in enumerate(schedule.get("schedulers", [])):
+            rates.update(_learning_rates(part, f"{path}.schedulers.{index}"))
+        return rates
+    rates = {}
+    for key in _SCHEDULE_VALUES.get(schedule.get("name"), ()):
+        value = schedule.get(key)
+        for index, rate in enumerate(value if isinstance(value, list) else [value]):
+            if _kind(rate) in ("int", "float"):
+                rates[f"{path}.{key}" + (f".{index}" if isinstance(value, list) else "")] = rate
+    return rates
+
+
+def check_amounts(config: Mapping, images: Dict[str, int]) -> None:
+    """Positive epochs, batch size and learning rate; with DROP_LAST, at least one batch of the training set.
+
+    ``images``: the training images of each dataset (recorded at prepare-data), for the batch check.
+    """
+    epochs = config["OPTIMIZER"]["num_epochs"]
+    if epochs < 1:
+        raise UsageError(f"OPTIMIZER.num_epochs={epochs}: train at least 1 epoch (config.OPTIMIZER.num_epochs=N)")
+    train = config["DATA"]["TRAIN"]
+    batch = train["BATCHSIZE_PER_REPLICA"]
+    if batch < 1:
+        raise UsageError(f"DATA.TRAIN.BATCHSIZE_PER_REPLICA={batch}: give at least 1 image per process")
+    rates = _learning_rates(config["OPTIMIZER"]["param_schedulers"]["lr"], "OPTIMIZER.param_schedulers.lr")
+    negative = {key: rate for key, rate in rates.items() if rate < 0}
+    if negative or (rates and max(rates.values()) <= 0):
+        shown = ", ".join(f"{key}={rate}" for key, rate in (negative or rates).items())
+        raise UsageError(f"learning rate {shown}: learning rates must be positive (0 only at the ends of a warm-up "
+                         f"or decay)")
+    distributed = config["DISTRIBUTED"]
+    world = distributed["NUM_NODES"] * distributed["NUM_PROC_PER_NODE"]
+    if train.get("DROP_LAST", False) and images:
+        total = sum(images.values())
+        if train.get("DATA_LIMIT", -1) > 0:
+            total = min(total, train["DATA_LIMIT"])
+        if total < batch * world:
+            names = ", ".join(images)
+            raise UsageError(f"one batch is {batch} images x {world} processes = {batch * world}, but the training "
+                             f"set ({names}) has {total}: with DROP_LAST no batch would be made; lower "
+                             f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA to at most {max(1, total // world)}")
