@@ -3,11 +3,12 @@
 For a bare machine with one NVIDIA GPU, Python 3.12, torch and timm preinstalled and no network. The other
 packages come as wheels from a local folder (``pip install --no-index --no-deps``): ``make gpu-check
 WHEELS=folder`` installs them and runs this script from the repository, in at most 8 minutes. Fill the folder
-beforehand on a machine with network access, the same platform and Python 3.12 (fvcore, iopath and antlr4
-come as sources, which this builds into wheels): ``python3.12 -m pip wheel --no-deps -w folder vissl==0.1.6
-classy-vision==0.7.0 fvcore iopath yacs tabulate termcolor portalocker tqdm hydra-core omegaconf antlr4-python3-runtime==4.9.3 pyyaml submitit cloudpickle scikit-learn
-scipy joblib threadpoolctl matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six
-packaging 'setuptools<81'`` (those not already on the machine).
+beforehand on a machine with network access, the same platform and Python 3.12 (fvcore, iopath and antlr4 come
+as sources, which this builds into wheels): ``python3.12 -m pip wheel --no-deps -w folder vissl==0.1.6
+classy-vision==0.7.0 fvcore iopath yacs tabulate termcolor portalocker tqdm hydra-core omegaconf
+antlr4-python3-runtime==4.9.3 pyyaml submitit cloudpickle scikit-learn scipy joblib threadpoolctl matplotlib
+contourpy cycler fonttools kiwisolver pyparsing python-dateutil six packaging 'setuptools<81'`` (those not
+already on the machine).
 
 Checks, each recorded in the JSON with its numbers and ``passed``:
 
