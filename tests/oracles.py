@@ -1,4 +1,4 @@
-"""Oracles and small builders shared by tests: timm reference models and a naive GPSA."""
+"""Oracles and small builders shared by tests: timm reference models, a naive GPSA, training states compared."""
 import timm
 import torch
 
@@ -25,3 +25,28 @@ def naive_positional_attention(attn, grid_h: int, grid_w: int) -> torch.Tensor:
     weight = attn.positional_proj.weight.double()
     bias = attn.positional_proj.bias.double()
     return (rel @ weight.T + bias).permute(2, 0, 1).softmax(-1)
+
+
+def assert_same(expected, got, path: str = "") -> None:
+    """Two nested states are equal: the same keys, the same values, every tensor bit for bit."""
+    assert type(expected) is type(got), path
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(expected, got), (path, (expected.double() - got.double()).abs().max().item())
+    elif isinstance(expected, dict):
+        assert expected.keys() == got.keys(), path
+        for key in expected:
+            assert_same(expected[key], got[key], f"{path}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(got), path
+        for index, (want, have) in enumerate(zip(expected, got)):
+            assert_same(want, have, f"{path}/{index}")
+    else:
+        assert expected == got, path
+
+
+def assert_same_training_state(expected: dict, got: dict) -> None:
+    """Two VISSL checkpoints hold the same trunk and heads, optimizer state (moments, step counts, schedules)
+    and loss state (DINO's teacher and centre, MoCo's queue and key encoder), bit for bit."""
+    for part in ("base_model", "optimizer"):
+        assert_same(expected["classy_state_dict"][part], got["classy_state_dict"][part], part)
+    assert_same(expected["loss"], got["loss"], "loss")

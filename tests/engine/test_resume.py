@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from oracles import assert_same_training_state
 
 COMMON = ["data=digits", "trunk.embed_dim=32", "trunk.depth=2", "trunk.local_up_to_layer=1",
           "config.DATA.TRAIN.DATA_LIMIT=256", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=32",
@@ -56,23 +57,6 @@ def _logged(run_dir):
 def _final(run_dir):
     return torch.load(run_dir / f"model_final_checkpoint_phase{EPOCHS - 1}.torch", map_location="cpu",
                       weights_only=True)
-
-
-def _assert_same(expected, got, path):
-    """Two nested states are equal: the same keys, the same values, every tensor bit for bit."""
-    assert type(expected) is type(got), path
-    if isinstance(expected, torch.Tensor):
-        assert torch.equal(expected, got), (path, (expected.double() - got.double()).abs().max().item())
-    elif isinstance(expected, dict):
-        assert expected.keys() == got.keys(), path
-        for key in expected:
-            _assert_same(expected[key], got[key], f"{path}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(expected) == len(got), path
-        for index, (want, have) in enumerate(zip(expected, got)):
-            _assert_same(want, have, f"{path}/{index}")
-    else:
-        assert expected == got, path
 
 
 def _wait_for(predicate, process, timeout=300):
@@ -134,9 +118,42 @@ def test_interrupted_and_resumed_run_ends_where_the_straight_run_ends(method, in
 
     expected, got = _final(straight), _final(run_dir)
     assert got["iteration"] == got["iteration_num"] == expected["iteration"] == EPOCHS * ITERATIONS_PER_EPOCH
-    # trunk and heads; optimizer moments, step counts and schedules; DINO's teacher and centre, MoCo's queue
-    for part in ("base_model", "optimizer"):
-        _assert_same(expected["classy_state_dict"][part], got["classy_state_dict"][part], part)
-    _assert_same(expected["loss"], got["loss"], "loss")
+    assert_same_training_state(expected, got)
     # every logged iteration once, with the straight run's loss, learning rate and gates
+    assert _logged(run_dir) == _logged(straight)
+
+
+@pytest.mark.slow
+def test_two_processes_killed_mid_epoch_resume_into_the_same_run(tmp_path, train_env):
+    """Two gloo ranks (4 iterations an epoch), each seeded from its rank: killed after the iteration-6 checkpoint."""
+    def command(run_dir):
+        return _command("simclr", run_dir) + ["config.DISTRIBUTED.NUM_PROC_PER_NODE=2"]
+
+    straight = tmp_path / "straight"
+    result = subprocess.run(command(straight), env=train_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command(run_dir), env=train_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    log = run_dir / "log.txt"
+    started = _wait_for(lambda: log.exists() and "iter: 6;" in log.read_text(), process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert started, "the run never reached iteration 6"
+    result = subprocess.run(command(run_dir), env=train_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"Resume from file: \S*model_iteration6\.torch", result.stdout + result.stderr)
+    assert_same_training_state(_final(straight), _final(run_dir))
+    assert _logged(run_dir) == _logged(straight)
+
+
+@pytest.mark.slow
+def test_loader_workers_do_not_change_the_run(straight_runs, tmp_path, train_env):
+    """Augmentations are seeded per sample: two loader worker processes make the run of none, bit for bit."""
+    run_dir = tmp_path / "run"
+    command = [*_command("simclr", run_dir), "config.DATA.NUM_DATALOADER_WORKERS=2"]
+    result = subprocess.run(command, env=train_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    straight = straight_runs("simclr")
+    assert_same_training_state(_final(straight), _final(run_dir))
     assert _logged(run_dir) == _logged(straight)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import assert_same_training_state
 
 from convit_ssl import launch
 
@@ -104,26 +105,38 @@ def test_preempted_job_resumes_from_its_checkpoint(slurm, capsys, tiny):
 
 
 @pytest.mark.slow
-def test_hand_requeue_resumes_from_the_checkpoint_saved_on_sigterm(slurm, tiny):
-    """``scontrol requeue`` sends SIGTERM (then SIGKILL after KillWait): the ranks save at their next step."""
-    overrides = replaced(tiny, "config.OPTIMIZER.num_epochs=4", "config.DATA.TRAIN.DATA_LIMIT=64")
+def test_hand_requeue_resumes_into_the_same_run(slurm, tiny):
+    """``scontrol requeue`` sends SIGTERM (then SIGKILL after KillWait): the ranks save at their next step, and the
+    requeued run ends bit for bit where a run that was left alone ends (both 2-node jobs run side by side)."""
+    overrides = replaced(tiny, "config.OPTIMIZER.num_epochs=4", "config.DATA.TRAIN.DATA_LIMIT=64",
+                         "config.LOG_FREQUENCY=1")
     args = launch.build_parser().parse_args(["--nodes", "2", *CPU, *overrides])
+    (straight,) = launch.submit(args, launch.make_plan(args))
     (pretrain,) = launch.submit(args, launch.make_plan(args))
     job_id = pretrain.job.job_id
     wait_for(lambda: (pretrain.run_dir / "model_phase0.torch").exists(), 120, "the first checkpoint")
     slurm.run("scontrol", "requeue", job_id)
+    finished = ("COMPLETED", "FAILED", "CANCELLED")
     wait_for(lambda: int(slurm.job_state(job_id).get("Restarts", 0)) >= 1
-             and slurm.job_state(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 240,
-             "the requeued job to finish")
+             and slurm.job_state(job_id).get("JobState") in finished
+             and slurm.job_state(straight.job.job_id).get("JobState") in finished, 300, "both jobs to finish")
     state = slurm.job_state(job_id)
     assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) == 1, pretrain.job.paths.stderr.read_text()
+    assert slurm.job_state(straight.job.job_id)["JobState"] == "COMPLETED", straight.job.paths.stderr.read_text()
     marker = json.loads((pretrain.run_dir / "preemption_checkpoint.json").read_text())
     assert marker["iteration"] >= 4, marker  # saved on the signal, after the first epoch's checkpoint
     log = pretrain.job.paths.stdout.read_text()
-    resumed_from = log.split("Resume from file: ")[1].split()[0]
+    kind, number = re.search(r"Resume from file: \S*model_(iteration|phase)(\d+)\.torch", log).groups()
+    resumed_at = int(number) if kind == "iteration" else (int(number) + 1) * 4  # 4 iterations an epoch
     # the run goes on until SIGKILL and may checkpoint again: it resumes from the signal's checkpoint or a later one
-    assert torch.load(resumed_from, map_location="cpu", weights_only=True)["iteration"] >= marker["iteration"]
-    assert final_iteration(pretrain.run_dir) == 4 * 4
+    assert resumed_at >= marker["iteration"], (kind, number, marker)
+    final = [torch.load(launch.final_checkpoint(item.run_dir), map_location="cpu", weights_only=True)
+             for item in (straight, pretrain)]
+    assert final[1]["iteration"] == 4 * 4
+    assert_same_training_state(*final)
+    logged = [[(s["iter"], s["loss"]) for s in map(json.loads, (item.run_dir / "stdout.json").read_text().splitlines())]
+              for item in (straight, pretrain)]
+    assert logged[0] == logged[1] and len(logged[0]) == 4 * 4
 
 
 @pytest.mark.slow
