@@ -366,14 +366,11 @@ def compose_points(points: Sequence[Point], job_dir: str) -> None:
     from convit_ssl import engine
 
     for point in points:
-        # compose writes train_config.yaml into the run folder, which has no job id yet
-        with tempfile.TemporaryDirectory() as scratch:
-            try:
-                point.config = engine.compose(point.overrides, run_dir=scratch)
-            except UsageError as error:
-                where = f" (sweep point {point.subdir})" if point.subdir else ""
-                raise LaunchError(f"{error}{where}") from None
-        point.config.CHECKPOINT.DIR = str(Path(job_dir) / point.subdir)
+        try:  # composing writes nothing: the job folder (its name still holds %j) is made on submission
+            point.config = engine.compose(point.overrides, run_dir=str(Path(job_dir) / point.subdir))
+        except UsageError as error:
+            where = f" (sweep point {point.subdir})" if point.subdir else ""
+            raise LaunchError(f"{error}{where}") from None
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -495,12 +492,13 @@ class PretrainJob:
 
 
 def final_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint VISSL writes at the end of training."""
-    found = sorted(run_dir.glob("model_final_checkpoint_phase*.torch"),
-                   key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
-    if not found:
+    """The checkpoint VISSL writes at the end of training (``run_folder.final_checkpoint``)."""
+    from convit_ssl.run_folder import final_checkpoint as final_of
+
+    found = final_of(run_dir)
+    if found is None:
         raise UsageError(f"no model_final_checkpoint_phase*.torch in {run_dir}: did pretraining finish?")
-    return found[-1]
+    return found
 
 
 class EvaluationJob:

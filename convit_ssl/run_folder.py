@@ -46,6 +46,7 @@ HEALTH_FILE = "health.jsonl"
 PREEMPTION_MARKER = "preemption_checkpoint.json"
 # Checkpoint names VISSL writes for a consolidated (non-FSDP) model; only these are ever pruned.
 _PRUNABLE = re.compile(r"model_(phase|iteration)(\d+)\.torch")
+_FINAL = re.compile(r"model_final_checkpoint_phase(\d+)\.torch")
 # Config keys that name where or how the processes meet, not what is trained.
 _NOT_COMPARED = ("CHECKPOINT.DIR", "DISTRIBUTED.RUN_ID", "CONVIT_SSL.CONTINUE_WITH_CHANGES")
 
@@ -61,17 +62,22 @@ def checkpoint_files(run_dir) -> List[Path]:
     return [p for p in folder.glob("model_*.torch") if "_shard" not in p.name and p.is_file()]
 
 
+def final_checkpoint(run_dir) -> Optional[Path]:
+    """The checkpoint VISSL writes at the end of training (of the most epochs, after a run was extended), or None."""
+    finals = [(int(match.group(1)), p) for p in checkpoint_files(run_dir) if (match := _FINAL.fullmatch(p.name))]
+    return max(finals)[1] if finals else None
+
+
 def latest_checkpoint(run_dir, skip_final: bool = False, nth: int = 1) -> Optional[Path]:
     """The checkpoint a resume starts from: the final one unless ``skip_final``, else the ``nth`` newest written.
 
     Newest by write time, not by number: a run that checkpoints by epoch and by iteration has both kinds,
     and VISSL's own rule (highest phase, or only iteration files) would resume from an older state.
     """
-    files = checkpoint_files(run_dir)
-    final = [p for p in files if p.name.startswith("model_final")]
-    if final and not skip_final:
-        return final[0]
-    others = sorted((p for p in files if not p.name.startswith("model_final")),
+    final = final_checkpoint(run_dir)
+    if final is not None and not skip_final:
+        return final
+    others = sorted((p for p in checkpoint_files(run_dir) if not _FINAL.fullmatch(p.name)),
                     key=lambda p: p.stat().st_mtime_ns, reverse=True)
     if not others:
         return None

@@ -162,3 +162,16 @@ def test_config_differences_ignore_where_the_run_lives():
            "DISTRIBUTED": {"RUN_ID": "node7:4100"}, "OPTIMIZER": {"num_epochs": 10, "extra": 1}}
     assert config_differences(old, new) == {"LOSS.swav_loss.epsilon": (0.05, 0.03),
                                             "OPTIMIZER.extra": ("<absent>", 1)}
+
+
+def test_the_final_checkpoint_is_that_of_the_most_epochs(tmp_path):
+    from convit_ssl import run_folder
+    from convit_ssl.launch import final_checkpoint
+
+    for name in ("model_final_checkpoint_phase9.torch", "model_final_checkpoint_phase29.torch", "model_phase30.torch",
+                 "model_final_checkpoint_phase19.torch", "model_final_checkpoint_phase39_shard0.torch"):
+        (tmp_path / name).write_bytes(b"checkpoint")
+    final = tmp_path / "model_final_checkpoint_phase29.torch"  # a run extended from 10 to 20 to 30 epochs
+    assert run_folder.final_checkpoint(tmp_path) == final == run_folder.latest_checkpoint(tmp_path)
+    assert final_checkpoint(tmp_path) == final
+    assert run_folder.latest_checkpoint(tmp_path, skip_final=True) == tmp_path / "model_phase30.torch"
