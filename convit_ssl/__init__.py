@@ -1,10 +1,8 @@
 """convit-ssl: ConViT vision transformers as VISSL trunks for self-supervised learning.
 
-``import convit_ssl`` registers the ``convit_ssl`` trunk with VISSL (when VISSL is installed) and
-exposes the public API below. The model itself (``convit_ssl.models``) is plain PyTorch.
+``import convit_ssl`` exposes the public API below and leaves VISSL alone: ``convit_ssl.vissl_glue`` sets VISSL
+up where it is used (``convit_ssl.engine`` imports it). The model itself (``convit_ssl.models``) is plain PyTorch.
 """
-import importlib.util
-
 from convit_ssl.checkpoint import (
     CheckpointError,
     LoadReport,
@@ -19,8 +17,3 @@ __all__ = [
     "PRESETS", "CheckpointError", "ConViT", "LoadReport", "create_trunk", "from_timm_state_dict", "load_trunk",
     "to_timm_state_dict",
 ]
-
-if importlib.util.find_spec("vissl") is not None:  # the model and checkpoint tools work without VISSL
-    from convit_ssl import vissl_glue
-
-    vissl_glue.setup()

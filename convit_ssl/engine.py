@@ -15,7 +15,9 @@
 
 ``compose`` writes nothing. ``train(config)`` takes the run folder (one run at a time), records the config
 there, and runs VISSL's engine: in this process for one process per node, else through VISSL's launcher,
-whose workers import ``convit_ssl`` through the hook generator defined here.
+whose workers import this module (and so ``convit_ssl.vissl_glue``, which sets VISSL up) through the hook
+generator defined here. VISSL's Python API is reached through ``convit_ssl.vissl_glue`` only (``compose`` names
+VISSL's config package to Hydra).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from convit_ssl import config_checks
+from convit_ssl import config_checks, vissl_glue
 from convit_ssl.errors import UsageError
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -152,8 +154,6 @@ def compose(args: Sequence[str], run_dir: Optional[str] = None):
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-    from vissl.utils.hydra_config import convert_to_attrdict
-
     parsed = expand_arguments(args)
     run_dir = run_dir or parsed["run_dir"] or default_run_dir(parsed["recipe"], parsed["choices"], parsed["overrides"])
     run_dir = Path(run_dir).resolve()
@@ -175,7 +175,7 @@ def compose(args: Sequence[str], run_dir: Optional[str] = None):
         resolve_device(cfg.config)  # before VISSL derives batch sizes and learning rates from it
         cfg.config.CHECKPOINT.DIR = str(run_dir)
         with _no_new_folders(run_dir):  # VISSL's SwAV inference creates the checkpoint folder
-            _, config = convert_to_attrdict(cfg, dump_config=False)  # train() records the config
+            config = vissl_glue.attrdict_config(cfg)  # train() records the config
     except (HydraException, OmegaConfBaseException) as error:
         message = str(error).splitlines()[0]
         raise UsageError(f"config {parsed['recipe']} does not compose: {message}") from None
@@ -289,14 +289,14 @@ def derive_iteration_settings(config) -> None:
 
 def hook_generator(config):
     """VISSL's hooks plus ours. Being a function of this module, it makes every worker process that
-    VISSL spawns import ``convit_ssl`` (and so register the trunk) when it is unpickled there.
+    VISSL spawns import this module (and so set VISSL up) when it is unpickled there; called there before
+    VISSL reads the datasets, it registers them from the catalog on disk.
     ``SameRunHook`` comes last: it seeds the next step after every other hook has run."""
-    from vissl.hooks import default_hook_generator
-
     from convit_ssl.health import build_health_hook
     from convit_ssl.hooks import PreemptionCheckpointHook, SameRunHook, build_gating_hook
 
-    hooks = default_hook_generator(config) + [PreemptionCheckpointHook()]
+    vissl_glue.register_datasets()
+    hooks = vissl_glue.default_hooks(config) + [PreemptionCheckpointHook()]
     optional = [build_gating_hook(config), build_health_hook(config)]
     return hooks + [hook for hook in optional if hook is not None] + [SameRunHook()]
 
@@ -335,14 +335,12 @@ def train(config, node_id: int = 0) -> Path:
     VISSL spawns work under it) and records the config there first (``run_folder.record_config``); the
     other nodes of a multi-node run take part in node 0's run and neither lock nor record.
     """
-    from vissl.utils.distributed_launcher import launch_distributed
-
     from convit_ssl import run_folder
 
     run_dir = Path(config.CHECKPOINT.DIR)
     if node_id != 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        launch_distributed(config, node_id=node_id, engine_name="train", hook_generator=hook_generator)
+        vissl_glue.launch_training(config, node_id, hook_generator)
         return run_dir
     with run_folder.owned(run_dir):
         continuing = bool((config.get("CONVIT_SSL", None) or {}).get("CONTINUE_WITH_CHANGES", False))
@@ -350,5 +348,5 @@ def train(config, node_id: int = 0) -> Path:
         if changes:
             print(f"continuing {run_dir} with changes ({run_folder.CONFIG_HISTORY_FILE}): "
                   f"{run_folder.describe(changes)}", flush=True)
-        launch_distributed(config, node_id=node_id, engine_name="train", hook_generator=hook_generator)
+        vissl_glue.launch_training(config, node_id, hook_generator)
     return run_dir

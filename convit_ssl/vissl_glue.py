@@ -1,9 +1,14 @@
-"""Everything that touches VISSL: compatibility patches and trunk registration.
+"""Everything that touches VISSL: compatibility patches, trunk registration, the dataset catalog, the launcher.
 
-This is the only module of the package that imports VISSL (the model itself is plain PyTorch).
-``import convit_ssl`` runs ``setup()`` once: it applies the patches and registers the trunk
-``convit_ssl`` in VISSL's registry. The registry is per process, so every process that VISSL starts
-imports ``convit_ssl`` first (see ``convit_ssl.engine``).
+This is the only module of the package that imports VISSL (the model itself is plain PyTorch; ``hooks`` and
+``health`` import classy-vision, whose hook class VISSL's trainer calls). Importing it sets VISSL up (``setup``:
+the patches and the ``convit_ssl`` trunk in VISSL's registry), so it is imported only where VISSL is used:
+``convit_ssl.engine`` imports it, and so does every process that VISSL starts, each with its own registry:
+a training process unpickles ``engine.hook_generator``, a data-loader worker (forkserver) unpickles the dataset,
+whose image folder is this module's ``VisslImageFolder``. ``import convit_ssl`` does not touch VISSL.
+
+VISSL's dataset catalog is filled from ours (``register_datasets``) right before VISSL reads it: when a run is
+launched and in each training process, so a dataset written after the import (digits, on first use) is known.
 
 The trunk is built from the keyword arguments ``convit_ssl.trunk_config.trunk_kwargs`` reads from a VISSL
 ``MODEL`` config.
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from convit_ssl import atomic
+from convit_ssl.data import CheckedImageFolder
 from convit_ssl.models.convit import ConViT
 from convit_ssl.trunk_config import trunk_kwargs
 
@@ -222,8 +228,35 @@ def _checkpoint_then_prune(original):
     return checkpoint_model
 
 
+class VisslImageFolder(CheckedImageFolder):
+    """What VISSL's ``disk_folder`` source reads with (see ``_patch_vissl``). A data-loader worker that unpickles
+    the dataset imports this module through it, and so gets the patches its ``__getitem__`` needs."""
+
+
+def attrdict_config(cfg):
+    """VISSL's config (AttrDict) for a composed Hydra config, with VISSL's inferred settings; writes nothing."""
+    from vissl.utils.hydra_config import convert_to_attrdict
+
+    return convert_to_attrdict(cfg, dump_config=False)[1]
+
+
+def default_hooks(config) -> list:
+    """The hooks VISSL's trainer uses for ``config`` by default."""
+    from vissl.hooks import default_hook_generator
+
+    return default_hook_generator(config)
+
+
+def launch_training(config, node_id: int, hook_generator) -> None:
+    """VISSL's training engine on this node: in this process, or in one spawned process per GPU."""
+    import vissl.utils.distributed_launcher as launcher
+
+    register_datasets()
+    launcher.launch_distributed(config, node_id=node_id, engine_name="train", hook_generator=hook_generator)
+
+
 def register_datasets() -> None:
-    """Make every dataset of our catalog (convit_ssl.data) known to VISSL's dataset catalog."""
+    """Make every dataset of our catalog (convit_ssl.data) known to VISSL's dataset catalog, as it is now."""
     from vissl.data.dataset_catalog import VisslDatasetCatalog
 
     from convit_ssl import data
@@ -251,11 +284,9 @@ def _patch_vissl() -> None:
     import vissl.utils.env as vissl_env
     from vissl.hooks.log_hooks import LogLossMetricsCheckpointHook
 
-    from convit_ssl.data import CheckedImageFolder
-
     # VISSL reads disk_folder datasets with torchvision's ImageFolder: it follows link loops into duplicates, and
     # a file PIL cannot read ends the run with an error that does not name it. Ours lists and reads checked.
-    vissl_disk_dataset.ImageFolder = CheckedImageFolder
+    vissl_disk_dataset.ImageFolder = VisslImageFolder
 
     for engine in (vissl_train_engine, vissl_extract_features, vissl_extract_cluster, vissl_env):
         engine.print_system_env_info = _print_reproduction_env
@@ -284,7 +315,7 @@ _REGISTERED = False
 
 
 def setup() -> None:
-    """Apply the patches and register the trunk; safe to call more than once."""
+    """Apply the patches and register the trunk (done on import; safe to call more than once)."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -293,5 +324,7 @@ def setup() -> None:
 
     if "convit_ssl" not in MODEL_TRUNKS_REGISTRY:
         register_model_trunk("convit_ssl")(VisslConViT)
-    register_datasets()
     _REGISTERED = True
+
+
+setup()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import convit_ssl  # noqa: F401  (registers the trunk)
+import convit_ssl
 from convit_ssl import engine
 from convit_ssl.trunk_config import trunk_kwargs
 from convit_ssl.vissl_glue import VisslConViT

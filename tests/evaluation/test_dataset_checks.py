@@ -111,7 +111,7 @@ def test_evaluation_names_the_image_it_cannot_read(empty_data, tmp_path, make_tr
 
 
 def test_vissl_training_names_the_image_it_cannot_read(tmp_path, make_image_dataset):
-    import convit_ssl  # noqa: F401  (applies the VISSL patches)
+    import convit_ssl.vissl_glue  # noqa: F401  (applies the VISSL patches)
     from vissl.data.disk_dataset import DiskImageDataset
 
     folder = make_image_dataset(tmp_path / "abc")

@@ -1,0 +1,59 @@
+"""VISSL is set up where it is used: `import convit_ssl` leaves it alone; the dataset catalog VISSL reads is the one
+on disk when the run starts, also for a dataset written after the import (digits on an empty data root); and a
+data-loader worker (forkserver) has the trunk and the patches without being told."""
+import json
+import os
+import subprocess
+import sys
+
+from tiny_training import TINY
+
+# The `convit-ssl train` path (compose, then engine.train) with VISSL's launcher replaced by VISSL's own dataset
+# builder and one batch from a forkserver loader worker, so that what VISSL reads is checked without training.
+SCRIPT = """
+import json, sys
+import convit_ssl
+
+VISSL_AT_IMPORT = sorted(name for name in sys.modules if name == "vissl" or name.startswith("vissl."))
+
+
+def worker_state(worker_id):
+    from vissl.data.ssl_dataset import GenericSSLDataset
+    from vissl.models.trunks import MODEL_TRUNKS_REGISTRY
+
+    print("worker " + json.dumps({"trunk": "convit_ssl" in MODEL_TRUNKS_REGISTRY,
+                                  "seeded_samples": hasattr(GenericSSLDataset.__getitem__, "__wrapped__")}),
+          flush=True)
+
+
+def read_datasets(config, node_id, engine_name, hook_generator):
+    import torch
+    from vissl.data import build_dataset
+
+    dataset = build_dataset(config, "TRAIN")
+    dataset.augmentation_epoch = 0
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, worker_init_fn=worker_state,
+                                         multiprocessing_context="forkserver")
+    next(iter(loader))
+    print("run " + json.dumps({"vissl_at_import": VISSL_AT_IMPORT, "train_images": len(dataset)}), flush=True)
+
+
+if __name__ == "__main__":
+    from convit_ssl import engine
+    import vissl.utils.distributed_launcher as launcher
+
+    launcher.launch_distributed = read_datasets
+    engine.train(engine.compose(sys.argv[1:]))
+"""
+
+
+def test_vissl_is_set_up_where_it_is_used_and_reads_the_catalog_on_disk(tmp_path):
+    script = tmp_path / "check_setup.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "CONVIT_SSL_DATA": str(tmp_path / "empty-data-root"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), *TINY, f"run_dir={tmp_path / 'run'}"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("run ", "worker ")))
+    assert json.loads(reports["run"]) == {"vissl_at_import": [], "train_images": 1437}  # digits' training split
+    assert json.loads(reports["worker"]) == {"trunk": True, "seeded_samples": True}
