@@ -3,6 +3,7 @@
 Plain PyTorch and numpy (no VISSL import). Modules:
 
 * ``features``: one trunk pass per batch for several feature keys, an on-disk memmap cache, ``state_digest``.
+* ``accuracy``: top-1 and top-5 hits, the one definition.
 * ``knn``: DINO's weighted kNN, exact top-5 for any k, chunked over queries.
 * ``linear_probe``: recipes (``configs/config/convit_ssl/benchmark/linear``) and a grid of linear heads trained
   together, the best chosen on held-out training images.

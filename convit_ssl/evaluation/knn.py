@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convit_ssl.errors import UsageError
+from convit_ssl.evaluation.accuracy import ranked_hits
 from convit_ssl.evaluation.features import (
     Preprocess, check_feature_choices, frozen_check, split_features, state_digest, trunk_keys,
 )
@@ -68,13 +69,12 @@ def knn_classify(train_features, train_labels, test_features, test_labels, ks: S
                  temperature: float = TEMPERATURE, num_classes: Optional[int] = None,
                  chunk_size: Optional[int] = None) -> Dict[int, Dict[str, float]]:
     """``{k: {"top1": %, "top5": %}}`` of weighted kNN (see the module docstring for the exact rule)."""
-    targets = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64).view(-1, 1)
+    targets = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64)
     predictions = knn_predict(train_features, train_labels, test_features, ks, temperature, num_classes, chunk_size)
     results = {}
     for k, ranked in predictions.items():
-        hits = ranked == targets
-        results[k] = {"top1": 100.0 * int(hits[:, 0].sum()) / len(hits),
-                      "top5": 100.0 * int(hits.any(dim=1).sum()) / len(hits)}
+        top1, top5 = ranked_hits(ranked, targets).tolist()
+        results[k] = {"top1": 100.0 * top1 / len(targets), "top5": 100.0 * top5 / len(targets)}
     return results
 
 

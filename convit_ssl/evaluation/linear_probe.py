@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from convit_ssl.errors import UsageError
+from convit_ssl.evaluation.accuracy import score_hits
 from convit_ssl.evaluation.features import (
     Features, Preprocess, check_feature_choices, extract, frozen_check, image_folder, split_features,
     state_digest, trunk_keys,
@@ -245,9 +246,7 @@ class HeadGrid(nn.Module):
         for start in range(0, len(labels), chunk):
             logits = self(torch.as_tensor(x[start:start + chunk], device=device))
             targets = torch.as_tensor(labels[start:start + chunk], device=device)
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == targets.view(1, -1, 1)
-            hits[:, 0] += top[..., 0].sum(dim=1).cpu()
-            hits[:, 1] += top.any(dim=-1).sum(dim=1).cpu()
+            hits += score_hits(logits, targets).cpu()
         return (100.0 * hits / max(1, len(labels))).numpy()
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from convit_ssl.evaluation.accuracy import score_hits
 from convit_ssl.evaluation.features import check_feature_choices, image_folder
 from convit_ssl.models.modes import eval_mode
 
@@ -85,8 +86,7 @@ def train_supervised(trunk: nn.Module, dataset: str, recipe, indices: Sequence[i
     with torch.no_grad(), eval_mode(trunk):
         for images, labels in DataLoader(test_set, batch_size=recipe.batch_size, num_workers=num_workers):
             logits = head(trunk(images.to(device), out_feat_keys=["lastCLS"])[0])
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu() == labels.view(-1, 1)
-            hits += [top[:, 0].sum().item(), top.any(dim=1).sum().item()]
+            hits += score_hits(logits.cpu(), labels).numpy()
     top1, top5 = (100.0 * hits / len(test_set)).tolist()
     return {"epochs": epochs, "steps": total, "train_images": len(indices), "batch_size": batch_size,
             "final_train_loss": float(np.mean(losses)), "top1": top1, "top5": top5}
