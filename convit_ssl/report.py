@@ -36,6 +36,7 @@ from convit_ssl.checkpoint import checkpoint_file, load_trunk, run_checkpoint
 from convit_ssl.data import IMAGE_EXTENSIONS, read_catalog
 from convit_ssl.diagnostics import DISTANCE_KINDS, attention_maps, gating_diagnostics
 from convit_ssl.errors import UsageError
+from convit_ssl.evaluation.features import IMAGENET_MEAN, IMAGENET_STD
 from convit_ssl.evaluation.results import SCHEMA, gather, markdown_table, read_result
 from convit_ssl.models.convit import ConViT
 from convit_ssl.run_folder import EPOCH_LOG, HEALTH_FILE, METRICS_FILE
@@ -56,7 +57,7 @@ INITIAL_GATE = 1 / (1 + math.exp(-1))  # sigmoid(1): every GPSA gate at initiali
 CONVOLUTIONAL_GATE = 0.5  # a head above it puts more weight on positional than on content attention
 GATE_RESOLUTION = 0.0005  # mean-gate changes below the summary's three decimals count as no change
 MeanStd = Tuple[Sequence[float], Sequence[float]]
-IMAGENET_MEAN_STD: MeanStd = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # when the run's config does not say
+IMAGENET_MEAN_STD: MeanStd = (IMAGENET_MEAN, IMAGENET_STD)  # when the run's config does not say
 PAPER_FINDING = (
     "Paper (ConViT-S, supervised ImageNet training): the head-averaged gate falls from 0.73 in every GPSA "
     "layer, to about 0 in layers 6-10, while layers 1-5 keep some heads with a high gate (layer 4: 0.82, "

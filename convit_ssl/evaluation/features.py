@@ -37,8 +37,23 @@ from convit_ssl.data import open_split
 from convit_ssl.errors import UsageError
 from convit_ssl.models.modes import eval_mode
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+DATA_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "config" / "convit_ssl" / "data"
+
+
+def data_statistics(name: str) -> Dict[str, List[float]]:
+    """``mean`` and ``std`` of the data config ``name`` (``configs/config/convit_ssl/data/NAME.yaml``), the one
+    place that states a dataset's statistics."""
+    import yaml
+
+    path = DATA_CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in DATA_CONFIG_DIR.glob("*.yaml")))
+        raise UsageError(f"normalisation {name!r} names no data file; known: {known}")
+    section = yaml.safe_load(path.read_text())["config"]["CONVIT_SSL"]
+    return {"mean": section["MEAN"], "std": section["STD"]}
+
+
+IMAGENET_MEAN, IMAGENET_STD = (tuple(values) for values in data_statistics("imagenet1k").values())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Subset
 from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.accuracy import score_hits
 from convit_ssl.evaluation.features import (
-    Features, Preprocess, check_feature_choices, extract, frozen_check, image_folder, split_features,
+    Features, Preprocess, check_feature_choices, data_statistics, extract, frozen_check, image_folder, split_features,
     state_digest, trunk_keys,
 )
 from convit_ssl.evaluation.subsets import class_subset, heldout_split
@@ -52,7 +52,6 @@ from convit_ssl.models.modes import eval_mode
 MOMENTUM = 0.9
 INIT_STD = 0.01
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "config" / "convit_ssl" / "benchmark" / "linear"
-DATA_CONFIG_DIR = RECIPE_DIR.parents[1] / "data"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,18 +146,6 @@ def _recipe_path(name: str, folder: Path = Path(".")) -> Path:
     return path
 
 
-def _normalisation(name: str) -> dict:
-    """``mean`` and ``std`` of the pretraining data file ``name`` (``configs/config/convit_ssl/data/NAME.yaml``)."""
-    import yaml
-
-    path = DATA_CONFIG_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in DATA_CONFIG_DIR.glob("*.yaml")))
-        raise UsageError(f"normalisation {name!r} names no data file; known: {known}")
-    section = yaml.safe_load(path.read_text())["config"]["CONVIT_SSL"]
-    return {"mean": section["MEAN"], "std": section["STD"]}
-
-
 def _recipe_fields(path: Path, including: Tuple[Path, ...] = ()) -> dict:
     """The fields of the recipe file ``path``: those of the recipes its ``defaults`` list names, in order, then
     its own (where ``_self_`` stands, last if absent); ``normalisation: DATA`` gives the mean and std of a data file."""
@@ -169,7 +156,7 @@ def _recipe_fields(path: Path, including: Tuple[Path, ...] = ()) -> dict:
     own = yaml.safe_load(path.read_text()) or {}
     defaults = list(own.pop("defaults", None) or [])
     if "normalisation" in own:
-        own = {**_normalisation(own.pop("normalisation")), **own}
+        own = {**data_statistics(own.pop("normalisation")), **own}
     fields: dict = {}
     for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:
         fields.update(own if entry == "_self_" else _recipe_fields(_recipe_path(entry, path.parent),
