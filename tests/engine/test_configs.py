@@ -149,3 +149,29 @@ def test_dataset_statistics_are_the_published_ones(data, data_root):
         mean, std = PUBLISHED_STATISTICS[data]
     # the files round to 4 digits, ImageNet's to 3 as published
     assert np.allclose(section["MEAN"], mean, atol=5e-5) and np.allclose(section["STD"], std, atol=5e-5), data
+
+
+DIGITS_RECIPES = [recipe for recipe in RECIPES if recipe.startswith("digits_")]
+IMAGENET_ONLY_TRANSFORMS = {"RandomHorizontalFlip", "ImgPilColorDistortion", "ImgPilRandomSolarize"}
+
+
+@pytest.mark.parametrize("recipe", DIGITS_RECIPES)
+def test_digits_recipes_are_at_digits_scale(recipe, tmp_path, data_root, monkeypatch):
+    """Every digits recipe trains the demo's trunk on 32 px crops without ImageNet's flips and colour
+    distortion, for at most 30 epochs with the digits learning-rate schedule, and small heads."""
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    config = _compose(tmp_path, f"config={recipe}", "data=digits")
+    assert dict(config.MODEL.TRUNK.CONVIT_SSL.OVERRIDES) == {"patch_size": 8, "embed_dim": 96, "depth": 4,
+                                                             "num_heads": 4, "local_up_to_layer": 2,
+                                                             "drop_path_rate": 0.0, "img_size": 32}
+    names = [transform["name"] for transform in config.DATA.TRAIN.TRANSFORMS]
+    assert not IMAGENET_ONLY_TRANSFORMS & set(names), names
+    assert config.CONVIT_SSL.GLOBAL_CROP == 32 and config.OPTIMIZER.num_epochs <= 30
+    lr = config.OPTIMIZER.param_schedulers.lr
+    assert not lr.auto_lr_scaling.auto_scale and max(s["end_value"] for s in lr.schedulers) == 0.001
+    widths = [width for head in config.MODEL.HEAD.PARAMS for width in head[1]["dims"] if isinstance(width, int)]
+    widths += [clusters for head in config.MODEL.HEAD.PARAMS for clusters in head[1].get("num_clusters", [])]
+    assert max(widths) <= 1024, widths
+    loss = config.LOSS[config.LOSS.name]
+    if "queue_size" in loss:
+        assert loss.queue_size <= 1024 and loss.queue_size % config.DATA.TRAIN.BATCHSIZE_PER_REPLICA == 0
