@@ -19,9 +19,8 @@ kind, the data config that fits it and each split's class folders and image coun
 ``open_split`` check them, so a changed dataset fails in one line instead of shifting labels.
 
 What this module guarantees: a folder is deleted or replaced only if this module created it (a marker file written
-first into it); CIFAR pickles are read by an allow-list unpickler that cannot run code; images are listed without
-following link loops (``list_images``) and read with errors that name the file (``read_image``). This module does
-not import VISSL.
+first into it); CIFAR pickles are read by an allow-list unpickler that cannot run code; images are listed and read
+checked (``convit_ssl.images``). This module does not import VISSL.
 """
 from __future__ import annotations
 
@@ -40,16 +39,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets import ImageFolder
 
 from convit_ssl import atomic
 from convit_ssl.errors import UsageError
+from convit_ssl.images import IMAGE_EXTENSIONS, CheckedImageFolder, list_images, unreadable_images
 
 DATA_ENV = "CONVIT_SSL_DATA"
 CATALOG_FILE = "dataset_catalog.json"
 MANIFEST_FILE = "dataset_manifest.json"  # beside the catalog: what each dataset held when it was registered
 SPLITS = ("train", "val")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 DIGITS_IMAGE_SIZE = 32
 DIGITS_SEED = 0
@@ -223,84 +221,6 @@ def open_split(name: str, split: str, transform=None, root: Optional[Path] = Non
     dataset = CheckedImageFolder(str(_split_folder(name, split, root)), transform=transform)
     _check_record(name, split, dataset.classes, len(dataset), root)
     return dataset
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading image folders
-# ---------------------------------------------------------------------------------------------------------------
-def list_images(split_dir: str | os.PathLike) -> Tuple[List[str], List[Tuple[str, int]]]:
-    """(class names, [(image path, label)]) of a split folder, in torchvision ``ImageFolder``'s order.
-
-    Classes are the sub-folders (sorted; links followed), images the files with an image extension anywhere below
-    them. Every real folder is read once: a link to a folder already read (a loop, or a second way into it) raises
-    ``ValueError`` naming the link, where ``ImageFolder`` would read the same images again and again.
-    """
-    split_dir = os.fspath(split_dir)
-    stat = os.stat(split_dir)
-    seen = {(stat.st_dev, stat.st_ino)}
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
-    samples: List[Tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        folders = []
-        for folder, _, files in os.walk(os.path.join(split_dir, name), followlinks=True):
-            stat = os.stat(folder)
-            if (stat.st_dev, stat.st_ino) in seen:
-                raise UsageError(f"{folder} leads back to a folder already read (a symbolic link loop, or a second "
-                                 f"link to it): remove the link, or its images would be read more than once")
-            seen.add((stat.st_dev, stat.st_ino))
-            folders.append((folder, sorted(file for file in files if file.lower().endswith(IMAGE_EXTENSIONS))))
-        samples += [(os.path.join(folder, file), label) for folder, files in sorted(folders) for file in files]
-    return classes, samples
-
-
-class UnreadableImage(UsageError):
-    """An image file that PIL cannot read; the message names it.
-
-    A DataLoader worker's exception comes back to the main process with the worker's traceback in its message:
-    ``str()`` keeps the one line that names the file.
-    """
-
-    def __str__(self) -> str:
-        return super().__str__().strip().splitlines()[-1].rpartition("UnreadableImage: ")[2]
-
-
-def read_image(path: str) -> Image.Image:
-    """The image at ``path`` as RGB; ``UnreadableImage`` naming the file when PIL cannot read it."""
-    try:
-        with open(path, "rb") as stream:
-            return Image.open(stream).convert("RGB")
-    except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
-        raise UnreadableImage(f"cannot read image {path} ({type(error).__name__}: {error}); delete or replace it, "
-                              f"then run convit-ssl prepare-data again") from None
-
-
-class CheckedImageFolder(ImageFolder):
-    """torchvision's ``ImageFolder`` listed by ``list_images`` (no link loops) and read by ``read_image`` (errors
-    name the file). VISSL's ``disk_folder`` datasets use it too (see ``convit_ssl.vissl_glue``)."""
-
-    def __init__(self, root: str, transform=None, target_transform=None, loader=read_image, **options):
-        super().__init__(root, transform=transform, target_transform=target_transform, loader=loader, **options)
-
-    def find_classes(self, directory):
-        classes, self._listed = list_images(directory)
-        return classes, {name: index for index, name in enumerate(classes)}
-
-    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        return self._listed
-
-
-def unreadable_images(paths: Sequence[str], progress: bool = False) -> List[str]:
-    """The files among ``paths`` that PIL cannot open and verify."""
-    from tqdm import tqdm
-
-    bad = []
-    for path in tqdm(paths, desc="checking images", unit="img", disable=not progress):
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception:  # what PIL raises for a file it cannot read
-            bad.append(path)
-    return bad
 
 
 # ---------------------------------------------------------------------------------------------------------------

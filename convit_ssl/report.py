@@ -33,11 +33,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from convit_ssl.checkpoint import checkpoint_file, load_trunk, run_checkpoint
-from convit_ssl.data import IMAGE_EXTENSIONS, read_catalog
+from convit_ssl.data import read_catalog
 from convit_ssl.diagnostics import DISTANCE_KINDS, attention_maps, gating_diagnostics
 from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.features import IMAGENET_MEAN, IMAGENET_STD
 from convit_ssl.evaluation.results import SCHEMA, gather, markdown_table, read_result
+from convit_ssl.images import IMAGE_EXTENSIONS
 from convit_ssl.models.convit import ConViT
 from convit_ssl.run_folder import EPOCH_LOG, HEALTH_FILE, METRICS_FILE
 

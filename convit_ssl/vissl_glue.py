@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from convit_ssl import atomic
-from convit_ssl.data import CheckedImageFolder
+from convit_ssl.images import CheckedImageFolder
 from convit_ssl.models.convit import ConViT
 from convit_ssl.trunk_config import trunk_kwargs
 

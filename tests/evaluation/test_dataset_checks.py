@@ -10,6 +10,7 @@ from PIL import Image
 from convit_ssl import atomic, data
 from convit_ssl.cli import main
 from convit_ssl.evaluation.features import Preprocess, image_folder, split_features
+from convit_ssl.images import UnreadableImage
 
 PREPROCESS = Preprocess(32, 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -99,10 +100,10 @@ def test_evaluation_names_the_image_it_cannot_read(empty_data, tmp_path, make_tr
     assert prepare("abc", folder) == 0
     broken = folder / "val" / "b" / "1.png"
     broken.write_bytes(b"GIF89a truncated")  # replaced after prepare-data
-    with pytest.raises(data.UnreadableImage, match=f"cannot read image {broken}"):
+    with pytest.raises(UnreadableImage, match=f"cannot read image {broken}"):
         image_folder("abc", "val")[4]
     for workers in (0, 1):  # a DataLoader worker's error comes back as one line that names the file
-        with pytest.raises(data.UnreadableImage) as caught:
+        with pytest.raises(UnreadableImage) as caught:
             split_features(make_trunk(), "abc", "val", ["lastCLS"], PREPROCESS, batch_size=4, num_workers=workers)
         assert str(caught.value).startswith(f"cannot read image {broken}") and "\n" not in str(caught.value)
     assert main(["knn", "--random", "convit_tiny", "--trunk-option", "patch_size=8", "--data", "abc", "--recipe",

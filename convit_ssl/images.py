@@ -1,0 +1,93 @@
+"""Image folders listed and read checked: no link loops, and an unreadable file is named (one line).
+
+``list_images`` lists a split folder as torchvision's ``ImageFolder`` does, reading every real folder once;
+``read_image`` opens a file as RGB or raises ``UnreadableImage`` naming it; ``CheckedImageFolder`` is an
+``ImageFolder`` made of both (the evaluations read with it, and VISSL's ``disk_folder`` datasets through
+``convit_ssl.vissl_glue``); ``unreadable_images`` finds the files PIL cannot verify (``prepare-data``).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Sequence, Tuple
+
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from convit_ssl.errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def list_images(split_dir: str | os.PathLike) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """(class names, [(image path, label)]) of a split folder, in torchvision ``ImageFolder``'s order.
+
+    Classes are the sub-folders (sorted; links followed), images the files with an image extension anywhere below
+    them. Every real folder is read once: a link to a folder already read (a loop, or a second way into it) raises
+    ``ValueError`` naming the link, where ``ImageFolder`` would read the same images again and again.
+    """
+    split_dir = os.fspath(split_dir)
+    stat = os.stat(split_dir)
+    seen = {(stat.st_dev, stat.st_ino)}
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    samples: List[Tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        folders = []
+        for folder, _, files in os.walk(os.path.join(split_dir, name), followlinks=True):
+            stat = os.stat(folder)
+            if (stat.st_dev, stat.st_ino) in seen:
+                raise UsageError(f"{folder} leads back to a folder already read (a symbolic link loop, or a second "
+                                 f"link to it): remove the link, or its images would be read more than once")
+            seen.add((stat.st_dev, stat.st_ino))
+            folders.append((folder, sorted(file for file in files if file.lower().endswith(IMAGE_EXTENSIONS))))
+        samples += [(os.path.join(folder, file), label) for folder, files in sorted(folders) for file in files]
+    return classes, samples
+
+
+class UnreadableImage(UsageError):
+    """An image file that PIL cannot read; the message names it.
+
+    A DataLoader worker's exception comes back to the main process with the worker's traceback in its message:
+    ``str()`` keeps the one line that names the file.
+    """
+
+    def __str__(self) -> str:
+        return super().__str__().strip().splitlines()[-1].rpartition("UnreadableImage: ")[2]
+
+
+def read_image(path: str) -> Image.Image:
+    """The image at ``path`` as RGB; ``UnreadableImage`` naming the file when PIL cannot read it."""
+    try:
+        with open(path, "rb") as stream:
+            return Image.open(stream).convert("RGB")
+    except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        raise UnreadableImage(f"cannot read image {path} ({type(error).__name__}: {error}); delete or replace it, "
+                              f"then run convit-ssl prepare-data again") from None
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ``ImageFolder`` listed by ``list_images`` (no link loops) and read by ``read_image`` (errors
+    name the file). VISSL's ``disk_folder`` datasets use it too (see ``convit_ssl.vissl_glue``)."""
+
+    def __init__(self, root: str, transform=None, target_transform=None, loader=read_image, **options):
+        super().__init__(root, transform=transform, target_transform=target_transform, loader=loader, **options)
+
+    def find_classes(self, directory):
+        classes, self._listed = list_images(directory)
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return self._listed
+
+
+def unreadable_images(paths: Sequence[str], progress: bool = False) -> List[str]:
+    """The files among ``paths`` that PIL cannot open and verify."""
+    from tqdm import tqdm
+
+    bad = []
+    for path in tqdm(paths, desc="checking images", unit="img", disable=not progress):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception:  # what PIL raises for a file it cannot read
+            bad.append(path)
+    return bad
