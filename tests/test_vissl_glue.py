@@ -72,13 +72,16 @@ def test_one_vissl_training_iteration_on_cpu(tmp_path):
         "config.DATA.TRAIN.DATA_SOURCES=[synthetic]", "config.DATA.TRAIN.LABEL_SOURCES=[synthetic]",
         "config.DATA.TRAIN.DATASET_NAMES=[synthetic]", "config.DATA.TRAIN.DATA_LIMIT=2",
         "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=2", "config.DATA.NUM_DATALOADER_WORKERS=0",
-        "config.OPTIMIZER.num_epochs=1", "config.TEST_MODEL=False",
+        "config.OPTIMIZER.num_epochs=2", "config.TEST_MODEL=False",
         "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=False", "config.DISTRIBUTED.RUN_ID=localhost:0",
     ], run_dir=str(tmp_path / "run"))
     run_dir = engine.train(config)
     trunk, report = convit_ssl.load_trunk(run_dir / "checkpoint.torch")
     assert report.source_format == "vissl" and trunk.embed_dim == 36 and trunk.local_up_to_layer == 1
     assert (run_dir / "metrics.json").is_file()
+    # one meaning, one number: the updates done (VISSL's iteration_num had an extra tick per epoch)
+    final = torch.load(run_dir / "model_final_checkpoint_phase1.torch", map_location="cpu", weights_only=True)
+    assert final["iteration"] == final["iteration_num"] == 2, (final["iteration"], final["iteration_num"])
 
 
 @pytest.mark.parametrize("trunk", [[], ["trunk.depth=3", "trunk.local_up_to_layer=1", "trunk.drop_path_rate=0.2"]])
