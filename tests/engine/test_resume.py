@@ -108,6 +108,11 @@ def test_interrupted_and_resumed_run_ends_where_the_straight_run_ends(method, in
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert started and saved, f"the run never reached iteration 10, or saved nothing after {interruption}"
+    # what the killed run logged survives it: a stdout.json line for every iteration before the last in log.txt
+    durable = [json.loads(line)["iter"] for line in (run_dir / "stdout.json").read_text().splitlines(keepends=True)
+               if line.endswith("\n")]
+    logged = [int(number) for number in re.findall(r"iter: (\d+);", log.read_text())]
+    assert durable == list(range(len(durable))) and len(durable) >= max(logged), (durable, max(logged))
 
     result = subprocess.run(command, env=train_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
