@@ -46,6 +46,7 @@ from convit_ssl.run_folder import EPOCH_LOG, METRICS_FILE, PREEMPTION_MARKER, ST
 
 _log = logging.getLogger(__name__)
 
+
 def _first_images(inputs: Any) -> torch.Tensor:
     """The first image tensor of a VISSL model input: a tensor, a list of crops or a dict of inputs."""
     while not isinstance(inputs, torch.Tensor):
