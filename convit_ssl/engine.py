@@ -234,11 +234,13 @@ def resolve_device(config) -> None:
 
 def validate(config) -> None:
     """Checks that fail in one line before any work starts."""
+    from convit_ssl.models.convit import check_options
     from convit_ssl.trunk_config import trunk_kwargs
 
     if config.MODEL.TRUNK.NAME == "convit_ssl":
         config_checks.check_trunk_overrides(config.MODEL.TRUNK.get("CONVIT_SSL", {}).get("OVERRIDES") or {})
         kwargs = trunk_kwargs(config.MODEL)
+        check_options(**kwargs)  # a trunk that cannot be built fails here, not on the nodes
         expected = config.MODEL.TRUNK.get("CONVIT_SSL", {}).get("EMBED_DIM")
         if expected and expected != kwargs["embed_dim"]:
             raise UsageError(

@@ -38,6 +38,7 @@ patch grid is ``grid_size = (GH, GW)``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from functools import lru_cache
@@ -394,8 +395,8 @@ class ConViT(nn.Module):
     ):
         super().__init__()
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        _validate(img_size, patch_size, embed_dim, depth, num_heads, local_up_to_layer, use_local_init,
-                  pos_embed_class_token)
+        _validate(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_rate, attn_drop_rate,
+                  drop_path_rate, local_up_to_layer, use_local_init, pos_embed_class_token)
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
         self.depth = depth
@@ -555,8 +556,27 @@ class ConViT(nn.Module):
         return {"pos_embedding", "class_token"}
 
 
-def _validate(img_size, patch_size, embed_dim, depth, num_heads, local_up_to_layer, use_local_init,
-              pos_embed_class_token) -> None:
+def check_options(**options) -> None:
+    """Raise ``UsageError`` for ConViT keyword arguments that make no trunk, without building one (the others take
+    ConViT's defaults); the training config is checked with it before anything starts."""
+    bound = inspect.signature(ConViT).bind(**options)
+    bound.apply_defaults()
+    size = bound.arguments["img_size"]
+    bound.arguments["img_size"] = (size, size) if isinstance(size, int) else tuple(size)
+    _validate(**{name: bound.arguments[name] for name in inspect.signature(_validate).parameters})
+
+
+def _validate(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, drop_rate, attn_drop_rate,
+              drop_path_rate, local_up_to_layer, use_local_init, pos_embed_class_token) -> None:
+    counts = dict(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    for name, value in dict(counts, img_size=min(img_size)).items():
+        if value < 1:
+            raise UsageError(f"{name}={counts.get(name, img_size)}: ConViT needs {name} >= 1")
+    if mlp_ratio <= 0:
+        raise UsageError(f"mlp_ratio={mlp_ratio}: the MLP's hidden width is mlp_ratio x embed_dim, give mlp_ratio > 0")
+    for name, rate in dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate).items():
+        if not 0 <= rate < 1:
+            raise UsageError(f"{name}={rate}: a dropout probability, give 0 <= {name} < 1")
     if img_size[0] % patch_size or img_size[1] % patch_size:
         raise UsageError(
             f"img_size {img_size[0]}x{img_size[1]} is not divisible by patch_size {patch_size}: "

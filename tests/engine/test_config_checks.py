@@ -16,6 +16,8 @@ REFUSED = [
     (["trunk.depth=abc"], "trunk.depth='abc': ConViT's depth is int"),
     (["trunk.qkv_bias=2"], "trunk.qkv_bias=2: ConViT's qkv_bias is bool"),
     (["trunk.img_size=[32,x]"], "ConViT's img_size is int | Sequence[int]"),
+    (["trunk.depth=-2"], "depth=-2: ConViT needs depth >= 1"),
+    (["trunk.drop_path_rate=-0.1"], "drop_path_rate=-0.1: a dropout probability, give 0 <= drop_path_rate < 1"),
     (["config.OPTIMIZER.num_epochs=-1"], "OPTIMIZER.num_epochs=-1: train at least 1 epoch"),
     (["config.OPTIMIZER.num_epochs=0"], "OPTIMIZER.num_epochs=0: train at least 1 epoch"),
     (["config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=0"], "DATA.TRAIN.BATCHSIZE_PER_REPLICA=0: give at least 1"),

@@ -29,6 +29,25 @@ def test_local_init_needs_square_heads():
     assert create_trunk("convit_tiny", num_heads=6, use_local_init=False).num_heads == 6
 
 
+@pytest.mark.parametrize("option, message", [
+    (dict(depth=-2), "depth=-2: ConViT needs depth >= 1"),
+    (dict(num_heads=0), "num_heads=0: ConViT needs num_heads >= 1"),  # was ZeroDivisionError
+    (dict(embed_dim=0), "embed_dim=0: ConViT needs embed_dim >= 1"),
+    (dict(img_size=(0, 32)), r"img_size=\(0, 32\): ConViT needs img_size >= 1"),
+    (dict(mlp_ratio=0.0), "mlp_ratio=0.0: .* give mlp_ratio > 0"),
+    (dict(drop_path_rate=-1.0), "drop_path_rate=-1.0: a dropout probability, give 0 <= drop_path_rate < 1"),
+    (dict(attn_drop_rate=1.0), "attn_drop_rate=1.0: a dropout probability"),
+])
+def test_options_out_of_range_are_refused_by_the_trunk_and_without_building_one(option, message):
+    from convit_ssl.models.convit import check_options, preset_kwargs
+
+    with pytest.raises(ValueError, match=message):
+        create_trunk("convit_tiny", **option)
+    with pytest.raises(ValueError, match=message):
+        check_options(**preset_kwargs("convit_tiny", **option))
+    check_options(**preset_kwargs("convit_tiny"))
+
+
 def test_more_gpsa_layers_than_depth():
     with pytest.raises(ValueError, match=r"local_up_to_layer=13 GPSA blocks with depth=12.*<= 11"):
         create_trunk("convit_tiny", local_up_to_layer=13)
