@@ -108,6 +108,17 @@ def test_errors_are_one_line_and_name_the_fix(digits_data, tmp_path, capsys, com
     assert not (tmp_path / "payload_ran").exists()
 
 
+def test_a_pickle_payload_given_to_study_is_refused_not_run(digits_data, make_trunk, tmp_path, capsys):
+    good, hostile = tmp_path / "convit.pth", tmp_path / "hostile.pth"
+    torch.save(make_trunk().state_dict(), good)
+    torch.save({"model": {}, "args": CreatesFileWhenUnpickled(tmp_path / "payload_ran")}, hostile)
+    for pair in ([good, hostile], [hostile, good]):
+        assert main(["study", "low-data", "--checkpoints", *map(str, pair), "--out", str(tmp_path / "out"),
+                     "--no-cache", "--quiet"]) == 2
+        assert "hostile.pth was refused, nothing in it was run" in one_line_error(capsys, "study")
+    assert not (tmp_path / "payload_ran").exists() and not (tmp_path / "out").exists()
+
+
 def test_results_without_results(tmp_path, capsys):
     assert main(["results", str(tmp_path)]) == 2
     assert "no result rows in" in one_line_error(capsys, "results")
