@@ -22,7 +22,8 @@ them during training and writes:
 Each symptom found is logged once as a warning naming it. The thresholds are the checks DINO's and solo-learn's
 users make: the per-dimension std of L2-normalised features is about 1/sqrt(D) for spread-out features and 0 when
 every image maps to one point (SimSiam, Chen & He 2021, section 4); the effective rank (RankMe, Garrido et al.
-2023) is near 1 when all features lie on a line; DINO's loss stays at ln(K) when the teacher is uniform.
+2023) is near 1 when all features lie on a line; DINO's loss stays at ln(K) when the teacher is uniform, SwAV's
+at ln(prototypes) when its predictions are.
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def symptoms(method: str, losses: Sequence[float], std: float, rank: float, embe
              teacher_entropy: Optional[float] = None, max_entropy: Optional[float] = None,
              first: Optional[tuple] = None) -> Dict[str, str]:
     """Collapse symptoms of one measurement: {kind: a sentence naming it}; {} for a healthy run. Kinds:
-    ``feature_std``, ``rank``, ``uniform_teacher`` (DINO), ``rising_loss`` (Barlow Twins, SwAV).
+    ``feature_std``, ``rank``, ``uniform_teacher`` (DINO), ``uniform_assignment`` (SwAV: its loss stays at
+    ``max_entropy`` = ln(prototypes)), ``rising_loss`` (Barlow Twins, SwAV).
 
     ``losses`` are the recorded losses so far (the last is the current one), ``std`` and ``rank`` the
     ``feature_std`` and ``effective_rank`` of ``embedding_dim``-wide embeddings; ``first`` is the (std, rank) of
@@ -107,6 +109,10 @@ def symptoms(method: str, losses: Sequence[float], std: float, rank: float, embe
         if losses[-1] > UNIFORM_FRACTION * max_entropy and teacher_entropy > UNIFORM_FRACTION * max_entropy:
             found["uniform_teacher"] = (f"DINO loss {losses[-1]:.3f} and teacher entropy {teacher_entropy:.3f} are "
                                         f"at ln(output_dim) = {max_entropy:.3f}: the teacher is uniform (collapse)")
+    if method == "swav_loss" and max_entropy is not None and len(losses) >= window \
+            and min(losses[-window:]) > UNIFORM_FRACTION * max_entropy:
+        found["uniform_assignment"] = (f"SwAV loss stayed at ln(prototypes) = {max_entropy:.3f} over the last "
+                                       f"{window} records ({losses[-1]:.3f}): uniform predictions (collapse)")
     if method in RISING_LOSSES and is_rising(losses, window):
         found["rising_loss"] = (f"{method} rose over the last {window} records, from {losses[-window]:.4g} to "
                                 f"{losses[-1]:.4g}")
@@ -178,6 +184,7 @@ class TrainingHealthHook(_SelectiveHook):
         self._epoch: List[tuple] = []  # (loss, images) of this epoch's steps
         self._teacher: Optional[tuple] = None
         self._batch_images = 0
+        self._prototypes = 0  # SwAV's number of prototypes
         self._embedding: Optional[torch.Tensor] = None  # the head's output of the last step, (B x crops, D)
 
     def _folder(self, task) -> Path:
@@ -208,6 +215,8 @@ class TrainingHealthHook(_SelectiveHook):
         self._embedding = (output[0] if isinstance(output, (list, tuple)) else output).detach()
         if task.config["LOSS"]["name"] == "dino_loss":
             self._teacher = dino_teacher_entropy(task.loss)
+        if task.config["LOSS"]["name"] == "swav_loss":  # output: [embeddings, prototype scores (B x crops, K)]
+            self._prototypes = int(output[-1].shape[-1])
         self._batch_images = int(images.shape[0])
 
     def on_loss_and_meter(self, task) -> None:
@@ -252,6 +261,9 @@ class TrainingHealthHook(_SelectiveHook):
                   "trunk_effective_rank": effective_rank(trunk_features),
                   "trunk_dim": int(trunk_features.shape[1])}
         entropy, max_entropy = self._teacher if self._teacher is not None else (None, None)
+        if self._prototypes:
+            max_entropy = math.log(self._prototypes)
+            record["max_entropy"] = max_entropy
         if entropy is not None:
             record.update(teacher_entropy=entropy, max_entropy=max_entropy)
         self.first = self.first or (std, rank)

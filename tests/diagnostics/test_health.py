@@ -76,6 +76,15 @@ def test_dino_uniform_teacher():
     assert dino_teacher_entropy(SimpleNamespace()) is None  # before the DINO hook has run
 
 
+def test_swav_loss_stuck_at_ln_prototypes():
+    std, rank, ln_k = feature_std(ORTHOGONAL), effective_rank(ORTHOGONAL), math.log(100)
+    stuck = [4.72, 4.66, 4.61, 4.606, 4.605, 4.6052]  # what an 8-epoch digits run logged (ln 100 = 4.6052)
+    assert list(symptoms("swav_loss", stuck, std, rank, 4, 5, max_entropy=ln_k)) == ["uniform_assignment"]
+    assert symptoms("swav_loss", stuck[:4], std, rank, 4, 5, max_entropy=ln_k) == {}  # too early to tell
+    learning = [4.72, 4.5, 4.2, 3.9, 3.5, 3.2]
+    assert symptoms("swav_loss", learning, std, rank, 4, 5, max_entropy=ln_k) == {}
+
+
 def test_rising_loss_only_for_barlow_twins_and_swav():
     std, rank = feature_std(ORTHOGONAL), effective_rank(ORTHOGONAL)
     rising = [327.0, 400.0, 480.0, 590.0, 695.0]
