@@ -98,9 +98,13 @@ def _seeded_per_sample(getitem):
     """GenericSSLDataset.__getitem__ draws its augmentations from the global generators, whose state in a
     loader worker depends on the worker count, the batches the worker made before and, after a resume, on
     the worker's fresh start: a resumed run augments differently. Seed them per sample from
-    ``(SEED_VALUE, epoch, index)``; in the training process itself (no workers) keep its own state."""
-    from convit_ssl.hooks import SAMPLE_STREAM, preserved_random_state, seed_from_position
+    ``(SEED_VALUE, epoch, index)``. In the training process itself (no workers) torch's generator, which
+    the step draws from (drop path, MoCo's shuffle), is put back; Python's and numpy's are left as the
+    sample left them, as in a worker (a collator that draws from them draws the same in both)."""
+    import torch
     from torch.utils.data import get_worker_info
+
+    from convit_ssl.hooks import SAMPLE_STREAM, seed_from_position
 
     @functools.wraps(getitem)
     def seeded_getitem(self, idx):
@@ -109,11 +113,14 @@ def _seeded_per_sample(getitem):
             return getitem(self, idx)
         position = (self.cfg["SEED_VALUE"], epoch, idx, SAMPLE_STREAM)
         if get_worker_info() is not None:
-            seed_from_position(*position)
+            seed_from_position(*position, cuda=False)
             return getitem(self, idx)
-        with preserved_random_state():
-            seed_from_position(*position)
+        step_state = torch.get_rng_state()
+        try:
+            seed_from_position(*position, cuda=False)
             return getitem(self, idx)
+        finally:
+            torch.set_rng_state(step_state)
 
     return seeded_getitem
 
