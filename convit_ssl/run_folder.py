@@ -201,6 +201,12 @@ def record_config(run_dir, config: Mapping, continue_with_changes: bool = False)
             raise RunFolderError(
                 f"run folder {folder} holds checkpoints of another config ({shown}{more}): pick a new run_dir, "
                 f"or add continue_with_changes=true to continue this run with the new settings")
+        final = final_checkpoint(folder)
+        if final is not None:  # VISSL trains nothing after a final checkpoint: only the record would change
+            raise RunFolderError(
+                f"run folder {folder} has finished ({final.name}): continue_with_changes would train nothing and "
+                f"only rewrite its record; pick a new run_dir (config.MODEL.WEIGHTS_INIT.PARAMS_FILE={final} "
+                f"starts from its weights)")
         entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "continues_from": latest.name,
                  "changes": {key: {"old": old, "new": value} for key, (old, value) in differences.items()}}

@@ -153,6 +153,24 @@ def test_continue_with_changes_records_the_change(tmp_path, data_root, monkeypat
     assert yaml.safe_load((run_dir / "train_config.yaml").read_text())["OPTIMIZER"]["num_epochs"] == 5
 
 
+def test_continue_with_changes_on_a_finished_run_is_refused(tmp_path, data_root, monkeypatch):
+    """VISSL trains nothing after a final checkpoint: continuing would only have rewritten the record."""
+    from convit_ssl import run_folder
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    run_dir = tmp_path / "run"
+    _finished_run(run_dir)
+    (run_dir / "model_final_checkpoint_phase0.torch").write_bytes(b"the final checkpoint")
+    recorded = (run_dir / "train_config.yaml").read_bytes()
+    config = engine.compose([*TINY, "config.OPTIMIZER.num_epochs=5", "continue_with_changes=true"],
+                            run_dir=str(run_dir))
+    with pytest.raises(run_folder.RunFolderError, match=r"has finished \(model_final_checkpoint_phase0.torch\): "
+                       r"continue_with_changes would train nothing.*pick a new run_dir"):
+        run_folder.record_config(run_dir, engine.plain_config(config), continue_with_changes=True)
+    assert (run_dir / "train_config.yaml").read_bytes() == recorded
+    assert not (run_dir / run_folder.CONFIG_HISTORY_FILE).exists()
+
+
 def test_config_differences_ignore_where_the_run_lives():
     from convit_ssl.run_folder import config_differences
 
