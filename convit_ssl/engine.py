@@ -295,7 +295,8 @@ def hook_generator(config):
     VISSL reads the datasets, it registers them from the catalog on disk.
     ``SameRunHook`` comes last: it seeds the next step after every other hook has run."""
     from convit_ssl.health import build_health_hook
-    from convit_ssl.hooks import PreemptionCheckpointHook, SameRunHook, build_gating_hook
+    from convit_ssl.gating_hook import build_gating_hook
+    from convit_ssl.resume_hooks import PreemptionCheckpointHook, SameRunHook
 
     vissl_glue.register_datasets()
     hooks = vissl_glue.default_hooks(config) + [PreemptionCheckpointHook()]

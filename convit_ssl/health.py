@@ -39,8 +39,8 @@ from classy_vision.generic.distributed_util import is_primary
 
 from convit_ssl.atomic import write_text
 from convit_ssl.errors import UsageError
-from convit_ssl.hooks import _first_images, _SelectiveHook, _trunk_of, preserved_random_state, \
-    truncate_json_lines
+from convit_ssl.hooks import SelectiveHook, first_images, trunk_of, truncate_json_lines
+from convit_ssl.resume_hooks import preserved_random_state
 from convit_ssl.run_folder import EPOCH_LOG, HEALTH_FILE
 
 _log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def add_to_last_line(path: Path, iteration: int, values: Mapping) -> bool:
     return True
 
 
-class TrainingHealthHook(_SelectiveHook):
+class TrainingHealthHook(SelectiveHook):
     """Every ``frequency`` updates and at each epoch's end, append a health record and warn once per symptom.
 
     Args:
@@ -208,7 +208,7 @@ class TrainingHealthHook(_SelectiveHook):
     def on_forward(self, task) -> None:
         if not task.train or not is_primary():
             return
-        images = _first_images(task.last_batch.sample["input"])
+        images = first_images(task.last_batch.sample["input"])
         if self.probe is None:
             self.probe = images[: self.probe_batch].detach().clone()
         output = task.last_batch.model_output
@@ -251,7 +251,7 @@ class TrainingHealthHook(_SelectiveHook):
         self.losses.append(loss)
         embedding = self._embedding.float()
         std, rank, width = feature_std(embedding), effective_rank(embedding), embedding.shape[1]
-        trunk_features = _trunk_features(_trunk_of(task), self.probe)
+        trunk_features = _trunk_features(trunk_of(task), self.probe)
         method = task.config["LOSS"]["name"]
         record = {"iteration": int(updates), "epoch": int(getattr(task, "train_phase_idx", -1)),
                   "method": method, "loss": loss, "loss_steps": len(self._since_record),

@@ -32,7 +32,7 @@ submitit submits with ``--signal=USR2@<delay>``: SLURM sends SIGUSR2 to every pr
 PreemptMode sends it). USR2 and not USR1, because NCCL may install its own SIGUSR1 handler, which
 swallowed the signal and broke requeue for GPU jobs; ``SUBMITIT_PREEMPT_SIGNAL`` changes it (both
 at submission and in the job). The training processes get the signal too: their
-``PreemptionCheckpointHook`` (convit_ssl.hooks) saves an iteration checkpoint at the next step, also
+``PreemptionCheckpointHook`` (convit_ssl.resume_hooks) saves an iteration checkpoint at the next step, also
 mid-epoch, and marks it done. On node 0, submitit's handler calls ``PretrainJob.checkpoint``, which
 waits for that checkpoint (up to 90 s) and returns the same run (same job folder, so the same
 ``CHECKPOINT.DIR`` and ``tb_logs``); submitit runs ``scontrol requeue``, and the requeued job starts

@@ -2,7 +2,7 @@
 
 A run folder is a VISSL checkpoint folder: checkpoints (``checkpoint.torch``, ``model_phase*.torch``,
 ``model_final_checkpoint_phase*.torch``), ``gating_metrics.jsonl`` written by
-``convit_ssl.hooks.GatingDiagnosticsHook``, ``train_config.yaml``, and any evaluation result files
+``convit_ssl.gating_hook.GatingDiagnosticsHook``, ``train_config.yaml``, and any evaluation result files
 (``*.json`` with a ``top1`` entry). ``write_report`` draws, into ``<run>/report``:
 
 * ``gates_final.png``: the final gates, layers x heads;

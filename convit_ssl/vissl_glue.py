@@ -104,7 +104,7 @@ def _seeded_per_sample(getitem):
     import torch
     from torch.utils.data import get_worker_info
 
-    from convit_ssl.hooks import SAMPLE_STREAM, seed_from_position
+    from convit_ssl.resume_hooks import SAMPLE_STREAM, seed_from_position
 
     @functools.wraps(getitem)
     def seeded_getitem(self, idx):
@@ -141,7 +141,7 @@ def _random_state_neutral(build):
     """DINO's teacher and MoCo's key encoder are built (randomly initialised, then overwritten) at the first
     forward pass of a run, so a resumed run draws from the generators where the uninterrupted run did not:
     build them without touching the generators."""
-    from convit_ssl.hooks import preserved_random_state
+    from convit_ssl.resume_hooks import preserved_random_state
 
     @functools.wraps(build)
     def build_quietly(self, task):
@@ -303,7 +303,7 @@ def _patch_vissl() -> None:
     vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint
     vissl_checkpoint.create_file_symlink = _symlink_never_absent
     vissl_checkpoint.get_checkpoint_resume_files = _latest_checkpoint_file
-    # A resumed run is the same run (see convit_ssl.hooks.SameRunHook): positional seeds, quiet builders.
+    # A resumed run is the same run (see convit_ssl.resume_hooks.SameRunHook): positional seeds, quiet builders.
     from vissl.data.ssl_dataset import GenericSSLDataset
     from vissl.hooks.dino_hooks import DINOHook
     from vissl.hooks.log_hooks import LogLossLrEtaHook

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from convit_ssl import hooks
+from convit_ssl import gating_hook
 from convit_ssl.diagnostics import gating_diagnostics
-from convit_ssl.hooks import GatingDiagnosticsHook, build_gating_hook
+from convit_ssl.gating_hook import GatingDiagnosticsHook, build_gating_hook
 from convit_ssl.run_folder import METRICS_FILE, TENSORBOARD_DIR
 
 
@@ -71,7 +71,7 @@ def test_records_match_the_parameters_at_the_logged_step(trunk, images, tmp_path
 
 
 def test_only_the_primary_process_writes(trunk, images, tmp_path, monkeypatch):
-    monkeypatch.setattr(hooks, "is_primary", lambda: False)
+    monkeypatch.setattr(gating_hook, "is_primary", lambda: False)
     hook = GatingDiagnosticsHook(frequency=1, probe_batch=2)
     task = fake_task(trunk, images, tmp_path)
     hook.on_forward(task)

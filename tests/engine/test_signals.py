@@ -13,7 +13,7 @@ from convit_ssl.hooks import truncate_json_lines
 RANK = textwrap.dedent("""
     import json, os, signal, sys, types
     import torch, torch.distributed as dist
-    from convit_ssl.hooks import PreemptionCheckpointHook
+    from convit_ssl.resume_hooks import PreemptionCheckpointHook
 
     rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
