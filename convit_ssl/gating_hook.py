@@ -30,7 +30,7 @@ from classy_vision.generic.distributed_util import is_primary
 
 from convit_ssl.diagnostics import DISTANCE_KINDS, diagnostics_record, gating_diagnostics
 from convit_ssl.errors import UsageError
-from convit_ssl.hooks import SelectiveHook, first_images, trunk_of
+from convit_ssl.hooks import SelectiveHook, first_images, trunk_of, truncate_json_lines
 from convit_ssl.models.convit import ConViT
 from convit_ssl.run_folder import METRICS_FILE, TENSORBOARD_DIR
 
