@@ -114,3 +114,15 @@ def test_build_gating_hook_from_config():
     config["HOOKS"]["CONVIT_GATING"]["FREQUENCY"] = 0
     with pytest.raises(ValueError, match="positive integers"):
         build_gating_hook(config)
+
+
+def test_a_resume_drops_the_records_after_the_checkpoint(trunk, images, tmp_path):
+    """The killed run recorded iterations 0, 3 and 6 and a half line; it resumes from iteration 3's checkpoint."""
+    lines = [json.dumps({"iteration": iteration, "layers": []}) + "\n" for iteration in (0, 3, 6)]
+    (tmp_path / METRICS_FILE).write_text("".join(lines) + '{"iteration": 9, "lay')
+    task = fake_task(trunk, images, tmp_path)
+    task.checkpoint = {"iteration": 3}
+    hook = GatingDiagnosticsHook(frequency=3, probe_batch=2)
+    hook.on_start(task)
+    assert [record["iteration"] for record in read_records(tmp_path)] == [0, 3]
+    assert hook.last_iteration == 3  # iteration 3 is not recorded twice
