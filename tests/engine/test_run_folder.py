@@ -70,19 +70,22 @@ def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
 
 @pytest.mark.slow
 def test_two_trainings_in_one_folder_only_the_first_runs(tmp_path, train_env):
+    # The first run is far longer than the test lets it live, so it surely holds the folder when the second
+    # starts (a 2-epoch run could finish first on an idle machine, and the second would meet its checkpoints).
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(_train_command(run_dir, "config.OPTIMIZER.num_epochs=2"), env=train_env,
+    first = subprocess.Popen(_train_command(run_dir, "config.OPTIMIZER.num_epochs=1000"), env=train_env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         assert _wait_for(lambda: (run_dir / "log.txt").exists(), 300, first), "the first training never started"
         line = _refused(_train_command(run_dir, "config.OPTIMIZER.num_epochs=3"), train_env)
         assert f"in use by pid {first.pid} on host {socket.gethostname()}" in line, line
-        assert first.wait(timeout=600) == 0
+        assert first.poll() is None, "the first training stopped when the second was refused"
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     recorded = yaml.safe_load((run_dir / "train_config.yaml").read_text())
-    assert recorded["OPTIMIZER"]["num_epochs"] == 2 and (run_dir / "model_final_checkpoint_phase1.torch").is_file()
+    assert recorded["OPTIMIZER"]["num_epochs"] == 1000
 
 
 # ---------------------------------------------------------------------------------------------- recorded config
