@@ -273,7 +273,8 @@ def check_throughput(device: torch.device, sizes: List[str], resolutions: List[s
         return {"passed": False, "command": command[1:], "output_tail": (done.stdout + done.stderr)[-4000:]}
     report = json.loads(out.read_text())
     summary = [{"size": run["size"], "input": f"{run['img_size']}/{run['patch_size']}", "ratios": run["ratios"],
-                "peak_memory_mib": {name: model["train_peak_memory"] / 2**20 for name, model in run["models"].items()}}
+                "peak_memory_mib": {name: model["train_peak_memory"] / 2**20 if "train_peak_memory" in model
+                                    else model["train_peak_memory_error"] for name, model in run["models"].items()}}
                for run in report["runs"]]
     return {"passed": True, "batch": batch, "precision": precision, "summary": summary, "report": report}
 

@@ -109,3 +109,49 @@ def test_gpu_check_cpu_path(tmp_path):
     assert throughput["precision"] == "bf16" and [row["input"] for row in throughput["summary"]] == ["32/16", "64/16"]
     for row in throughput["summary"]:
         assert row["ratios"]["train_img_per_s/vs_timm_convit"] > 0 and row["peak_memory_mib"]["convit_ssl"] > 0
+
+
+def test_a_memory_child_out_of_memory_keeps_the_other_figures(monkeypatch, capsys):
+    """timm's ConViT-Ti at 448 px and batch 32 needs more than a 23 GB host has: the kernel kills its memory
+    child. The run keeps every speed figure and the other models' memory, and the memory target reads
+    'not measured', not met."""
+    throughput = _load_benchmark()
+    children = []
+
+    def fake_run(command, **kwargs):
+        name = command[command.index("--memory-child") + 1]
+        children.append((name, command[command.index("--batch") + 1]))
+        if name == "timm_convit":
+            return subprocess.CompletedProcess(command, -9, "", "")
+        return subprocess.CompletedProcess(command, 0, f"{100 * 2**20}\n", "")
+
+    seconds = {"convit_ssl": 1.0, "timm_convit": 4.0, "timm_deit": 1.0}
+
+    def fake_speed(size, resolution, args, device, bf16):
+        return {name: {"flops_per_image": 1.0, "train_img_per_s": 32 / s, "inference_img_per_s": 32 / s,
+                       "train_seconds_per_round": [s], "inference_seconds_per_round": [s]}
+                for name, s in seconds.items()}
+
+    monkeypatch.setattr(throughput.subprocess, "run", fake_run)
+    monkeypatch.setattr(throughput, "measure_speed", fake_speed)
+    args = argparse.Namespace(skip_memory=False, memory_batch=8, batch=32, device="cpu", threads=1)
+    run = throughput.benchmark_run("tiny", throughput.Resolution(448), "fp32", args, throughput.torch.device("cpu"))
+    assert children == [("convit_ssl", "8"), ("timm_convit", "8"), ("timm_deit", "8")]
+    assert run["models"]["timm_convit"]["train_peak_memory_error"] == "killed by SIGKILL (out of memory)"
+    assert run["ratios"]["train_img_per_s/vs_timm_convit"] == 4.0
+    assert run["ratios"]["train_peak_memory/vs_timm_deit"] == 1.0
+    assert "train_peak_memory/vs_timm_convit" not in run["ratios"]
+    missed = throughput.check_targets(run, args, throughput.torch.device("cpu"))
+    assert "448px tiny train_peak_memory/vs_timm_convit (not measured)" in missed
+    assert "448px tiny train_img_per_s/vs_timm_convit" not in missed  # 4.0 meets >= 4
+    printed = capsys.readouterr().out
+    assert "NOT MEASURED (timm_convit: killed by SIGKILL (out of memory))" in printed
+    assert "448px     tiny   fp32  timm_convit" in printed  # its speed row is printed
+
+
+def test_child_failure_names_the_cause():
+    throughput = _load_benchmark()
+    assert throughput.child_failure(-9, "") == "killed by SIGKILL (out of memory)"
+    assert throughput.child_failure(-11, "") == "killed by SIGSEGV"
+    assert throughput.child_failure(1, "Traceback\n  ...\ntorch.OutOfMemoryError: CUDA out of memory.\n") == \
+        "torch.OutOfMemoryError: CUDA out of memory."
