@@ -7,12 +7,14 @@
 The training split is the memory, the val split the queries: cosine similarity of L2-normalised features, the k
 nearest vote with weight exp(similarity / T). Top-5 counts only classes that received a vote (exact for k < 5).
 Image preprocessing and the dataset come from the recipe (see linear-probe). No training: cost is one feature
-pass plus a (val x train) similarity product, chunked.
+pass plus a (val x train) similarity product, chunked. Runs on several processes (torchrun, or the launcher's
+multi-node jobs): each extracts its shard and ranks its share of the queries; rank 0 writes the result.
 """
 from __future__ import annotations
 
 import time
 
+from convit_ssl.evaluation import distributed
 from convit_ssl.evaluation.arguments import (
     add_data_arguments, add_model_arguments, cache_from_args, setup_from_args, write_command_result,
 )
@@ -38,10 +40,15 @@ def run(args) -> int:
 
     started = time.time()
     recipe, trunk, model = setup_from_args(args)
-    body = knn_evaluation(trunk, recipe.dataset, recipe.preprocess, args.features, args.ks, args.temperature,
-                          args.fraction, args.subset_rule, args.seed, recipe.batch_size, args.workers,
-                          cache_from_args(args), model, progress=not args.quiet)
-    path = write_command_result(body, args, recipe, model, "knn", started)
+    try:
+        body = knn_evaluation(trunk, recipe.dataset, recipe.preprocess, args.features, args.ks, args.temperature,
+                              args.fraction, args.subset_rule, args.seed, recipe.batch_size, args.workers,
+                              cache_from_args(args), model, progress=not args.quiet)
+        path = write_command_result(body, args, recipe, model, "knn", started)
+    finally:
+        distributed.shutdown()
+    if path is None:  # not rank 0
+        return 0
     print(markdown_table(body["rows"], ["feature", "k", "top1", "top5"]), end="")
     if body["skipped_ks"]:
         print(f"skipped k = {', '.join(map(str, body['skipped_ks']))}: more than the {body['dataset']['train']} "

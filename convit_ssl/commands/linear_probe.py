@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+from convit_ssl.evaluation import distributed
 from convit_ssl.evaluation.arguments import (
     add_data_arguments, add_grid_arguments, add_model_arguments, cache_from_args, setup_from_args,
     write_command_result,
@@ -33,10 +34,15 @@ def run(args) -> int:
 
     started = time.time()
     recipe, trunk, model = setup_from_args(args)
-    body = linear_probe(trunk, recipe, fraction=args.fraction, subset_rule=args.subset_rule, seed=args.seed,
-                        num_workers=args.workers, cache_dir=cache_from_args(args), model=model,
-                        progress=not args.quiet)
-    path = write_command_result(body, args, recipe, model, "probe", started)
+    try:
+        body = linear_probe(trunk, recipe, fraction=args.fraction, subset_rule=args.subset_rule, seed=args.seed,
+                            num_workers=args.workers, cache_dir=cache_from_args(args), model=model,
+                            progress=not args.quiet)
+        path = write_command_result(body, args, recipe, model, "probe", started)
+    finally:
+        distributed.shutdown()
+    if path is None:  # not rank 0
+        return 0
     best = sorted(body["grid"], key=lambda entry: -entry.get("heldout_top1", entry.get("train_top1", 0.0)))[:5]
     print(markdown_table(best, ["feature", "lr", "wd", "heldout_top1", "test_top1", "test_top5"]), end="")
     chosen = body["chosen"]

@@ -15,6 +15,7 @@ import yaml
 
 from convit_ssl.data import data_root, dataset_split_dir
 from convit_ssl.errors import UsageError
+from convit_ssl.evaluation import distributed
 from convit_ssl.evaluation.linear_probe import Recipe, check_number, load_recipe, recipe_names
 from convit_ssl.evaluation.results import file_sha256, make_manifest, slug, write_new_result
 
@@ -175,22 +176,27 @@ def checkpoint_model(path: Path, name: Optional[str] = None, arch: Optional[str]
 
 
 def setup_from_args(args: argparse.Namespace) -> Tuple[Recipe, torch.nn.Module, dict]:
-    """What linear-probe and knn start with, every check first: numbers, threads, recipe, dataset, then the trunk."""
+    """What linear-probe and knn start with, every check first: numbers, threads, recipe, the process group (when
+    the environment names one, see ``distributed``), dataset, then the trunk."""
     check_arguments(args)
     apply_threads(args)
     recipe = recipe_from_args(args)
+    args.device = distributed.init_from_env(args.device)
     check_dataset(recipe.dataset)
     trunk, model = model_from_args(args, recipe)
     return recipe, trunk, model
 
 
 def write_command_result(body: dict, args: argparse.Namespace, recipe: Recipe, model: dict, prefix: str,
-                         started: float) -> Path:
+                         started: float) -> Optional[Path]:
     """Add the manifest and write ``<out>/<prefix>-<model>-<dataset>-f<fraction>-<weights>-<time>.json``.
 
     ``<weights>`` is the start of the trunk's state sha256; a name taken already (the same weights evaluated in
-    the same second) gets ``-2``, ``-3``, ... (``write_new_result``): no result replaces another. Returns the path.
+    the same second) gets ``-2``, ``-3``, ... (``write_new_result``): no result replaces another. Returns the path;
+    with several processes only rank 0 writes (the others return None).
     """
+    if not distributed.is_main():
+        return None
     body["manifest"] = make_manifest([model], vars(args), {"seed": args.seed}, started)
     name = (f"{prefix}-{slug(model['name'])}-{recipe.dataset}-f{args.fraction:g}-{body['trunk']['sha256_before'][:8]}-"
             f"{time.strftime('%Y%m%d-%H%M%S')}")

@@ -7,12 +7,18 @@ that the choices need, in eval mode under ``torch.no_grad``; its training flag i
 
 Images go through ``Preprocess.eval_transform`` (resize, centre crop, the trunk's normalisation).
 
+Several processes (``distributed``): each rank extracts its shard of the split (``distributed.shard_indices``) and
+the rows of all ranks are gathered in dataset order, so every rank ends with the whole split's features.
+
 Cache layout (``cache_dir``): one folder per (trunk weights, dataset split, image transform), named by a hash of
-its description, holding ``meta.json`` (that description, a digest of the split's files with their sizes and
-times, the checkpoint it came from, feature sizes) and one ``<key>.npy`` per trunk key (rows in the split's sample
-order; labels come from the folder). Arrays are written through a numpy memmap and renamed when complete; later
-calls memory-map them and compute only missing keys, or all of them again when the files have changed. A killed
-writer's temporary arrays are deleted by the next call on the same host.
+its description (not of the world size), holding ``meta.json`` (that description, a digest of the split's files
+with their sizes and times, the checkpoint it came from, feature sizes, the number of shards of each key) and the
+arrays of each trunk key: ``<key>.npy`` (all rows in the split's sample order) when one process wrote it, else
+``<key>.shard-<r>-of-<W>.npy`` from each rank r of W, holding samples r, r + W, r + 2W, ... (labels come from the
+folder). Any world size reads either layout. Arrays are written through a numpy memmap, each by the rank that
+extracted it, and renamed when complete; rank 0 writes ``meta.json`` once every shard is in place. Later calls
+memory-map a single array (or assemble the shards in memory) and compute only missing keys, or all of them again
+when the files have changed. A killed writer's temporary arrays are deleted by the next call on the same host.
 """
 from __future__ import annotations
 
@@ -30,9 +36,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from convit_ssl import atomic
+from convit_ssl.evaluation import distributed
 from convit_ssl.data import open_split
 from convit_ssl.errors import UsageError
 from convit_ssl.models.modes import eval_mode
@@ -188,6 +195,16 @@ def extract(trunk: nn.Module, dataset: Dataset, keys: Sequence[str], batch_size:
     return arrays
 
 
+def extract_all(trunk: nn.Module, dataset: Dataset, keys: Sequence[str], **run) -> Dict[str, np.ndarray]:
+    """``extract`` over every item of ``dataset`` by all ranks together: each extracts its shard, every rank
+    returns all rows in dataset order (one process: ``extract``). ``run``: ``extract``'s options but ``allocate``."""
+    if distributed.world_size() == 1:
+        return extract(trunk, dataset, keys, **run)
+    rows = distributed.shard_indices(len(dataset))
+    local = extract(trunk, Subset(dataset, rows.tolist()), keys, **run)
+    return {key: distributed.gather_rows(local[key], rows, len(dataset)) for key in keys}
+
+
 def _samples_digest(samples: Sequence[Tuple[str, int]]) -> str:
     """sha256 of each sample's path, label, size, modification and change time (ns): a file replaced or rewritten,
     even with its old size and modification time put back, changes it."""
@@ -198,8 +215,9 @@ def _samples_digest(samples: Sequence[Tuple[str, int]]) -> str:
     return digest.hexdigest()
 
 
-# Temporary arrays: .<key>.<pid>@<host>.npy.tmp, renamed to <key>.npy when complete.
-_TMP = re.compile(r"\.(?P<key>\w+)\.(?P<pid>\d+)@(?P<host>[\w-]+)\.npy\.tmp")
+# Temporary arrays: .<array>.<pid>@<host>.npy.tmp, renamed to <array>.npy when complete (<array>: <key> or
+# <key>.shard-<r>-of-<W>).
+_TMP = re.compile(r"\.(?P<array>\w+(?:\.shard-\d+-of-\d+)?)\.(?P<pid>\d+)@(?P<host>[\w-]+)\.npy\.tmp")
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
 
 
@@ -216,6 +234,29 @@ def _clean_orphans(entry: Path) -> None:
                 pass
 
 
+def _array_names(key: str, shards: int) -> List[str]:
+    """File stems of a key's arrays written by ``shards`` ranks."""
+    return [key] if shards == 1 else [f"{key}.shard-{r}-of-{shards}" for r in range(shards)]
+
+
+def _remove_arrays(entry: Path, key: str) -> None:
+    """Delete every array of ``key`` in a cache entry, whatever world size wrote it (only names of our layout)."""
+    for path in [entry / f"{key}.npy", *entry.glob(f"{key}.shard-*-of-*.npy")]:
+        if re.fullmatch(rf"{re.escape(key)}(\.shard-\d+-of-\d+)?\.npy", path.name):
+            path.unlink(missing_ok=True)
+
+
+def _load_array(entry: Path, key: str, shards: int, num_samples: int) -> np.ndarray:
+    """A key's (N, C) array: memory-mapped when one process wrote it, else its shards assembled in memory."""
+    if shards == 1:
+        return np.load(entry / f"{key}.npy", mmap_mode="r")
+    parts = [np.load(entry / f"{name}.npy", mmap_mode="r") for name in _array_names(key, shards)]
+    array = np.empty((num_samples, parts[0].shape[1]), dtype=np.float32)
+    for r, part in enumerate(parts):
+        array[distributed.shard_indices(num_samples, r, shards)] = part
+    return array
+
+
 def split_features(trunk: nn.Module, dataset: str, split: str, keys: Sequence[str], preprocess: Preprocess,
                    batch_size: int = 256, num_workers: int = 0, cache_dir: Optional[Path] = None,
                    trunk_digest: Optional[str] = None, model: Optional[Mapping] = None,
@@ -226,47 +267,63 @@ def split_features(trunk: nn.Module, dataset: str, split: str, keys: Sequence[st
     checkpoint path and sha256) is recorded in the cache's ``meta.json``. A cache entry is keyed on the weights,
     the split's folder and the image transform; its arrays are used only while ``meta.json``'s digest of the
     samples (paths, labels, file sizes and times) matches the split's files, else they are computed again.
+    With several processes every rank calls this together; each extracts its shard, and all get every row.
     """
     transform = preprocess.eval_transform()
     folder = image_folder(dataset, split, transform)
     root = Path(folder.root)
     labels = np.asarray(folder.targets, dtype=np.int64)
     files = [os.path.relpath(path, root) for path, _ in folder.samples]
-    run = dict(batch_size=batch_size, num_workers=num_workers, progress=progress, description=f"{dataset}/{split}")
+    run = dict(batch_size=batch_size, num_workers=num_workers, progress=progress and distributed.is_main(),
+               description=f"{dataset}/{split}")
     if cache_dir is None:
-        return Features(extract(trunk, folder, keys, **run), labels, folder.classes, files)
+        return Features(extract_all(trunk, folder, keys, **run), labels, folder.classes, files)
     description = {
         "trunk_sha256": trunk_digest or state_digest(trunk), "dataset": dataset, "split": split,
         "folder": str(root), "preprocess": dataclasses.asdict(preprocess), "transform": repr(transform),
         "torchvision": torchvision.__version__,
     }
     entry = Path(cache_dir) / hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
-    entry.mkdir(parents=True, exist_ok=True)
-    _clean_orphans(entry)
     samples = {"samples_sha256": _samples_digest(folder.samples), "num_samples": len(labels)}
     meta_path = entry / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    sizes = dict(meta.get("feature_sizes", {})) if meta.get("samples_sha256") == samples["samples_sha256"] else {}
-    for stale in set(meta.get("feature_sizes", {})) - set(sizes):  # arrays of files that have changed since
-        (entry / f"{stale}.npy").unlink(missing_ok=True)
-    missing = [key for key in keys if key not in sizes or not (entry / f"{key}.npy").is_file()]
+    if distributed.is_main():  # rank 0 decides what is missing and tidies; the others wait for its answer
+        entry.mkdir(parents=True, exist_ok=True)
+        _clean_orphans(entry)
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        current = meta.get("samples_sha256") == samples["samples_sha256"]
+        sizes = dict(meta.get("feature_sizes", {})) if current else {}
+        shards = {key: int(meta.get("shards", {}).get(key, 1)) for key in sizes}
+        for stale in set(meta.get("feature_sizes", {})) - set(sizes):  # arrays of files that have changed since
+            _remove_arrays(entry, stale)
+        missing = [key for key in keys if key not in sizes or not all(
+            (entry / f"{name}.npy").is_file() for name in _array_names(key, shards[key]))]
+        for key in missing:  # incomplete or stale: replaced by the arrays of this world size
+            _remove_arrays(entry, key)
+        plan = (meta, sizes, shards, missing)
+    meta, sizes, shards, missing = distributed.broadcast(plan if distributed.is_main() else None)
     if missing:
-        tmp_paths = {key: entry / f".{key}.{os.getpid()}@{_HOST}.npy.tmp" for key in missing}
+        world, rank = distributed.world_size(), distributed.rank()
+        rows = distributed.shard_indices(len(labels))
+        names = {key: _array_names(key, world)[rank] for key in missing}
+        tmp_paths = {key: entry / f".{names[key]}.{os.getpid()}@{_HOST}.npy.tmp" for key in missing}
 
         def allocate(key, shape):
             return np.lib.format.open_memmap(tmp_paths[key], mode="w+", dtype=np.float32, shape=shape)
 
         try:
-            arrays = extract(trunk, folder, missing, allocate=allocate, **run)
+            arrays = extract(trunk, Subset(folder, rows.tolist()), missing, allocate=allocate, **run)
             for key, array in arrays.items():
                 array.flush()
-                os.replace(tmp_paths[key], entry / f"{key}.npy")
-                sizes[key] = int(array.shape[1])
+                os.replace(tmp_paths[key], entry / f"{names[key]}.npy")
+                sizes[key], shards[key] = int(array.shape[1]), world
         finally:
             for path in tmp_paths.values():
                 path.unlink(missing_ok=True)
-        known = meta.get("model", {}) if sizes.keys() - set(missing) else {}  # the model of earlier keys
-        atomic.write_json({**description, **samples, "model": dict(model or known), "feature_sizes": sizes},
-                          meta_path)
-    arrays = {key: np.load(entry / f"{key}.npy", mmap_mode="r") for key in keys}
+        distributed.barrier()  # every shard is in place
+        if distributed.is_main():
+            known = meta.get("model", {}) if sizes.keys() - set(missing) else {}  # the model of earlier keys
+            atomic.write_json({**description, **samples, "model": dict(model or known), "feature_sizes": sizes,
+                               "shards": shards}, meta_path)
+        distributed.barrier()
+    arrays = {key: _load_array(entry, key, shards[key], len(labels)) for key in keys}
     return Features(arrays, labels, folder.classes, files)

@@ -8,7 +8,9 @@ takes the first ``min(5, k)``, so classes with no vote (score 0) fill the ranks 
 that depends on the sort, and can count as top-5 hits; here a class with no vote never does. So with k < 5, or
 when fewer than 5 classes got votes, top-5 is "the true class got a vote" (top-5 equals top-1 for k = 1).
 Equal votes rank the lower class index first. The test set is processed in chunks (memory is chunk x train),
-and the result does not depend on the chunk size.
+and the result does not depend on the chunk size. With several processes (``distributed``) every rank holds the
+gathered training features and ranks its shard of the queries; the predictions are gathered, so the numbers are
+those of one process, exactly.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convit_ssl.errors import UsageError
+from convit_ssl.evaluation import distributed
 from convit_ssl.evaluation.accuracy import ranked_hits
 from convit_ssl.evaluation.features import (
     Preprocess, check_feature_choices, frozen_check, split_features, state_digest, trunk_keys,
@@ -68,9 +71,16 @@ def knn_predict(train_features, train_labels, test_features, ks: Sequence[int] =
 def knn_classify(train_features, train_labels, test_features, test_labels, ks: Sequence[int] = KS,
                  temperature: float = TEMPERATURE, num_classes: Optional[int] = None,
                  chunk_size: Optional[int] = None) -> Dict[int, Dict[str, float]]:
-    """``{k: {"top1": %, "top5": %}}`` of weighted kNN (see the module docstring for the exact rule)."""
+    """``{k: {"top1": %, "top5": %}}`` of weighted kNN (see the module docstring for the exact rule).
+
+    With several processes every rank calls this with all the features; each ranks its shard of the queries.
+    """
     targets = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64)
-    predictions = knn_predict(train_features, train_labels, test_features, ks, temperature, num_classes, chunk_size)
+    queries = distributed.shard_indices(len(targets))  # each rank ranks its share of the queries
+    shard = knn_predict(train_features, train_labels, np.asarray(test_features)[queries], ks, temperature,
+                        num_classes, chunk_size)
+    predictions = {k: torch.from_numpy(distributed.gather_rows(ranked.numpy(), queries, len(targets)))
+                   for k, ranked in shard.items()}
     results = {}
     for k, ranked in predictions.items():
         top1, top5 = ranked_hits(ranked, targets).tolist()
