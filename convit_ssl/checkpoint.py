@@ -27,7 +27,7 @@ import torch
 from convit_ssl import atomic
 from convit_ssl.errors import UsageError
 from convit_ssl.models.convit import PRESETS, ConViT, create_trunk
-from convit_ssl.run_folder import CONFIG_FILE, LATEST_LINK, latest_checkpoint
+from convit_ssl.run_folder import CONFIG_FILE, LATEST_LINK, latest_checkpoint, recorded_config
 from convit_ssl.trunk_config import trunk_kwargs
 
 _TIMM_TO_OURS = [
@@ -322,13 +322,10 @@ def run_trunk_kwargs(path: str | os.PathLike) -> Optional[Dict[str, object]]:
 
     Shapes cannot tell the number of heads of plain attention blocks (a DeiT twin); the run's config can.
     """
-    config_file = Path(path).parent / "train_config.yaml"
-    if not config_file.is_file():
+    config = recorded_config(Path(path).parent)
+    if config is None:
         return None
-    import yaml
-
-    with open(config_file) as stream:
-        model = (yaml.safe_load(stream) or {}).get("MODEL", {})
+    model = config.get("MODEL", {})
     if model.get("TRUNK", {}).get("NAME") != "convit_ssl":
         return None
     return trunk_kwargs(model)
@@ -364,7 +361,7 @@ def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Opt
     if out.is_dir():
         raise CheckpointError(f"output {out} is a folder: pass a file name for the output, e.g. "
                               f"{out / (source.stem + '_timm.pth')}")
-    inputs = [path for path in (source, source.parent / "train_config.yaml") if path.exists()]
+    inputs = [path for path in (source, source.parent / CONFIG_FILE) if path.exists()]
     same = [path for path in inputs if out.exists() and os.path.samefile(out, path)]
     if same:
         raise CheckpointError(f"output {out} is an input of the export (the same file as {same[0]}): pass "

@@ -16,7 +16,8 @@ Shapes: B probe images, L GPSA blocks (``trunk.local_up_to_layer``), H heads, N 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,6 +26,9 @@ from convit_ssl.models.convit import ConViT, GatedPositionalSelfAttention, GridS
 from convit_ssl.models.modes import eval_mode
 
 DISTANCE_KINDS = ("positional", "content", "mixed")
+INITIAL_GATE = 1 / (1 + math.exp(-1))  # sigmoid(1): every GPSA gate at initialisation
+CONVOLUTIONAL_GATE = 0.5  # a head above it puts more weight on positional than on content attention
+DIAGNOSTIC_TENSORS = ("gates",) + tuple(f"{kind}_distance" for kind in DISTANCE_KINDS)  # the (L, H) results
 
 
 def patch_distances(grid_size: GridSize, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -143,6 +147,19 @@ def diagnostics_record(diagnostics: Dict[str, object]) -> Dict[str, object]:
             layer[f"{kind}_distance"] = diagnostics[f"{kind}_distance"][row].tolist()
         layers.append(layer)
     return {"grid_size": list(diagnostics["grid_size"]), "layers": layers}
+
+
+def diagnostics_from_record(record: Mapping) -> Dict[str, object]:
+    """The inverse of ``diagnostics_record``: a ``gating_diagnostics`` dict from one JSON record.
+
+    ``blocks``, ``grid_size`` and the (L, H) tensors (float64) ``gates`` and ``<kind>_distance``.
+    """
+    layers = record["layers"]
+    result: Dict[str, object] = {"blocks": [layer["block"] for layer in layers],
+                                 "grid_size": tuple(record["grid_size"])}
+    for key in DIAGNOSTIC_TENSORS:
+        result[key] = torch.tensor([layer[key] for layer in layers], dtype=torch.float64)
+    return result
 
 
 def attention_maps(

@@ -175,6 +175,16 @@ def config_differences(recorded: Mapping, config: Mapping) -> Dict[str, tuple]:
     return differences
 
 
+def recorded_config(run_dir) -> Optional[dict]:
+    """The run's recorded ``train_config.yaml`` as a plain dict, or None when the folder has none."""
+    import yaml
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text()) or {}
+
+
 def record_config(run_dir, config: Mapping, continue_with_changes: bool = False) -> Dict[str, tuple]:
     """Write ``config`` (plain dict) as the run's ``train_config.yaml``, atomically; returns what changed.
 
@@ -190,9 +200,10 @@ def record_config(run_dir, config: Mapping, continue_with_changes: bool = False)
     text = yaml.safe_dump(dict(config), sort_keys=True)
     new = yaml.safe_load(text)
     latest = latest_checkpoint(folder)
+    recorded = recorded_config(folder) if latest is not None else None
     differences: Dict[str, tuple] = {}
-    if path.is_file() and latest is not None:
-        differences = config_differences(yaml.safe_load(path.read_text()) or {}, new)
+    if recorded is not None:
+        differences = config_differences(recorded, new)
         if not differences:
             return {}
         if not continue_with_changes:

@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from convit_ssl import report
+from convit_ssl import report, report_figures
 from convit_ssl.checkpoint import run_checkpoint, to_timm_state_dict
 from convit_ssl.cli import main
 from convit_ssl.diagnostics import diagnostics_record, gating_diagnostics
+from convit_ssl.evaluation.results import write_result
 
 INIT = 1 / (1 + math.exp(-1))
 
@@ -20,7 +21,7 @@ def logit(p):
 
 
 def assert_png(path, kind):
-    width, height = (round(side * report.DPI) for side in report.FIGURE_INCHES[kind])
+    width, height = (round(side * report_figures.DPI) for side in report_figures.FIGURE_INCHES[kind])
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (width, height)
         image.verify()
@@ -49,8 +50,11 @@ def make_run(folder, trunk, images, final_gates=FINAL_GATES, iterations=(0, 50, 
     torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}},
                folder / "model_final_checkpoint_phase2.torch")
     (folder / "eval").mkdir()
-    (folder / "eval" / "linear_probe.json").write_text(json.dumps({"top1": 61.25, "top5": 88.5}))
-    (folder / "eval" / "knn.json").write_text(json.dumps({"k20": {"top1": 55.5}, "notes": "x"}))
+    checkpoint = folder / "model_final_checkpoint_phase2.torch"
+    write_result({"kind": "linear", "manifest": {"models": [{"file": str(checkpoint.resolve())}]},
+                  "rows": [{"kind": "linear", "model": "run", "dataset": "digits_val", "top1": 61.25, "top5": 88.5}]},
+                 folder / "eval" / "linear_probe.json")
+    (folder / "eval" / "knn.json").write_text(json.dumps({"k20": {"top1": 55.5}, "notes": "x"}))  # no provenance
     return folder
 
 
@@ -75,8 +79,8 @@ def test_run_folder_report(trunk, images, tmp_path):
     assert "**Layers whose heads stayed convolutional (gate > 0.5):** layer 1 (heads 1, 2, 3 of 9" in text
     assert "layer 2 (" not in text
     assert "iterations 0 to 100" in text
-    assert "| eval/linear_probe.json | - | 61.25 | 88.50 |" in text
-    assert "| eval/knn.json | k20 | 55.50 |  |" in text
+    assert "| linear | run | digits_val | 61.25 | 88.50 | linear_probe.json |" in text
+    assert "55.50" not in text and "knn.json" not in text  # a JSON file that is not a result file is not read
     for name in ("gates_final.png", "gate_trajectories.png", "attention_maps_layer2.png"):
         assert f"]({name})" in text
 
@@ -188,8 +192,6 @@ def test_usage_errors(tmp_path, capsys):
 
 
 def test_run_report_shows_training_health_and_the_runs_results_in_runs_eval(trunk, images, tmp_path):
-    from convit_ssl.evaluation.results import write_result
-
     run = make_run(tmp_path / "runs" / "run", trunk, images)
     (run / "metrics.json").write_text(
         json.dumps({"iteration": 22, "phase_idx": 0, "train_phase_idx": 0, "train_loss": 4.5, "train_loss_steps": 22})
@@ -218,7 +220,7 @@ def test_run_report_shows_training_health_and_the_runs_results_in_runs_eval(trun
     assert "| knn | run/model_final_checkpoint_phase2 | digits_val | 1 | lastCLS | 20 | 71.25 | 95.50 | knn-run.json |" \
         in text
     assert "12.00" not in text  # the other run's result is not this run's
-    assert "| eval/linear_probe.json | - | 61.25 | 88.50 |" in text  # plain result files in the run folder too
+    assert "| linear | run | digits_val |  |  |  | 61.25 | 88.50 | linear_probe.json |" in text  # in the run too
     assert_png(run / "report" / "training_health.png", "training_health")
     assert "](training_health.png)" in text
 
@@ -231,3 +233,36 @@ def test_run_report_says_where_it_looked_for_results(trunk, images, tmp_path):
     text = (run / "report" / "summary.md").read_text()
     assert f"No evaluation results of this run's checkpoints in `{run}`" in text
     assert "enable HOOKS.CONVIT_HEALTH to record them" in text
+
+
+def test_the_reports_gate_numbers_are_the_diagnostics_of_the_checkpoint(make_trunk, tmp_path):
+    trunk = make_trunk(seed=3)
+    set_gates(trunk, FINAL_GATES)
+    checkpoint = tmp_path / "weights.torch"
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}}, checkpoint)
+    collected = report.collect_report(checkpoint)
+    # The oracle: gating_diagnostics of the same weights on the report's sample image, normalised as ImageNet's.
+    expected = gating_diagnostics(trunk, report.normalise(report.synthetic_image((32, 32))))
+    torch.testing.assert_close(collected.final_gates, torch.tensor(FINAL_GATES))
+    for key in ("gates", "positional_distance", "content_distance", "mixed_distance"):
+        torch.testing.assert_close(collected.gates.end[key], expected[key])
+    assert collected.gates.start is None and [r["start"] for r in collected.gates.rows] == pytest.approx([INIT] * 2)
+    text = report.render_report(collected, tmp_path / "out").read_text()
+    distances = text.split("## Mean attention distance")[1]
+    for layer in (1, 2):
+        assert summary_row(text, layer).split(" | ")[2] == f"{expected['gates'][layer - 1].mean().item():.3f}"
+        cells = summary_row(distances, layer).rstrip(" |").split(" | ")[1:]
+        assert cells == [f"{expected[f'{kind}_distance'][layer - 1].mean().item():.2f}"
+                         for kind in ("positional", "content", "mixed")]
+
+
+def test_a_run_reports_its_last_records_diagnostics_and_its_checkpoints_gates(trunk, images, tmp_path):
+    run = make_run(tmp_path / "run", trunk, images)  # the trunk ends with FINAL_GATES, as its last record
+    collected = report.collect_report(run)
+    expected = gating_diagnostics(trunk, images)
+    for key in ("gates", "positional_distance", "content_distance", "mixed_distance"):
+        torch.testing.assert_close(collected.gates.end[key], expected[key].double())
+    torch.testing.assert_close(collected.gates.start["gates"], torch.full((2, 9), INIT, dtype=torch.float64))
+    torch.testing.assert_close(collected.final_gates, torch.tensor(FINAL_GATES))
+    assert [maps["blocks"] for maps in collected.attention_maps] == [[0], [1]]
+    assert [row["file"] for row in collected.results] == [str(run / "eval" / "linear_probe.json")]
