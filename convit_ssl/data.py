@@ -1,46 +1,42 @@
-"""Datasets on disk: the catalog VISSL reads, the built-in digits dataset, CIFAR archives and image folders.
+"""Datasets on disk: the data root and the catalog VISSL reads, the built-in datasets and ``prepare-data``.
 
 Everything lives under the data root: ``$CONVIT_SSL_DATA``, else ``~/.cache/convit_ssl/data``. The root holds
 ``dataset_catalog.json`` in VISSL's dataset-catalog format, ``{name: {"train": [images, labels], "val": [images,
 labels]}}``; for VISSL's ``disk_folder`` source both entries of a split are the split's folder (class folders of
 images, torchvision ``ImageFolder`` layout). The split called ``val`` is the one every evaluation reports on.
 
-Built-in datasets (written on first use, no download):
+Built-in datasets (written on first use by ``convit_ssl.datasets.digits``, no download):
 
-* ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8 x 8 scans, 10 classes) as RGB PNGs upscaled
-  to 32 x 32 (patch sizes 4, 8 and 16 divide it), split 80/20 stratified with seed 0: ``train`` 1,437 images,
-  ``val`` the 360 test images.
+* ``digits``: scikit-learn's handwritten digits as 32 x 32 PNGs: ``train`` 1,437 images, ``val`` the 360 test images.
 * ``digits_val``: the training images only, split again 80/20 stratified with seed 0: ``train`` 1,149 images,
   ``val`` 288 held-out training images. Choose recipes on it; report on ``digits``.
 
-``prepare_cifar`` and ``check_image_folder`` turn a CIFAR-10/100 python archive or an ImageNet-layout folder into a
-catalog entry (``convit-ssl prepare-data``). ``dataset_manifest.json`` beside the catalog records each dataset's
-kind, the data config that fits it and each split's class folders and image count; ``dataset_split_dir`` and
-``open_split`` check them, so a changed dataset fails in one line instead of shifting labels.
+``prepare_dataset`` registers a CIFAR-10/100 python archive (written as PNGs by ``convit_ssl.datasets.cifar``) or an
+ImageNet-layout folder (checked in place by ``check_image_folder``) as a catalog entry (``convit-ssl prepare-data``).
+``dataset_manifest.json`` beside the catalog records each dataset's kind, the data config that fits it and each
+split's class folders and image count; ``dataset_split_dir`` and ``open_split`` check them, so a changed dataset
+fails in one line instead of shifting labels.
 
-What this module guarantees: a folder is deleted or replaced only if this module created it (a marker file written
-first into it); CIFAR pickles are read by an allow-list unpickler that cannot run code; images are listed and read
-checked (``convit_ssl.images``). This module does not import VISSL.
+What this module and ``convit_ssl.datasets`` guarantee: a folder is deleted or replaced only if convit-ssl created
+it (``datasets.folders``); CIFAR pickles are read by an allow-list unpickler that cannot run code; images are
+listed and read checked (``convit_ssl.images``). No VISSL import.
 """
 from __future__ import annotations
 
-import codecs
 import fcntl
 import json
 import os
-import pickle
 import re
-import shutil
-import tarfile
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 
 from convit_ssl import atomic
+from convit_ssl.datasets.cifar import cifar_variant, prepare_cifar
+from convit_ssl.datasets.digits import DIGITS_SPLITS, write_digits
+from convit_ssl.datasets.folders import check_written
 from convit_ssl.errors import UsageError
 from convit_ssl.images import IMAGE_EXTENSIONS, CheckedImageFolder, list_images, unreadable_images
 
@@ -48,13 +44,6 @@ DATA_ENV = "CONVIT_SSL_DATA"
 CATALOG_FILE = "dataset_catalog.json"
 MANIFEST_FILE = "dataset_manifest.json"  # beside the catalog: what each dataset held when it was registered
 SPLITS = ("train", "val")
-
-DIGITS_IMAGE_SIZE = 32
-DIGITS_SEED = 0
-DIGITS_TEST_FRACTION = 0.2
-DIGITS_VAL_FRACTION = 0.2
-_DONE = "prepared.json"  # written last into a prepared folder: its presence means the folder is complete
-_OURS = ".convit_ssl_folder"  # written first into every folder this module creates: only such folders are deleted
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -224,280 +213,21 @@ def open_split(name: str, split: str, transform=None, root: Optional[Path] = Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Writing image folders
-# ---------------------------------------------------------------------------------------------------------------
-def _class_folder_names(class_names: Sequence[str]) -> List[str]:
-    """Folder names whose sorted order is the label order: '03_cat' (ImageFolder sorts class folders by name)."""
-    width = len(str(len(class_names) - 1))
-    return [f"{index:0{width}d}_{name}".replace("/", "-") for index, name in enumerate(class_names)]
-
-
-def _write_split(folder: Path, images: np.ndarray, labels: Sequence[int], class_folders: Sequence[str],
-                 names: Sequence[str], progress: Optional[Callable[[int], None]] = None) -> None:
-    """Write (N, H, W, 3) uint8 ``images`` as PNGs ``folder/<class folder>/<name>.png``."""
-    for class_folder in class_folders:
-        (folder / class_folder).mkdir(parents=True, exist_ok=True)
-    for image, label, name in zip(images, labels, names):
-        Image.fromarray(image).save(folder / class_folders[int(label)] / f"{name}.png")
-        if progress:
-            progress(1)
-
-
-def _new_folder(parent: Path, name: str) -> Path:
-    """A fresh temporary folder ``parent/.<name>.XXXX.tmp``, marked as created by us before anything goes in."""
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
-    (tmp / _OURS).write_text("created by convit-ssl, which alone deletes or replaces this folder\n")
-    return tmp
-
-
-def _is_ours(folder: Path) -> bool:
-    """Whether this module created ``folder`` (its marker; completed folders of older versions: prepared.json)."""
-    return (folder / _OURS).is_file() or (folder / _DONE).is_file()
-
-
-def _remove_ours(folder: Path) -> None:
-    """Delete ``folder``, which must be one this module created; any other folder is refused."""
-    if not _is_ours(folder):
-        raise UsageError(f"{folder} was not created by convit-ssl: refusing to delete it")
-    shutil.rmtree(folder)
-
-
-def _is_complete(target: Path, fix: str) -> bool:
-    """Whether ``target`` holds a complete prepared copy. Raises ``ValueError`` (``fix`` says what to do) unless
-    ``target`` is absent, an empty folder, or a folder of ours: nothing else is ever replaced."""
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"{target} exists and is not a folder: nothing was written; {fix}")
-    if not target.exists():
-        return False
-    if (target / _DONE).is_file():
-        return True
-    if _is_ours(target) or not any(target.iterdir()):
-        return False
-    raise UsageError(f"{target} exists, holds files and was not created by convit-ssl: nothing was written or "
-                     f"deleted; {fix}")
-
-
-def _publish(tmp: Path, target: Path, description: dict, fix: str) -> bool:
-    """Mark ``tmp`` complete and rename it to ``target``; False if another process published first.
-
-    An incomplete copy of ours at ``target`` is deleted only now, once the new one is complete."""
-    atomic.write_json(description, tmp / _DONE)
-    if not _is_complete(target, fix) and target.exists() and _is_ours(target):
-        _remove_ours(target)
-    try:
-        os.rename(tmp, target)
-        return True
-    except OSError as error:  # target exists: a concurrent writer won; its copy is complete, drop ours
-        _remove_ours(tmp)
-        if not (target / _DONE).is_file():
-            raise UsageError(f"could not move the new copy to {target} ({error.strerror}): {fix}") from None
-        return False
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Built-in digits
 # ---------------------------------------------------------------------------------------------------------------
-def _check_written(target: Path, fix: str) -> None:
-    """Raise ``ValueError`` unless every folder of a copy we wrote holds as many images as when it was written."""
-    for folder, count in json.loads((target / _DONE).read_text())["counts"].items():
-        found = len(list_images(target / folder)[1]) if (target / folder).is_dir() else 0
-        if found != count:
-            raise UsageError(f"{target / folder} holds {found} images, {count} when convit-ssl wrote it: {fix}")
-
-
-def _stratified_split(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int):
-    from sklearn.model_selection import train_test_split
-
-    return train_test_split(indices, test_size=fraction, stratify=labels[indices], random_state=seed)
-
-
 def ensure_digits(root: Optional[Path] = None) -> Path:
-    """Write the digits datasets once and register ``digits`` and ``digits_val``; returns their folder.
-
-    Layout under ``<root>/digits``: ``train`` and ``test`` (the ``digits`` splits), ``val_train`` and ``val_heldout``
-    (the ``digits_val`` splits); class folders ``0`` .. ``9``; file ``<index>.png`` with the index of the image in
-    ``sklearn.datasets.load_digits``. Safe to call from several processes at once: the folder is built under a
-    temporary name and renamed when complete.
-    """
-    from sklearn.datasets import load_digits
-
+    """Write the digits datasets once (``datasets.digits.write_digits``) and register ``digits`` and ``digits_val``;
+    returns their folder. Safe to call from several processes at once."""
     root = Path(root or data_root())
-    target = root / "digits"
-    fix = "move it away: convit-ssl writes the built-in digits datasets there"
-    if not _is_complete(target, fix):
-        bunch = load_digits()
-        labels = bunch.target.astype(np.int64)
-        gray = np.round(bunch.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)  # scans are 0..16
-        scale = DIGITS_IMAGE_SIZE // gray.shape[-1]
-        images = np.repeat(gray.repeat(scale, axis=1).repeat(scale, axis=2)[..., None], 3, axis=-1)
-        train, test = _stratified_split(labels, np.arange(len(labels)), DIGITS_TEST_FRACTION, DIGITS_SEED)
-        val_train, val_heldout = _stratified_split(labels, np.sort(train), DIGITS_VAL_FRACTION, DIGITS_SEED)
-        splits = {"train": train, "test": test, "val_train": val_train, "val_heldout": val_heldout}
-        tmp = _new_folder(root, "digits")
-        classes = [str(digit) for digit in range(10)]
-        for split, indices in splits.items():
-            indices = np.sort(indices)
-            _write_split(tmp / split, images[indices], labels[indices], classes, [f"{i:04d}" for i in indices])
-        _publish(tmp, target, {
-            "source": "sklearn.datasets.load_digits", "image_size": DIGITS_IMAGE_SIZE, "seed": DIGITS_SEED,
-            "test_fraction": DIGITS_TEST_FRACTION, "val_fraction": DIGITS_VAL_FRACTION,
-            "counts": {split: len(indices) for split, indices in splits.items()},
-        }, fix)
+    target = write_digits(root)
     catalog, manifest = read_catalog(root), read_manifest(root)
-    wanted = {"digits": ("train", "test"), "digits_val": ("val_train", "val_heldout")}
-    for name, (train_split, val_split) in wanted.items():
+    for name, (train_split, val_split) in DIGITS_SPLITS.items():
         folders = (target / train_split, target / val_split)
         expected = {split: [str(folder.resolve())] * 2 for split, folder in zip(SPLITS, folders)}
         if catalog.get(name) != expected or name not in manifest:
-            _check_written(target, f"delete {target} and run convit-ssl prepare-data digits")
+            check_written(target, f"delete {target} and run convit-ssl prepare-data digits")
             register_dataset(name, target / train_split, target / val_split, root, kind="digits", data_file="digits")
     return target
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CIFAR-10 / CIFAR-100 python archives
-# ---------------------------------------------------------------------------------------------------------------
-# variant -> (train member names, test member name, meta member name, label key, label-names key)
-_CIFAR = {
-    "cifar-10": (["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"], "test_batch",
-                 "batches.meta", "labels", "label_names"),
-    "cifar-100": (["train"], "test", "meta", "fine_labels", "fine_label_names"),
-}
-_CIFAR_FOLDERS = {"cifar-10-batches-py": "cifar-10", "cifar-100-python": "cifar-100"}
-
-
-# The only globals that CIFAR's python pickles reference (numpy arrays; Python 3 pickles of bytes use
-# _codecs.encode): anything else, e.g. os.system, is refused before it can run.
-_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
-_CIFAR_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT, ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode,
-}
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Builds only dicts, lists, bytes, str, numbers and numpy arrays: what CIFAR archives hold."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _CIFAR_GLOBALS:
-            raise pickle.UnpicklingError(f"it references {module}.{name}, which CIFAR archives never contain "
-                                         f"(refused unrun: it could execute code)")
-        return _CIFAR_GLOBALS[module, name]
-
-
-def _unpickle(stream, where: str) -> dict:
-    """A CIFAR batch or meta file (Python 2 pickles with byte-string keys) as a dict with str keys."""
-    try:
-        data = _CifarUnpickler(stream, encoding="bytes").load()
-    except Exception as error:  # any malformed pickle: UnpicklingError, EOFError, ValueError, TypeError, ...
-        raise UsageError(f"{where} is not a CIFAR python pickle: {error}; use the original CIFAR archive") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{where} holds a {type(data).__name__}, not a CIFAR dict; use the original CIFAR archive")
-    return {key.decode() if isinstance(key, bytes) else key: value for key, value in data.items()}
-
-
-def _checked_batch(batch: dict, where: str, label_key: str, num_classes: int) -> Tuple[np.ndarray, List[int]]:
-    """(N, 32, 32, 3) uint8 images and N labels of a CIFAR batch; ``ValueError`` naming ``where`` otherwise."""
-    data, labels = batch.get("data"), batch.get(label_key)
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
-        raise UsageError(f"{where}: 'data' is not an (N, 3072) uint8 array, so not a CIFAR batch; use the original "
-                         f"CIFAR archive")
-    if not (isinstance(labels, list) and len(labels) == len(data)
-            and all(isinstance(label, int) and 0 <= label < num_classes for label in labels)):
-        raise UsageError(f"{where}: {label_key!r} is not {len(data)} labels in 0..{num_classes - 1}, so not a CIFAR "
-                         f"batch; use the original CIFAR archive")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
-
-
-def _as_text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-@contextmanager
-def _cifar_members(path: Path) -> Iterator[Optional[Tuple[str, Dict[str, Callable[[], dict]]]]]:
-    """Yields (variant, {member name: loader}) for a CIFAR python archive or extracted folder, else None."""
-    if path.is_file() and tarfile.is_tarfile(path):
-        with tarfile.open(path) as archive:
-            files = {Path(member.name).as_posix(): member for member in archive.getmembers() if member.isfile()}
-            for folder, variant in _CIFAR_FOLDERS.items():
-                names = {name.split("/", 1)[1] for name in files if name.startswith(f"{folder}/")}
-                if {_CIFAR[variant][1], _CIFAR[variant][2]} <= names:  # the test batch and the meta file
-                    yield variant, {name: (lambda member=files[f"{folder}/{name}"]: _unpickle(
-                        archive.extractfile(member), f"{path} member {member.name}")) for name in names}
-                    return
-        yield None
-        return
-    if path.is_dir():
-        for folder in (path, *(path / name for name in _CIFAR_FOLDERS)):
-            for variant, (_, test, meta, _, _) in _CIFAR.items():
-                if (folder / meta).is_file() and (folder / test).is_file():
-                    def load(file: Path) -> dict:
-                        with open(file, "rb") as stream:
-                            return _unpickle(stream, str(file))
-                    yield variant, {file.name: (lambda file=file: load(file)) for file in folder.iterdir()}
-                    return
-    yield None
-
-
-def cifar_variant(path: Path) -> Optional[str]:
-    """'cifar-10' or 'cifar-100' when ``path`` is a CIFAR python archive or its extracted folder, else None."""
-    with _cifar_members(path) as found:
-        return None if found is None else found[0]
-
-
-def prepare_cifar(path: Path, out_dir: Path, progress: bool = True) -> Tuple[Path, Path, Dict[str, int], str]:
-    """Write a CIFAR-10/100 python archive (or extracted folder) as PNG folders ``out_dir/{train,val}``.
-
-    Class folders are ``<label>_<name>`` (e.g. ``03_cat``) so ImageFolder's sorted class order is CIFAR's label
-    order; files are ``<batch file>_<index in it>.png``. A complete ``out_dir`` written from the same source by an
-    earlier run is kept as it is; ``out_dir`` must otherwise be absent, empty or an incomplete copy of ours.
-    Returns (train folder, val folder, image counts, variant: 'cifar-10' or 'cifar-100').
-    """
-    from tqdm import tqdm
-
-    path, out_dir = Path(path).resolve(), Path(out_dir).resolve()
-    fix = "pass --out with a new or empty folder"
-    if _is_complete(out_dir, fix):
-        source = json.loads((out_dir / _DONE).read_text()).get("source")
-        if source != str(path):
-            raise UsageError(f"{out_dir} already holds a copy of {source}: pass --out with a new folder for {path}, "
-                             f"or delete {out_dir} first")
-        _check_written(out_dir, f"delete {out_dir} and run convit-ssl prepare-data again")
-    else:
-        with _cifar_members(path) as found:
-            if found is None:
-                raise UsageError(f"{path} is not a CIFAR-10/100 python archive or folder")
-            variant, members = found
-            train_members, test_member, meta_member, label_key, names_key = _CIFAR[variant]
-            label_names = members[meta_member]().get(names_key)
-            if not isinstance(label_names, list) or not label_names:
-                raise UsageError(f"{path}: {meta_member} has no list {names_key!r}, so not a CIFAR archive")
-            class_folders = _class_folder_names([_as_text(name) for name in label_names])
-            # CIFAR-10 ships five training batches; a cut-down archive with fewer is accepted.
-            splits = {"train": [name for name in train_members if name in members], "val": [test_member]}
-            if not splits["train"]:
-                raise UsageError(f"{path} holds no training batch ({', '.join(train_members)}): not a CIFAR archive")
-            batches = {member: _checked_batch(members[member](), f"{path}: {member}", label_key, len(class_folders))
-                       for names in splits.values() for member in names}
-        per_class = {split: sum(np.bincount(batches[member][1], minlength=len(class_folders)) for member in names)
-                     for split, names in splits.items()}
-        empty = {split: [class_folders[i] for i in np.flatnonzero(seen == 0)] for split, seen in per_class.items()}
-        if any(empty.values()):
-            split, names = next((split, names) for split, names in empty.items() if names)
-            raise UsageError(f"{path}: the {split} split has no image of class(es) {', '.join(names[:5])}: a class "
-                             f"without images would shift every label after it; use the complete archive")
-        tmp = _new_folder(out_dir.parent, out_dir.name)
-        with tqdm(desc=f"writing {variant} PNGs", unit="img", disable=not progress) as bar:
-            for split, names in splits.items():
-                for member in names:
-                    images, labels = batches[member]
-                    files = [f"{member}_{index:05d}" for index in range(len(images))]
-                    _write_split(tmp / split, images, labels, class_folders, files, bar.update)
-        counts = {split: int(seen.sum()) for split, seen in per_class.items()}
-        _publish(tmp, out_dir, {"source": str(path), "variant": variant, "counts": counts}, fix)
-    written = json.loads((out_dir / _DONE).read_text())
-    return out_dir / "train", out_dir / "val", written["counts"], written["variant"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

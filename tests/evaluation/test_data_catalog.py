@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from convit_ssl import data
+from convit_ssl.datasets.folders import DONE_FILE
 
 
 def count_images(folder):
@@ -59,9 +60,9 @@ def test_ensure_digits_is_idempotent_and_safe_concurrently(empty_data, monkeypat
     root = empty_data / "digits"
     assert sum(count_images(root / "train").values()) == 160 and sum(count_images(root / "test").values()) == 40
     assert [p.name for p in empty_data.iterdir() if p.name.startswith(".digits")] == []  # no leftover temp folder
-    stamp = (root / data._DONE).stat().st_mtime_ns
+    stamp = (root / DONE_FILE).stat().st_mtime_ns
     data.ensure_digits()
-    assert (root / data._DONE).stat().st_mtime_ns == stamp
+    assert (root / DONE_FILE).stat().st_mtime_ns == stamp
     assert set(data.read_catalog()) == {"digits", "digits_val"}
 
 

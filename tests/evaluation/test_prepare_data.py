@@ -11,6 +11,7 @@ from torchvision.datasets import ImageFolder
 
 from convit_ssl import data
 from convit_ssl.cli import main
+from convit_ssl.datasets.folders import DONE_FILE
 
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 
@@ -229,7 +230,7 @@ def test_names_are_checked_before_anything_is_touched(empty_data, tmp_path, caps
 def test_an_incomplete_copy_of_ours_is_replaced_only_once_the_new_one_is_complete(empty_data, tmp_path):
     archive = small_cifar10(tmp_path)
     assert run_cli("c10", "--from", archive) == 0
-    (empty_data / "c10" / data._DONE).unlink()  # as a crash before the completion marker leaves it
+    (empty_data / "c10" / DONE_FILE).unlink()  # as a crash before the completion marker leaves it
     (empty_data / "c10" / "train" / "0_airplane").rename(empty_data / "c10" / "half")
     assert run_cli("c10", "--from", archive) == 0
     assert not (empty_data / "c10" / "half").exists() and len(ImageFolder(str(empty_data / "c10" / "train"))) == 10
