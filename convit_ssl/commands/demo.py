@@ -1,11 +1,18 @@
 """`convit-ssl demo`: SSL on the digits, ConViT vs its DeiT twin vs random init, one table.
 
-Steps: pretrain a small ConViT with the demo recipe (``config=digits_simclr``, chosen on the ``digits_val``
-split, never on the test split), then its DeiT twin (the same recipe with ``trunk.local_up_to_layer=0``);
-measure the four frozen trunks (both pretrained, both at random init) with the digits linear-probe recipe
-(a grid of heads chosen on held-out training images) and weighted kNN (k = 20, T = 0.07) on the test split;
-print one table, write it as JSON and Markdown, and write the gate report of the ConViT run. Rerunning
-resumes the runs (finished ones are not trained again).
+Steps, for one method (``--method simclr``, the default and ``make demo``) or each of them (``--method all``):
+pretrain a small ConViT with the method's digits recipe (``config=digits_<method>``, chosen on the ``digits_val``
+split, never on the test split) and its DeiT twin (the same recipe with ``trunk.local_up_to_layer=0``), side by
+side, each through ``convit_ssl.engine.train`` (the code path of ``convit-ssl train``) in a process of its own;
+measure the frozen trunks (both pretrained, both at random init) with the digits linear-probe recipe (a grid of
+heads chosen on held-out training images) and weighted kNN (k = 20, T = 0.07) on the test split; write the table
+(Markdown and JSON) and the gate report of the ConViT run, which shows the run's training loss and health.
+Progress and results are read from the run folders (``metrics.json``, ``health.jsonl``, the final checkpoint).
+Rerunning resumes the runs (finished ones are not trained again).
+
+Layout of ``--out`` (default ``runs/demo``): ``<method>/convit`` and ``<method>/deit_twin`` (run folders, with
+the evaluation results in ``eval/``), ``<method>/demo_results.{md,json}``, ``random_init/<trunk>/`` (the random
+trunks' results, measured once for all methods), and with ``--method all`` ``demo_methods.{md,json}``.
 """
 from __future__ import annotations
 
@@ -15,21 +22,125 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Mapping, Optional, Sequence
 
-RECIPE = "digits_simclr"
+# method -> (name in tables, digits recipe)
+METHODS = {
+    "simclr": ("SimCLR", "digits_simclr"),
+    "dino": ("DINO", "digits_dino"),
+    "moco": ("MoCo v2", "digits_moco"),
+    "swav": ("SwAV", "digits_swav"),
+    "barlow_twins": ("Barlow Twins", "digits_barlow_twins"),
+}
 TRUNKS = {"ConViT": [], "DeiT twin": ["trunk.local_up_to_layer=0"]}
+RANDOM_INIT = "random init"
 KNN_K = 20
+POLL_S = 10.0
+COLUMNS = ("method", "trunk", "linear_top1", "knn_top1", "linear_feature", "beats_random_init", "pretrain_s",
+           "eval_s", "symptoms")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="simclr", choices=[*METHODS, "all"],
+                        help="SSL method to demonstrate (default simclr, the quick one of make demo); all: every "
+                             "method, one after the other, and one table of them (about 5 minutes a method on 2 "
+                             "cores)")
     parser.add_argument("--out", default=None,
                         help="folder of the demo's runs and results (default: $CONVIT_SSL_RUNS/demo, else runs/demo)")
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: the recipe's)")
-    parser.add_argument("--dataset", default="digits", help="catalog dataset to pretrain and evaluate on")
+    parser.add_argument("--dataset", default="digits",
+                        help="catalog dataset to pretrain and evaluate on (digits_val: the held-out split that "
+                             "recipes are chosen on)")
 
 
-def _evaluate(trunk, dataset: str, name: str, model: Dict, out: Path) -> Dict[str, float]:
+def plan(methods: Sequence[str], dataset: str, out: Path, epochs: Optional[int]) -> Dict[str, Dict[str, List[str]]]:
+    """``convit-ssl train`` words of every pretraining: ``{method: {trunk label: words}}``."""
+    extra = [f"config.OPTIMIZER.num_epochs={epochs}"] if epochs is not None else []
+    return {method: {label: [f"config={METHODS[method][1]}", f"data={dataset}", *trunk, *extra,
+                             f"run_dir={out / method / _slug(label)}"]
+                     for label, trunk in TRUNKS.items()}
+            for method in methods}
+
+
+def _slug(label: str) -> str:
+    return label.lower().replace(" ", "_")
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+def _train_in_own_process(config, threads: int, log_path: str) -> None:
+    """``engine.train(config)`` with ``threads`` threads, its output (VISSL's log) appended to ``log_path``."""
+    import torch
+
+    from convit_ssl import engine
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for the data-loading processes VISSL starts
+    torch.set_num_threads(threads)
+    with open(log_path, "a") as log:
+        os.dup2(log.fileno(), sys.stdout.fileno())
+        os.dup2(log.fileno(), sys.stderr.fileno())
+    engine.train(config)
+
+
+def epoch_progress(run_dir: Path, epochs: int) -> str:
+    """``epoch 3/30, loss 4.1234`` from the run folder's ``metrics.json``, or ``starting`` before its first epoch."""
+    from convit_ssl.report import load_epoch_losses
+
+    done = load_epoch_losses(run_dir)
+    if not done:
+        return "starting"
+    return f"epoch {len(done)}/{epochs}, loss {done[-1]['train_loss']:.4f}"
+
+
+def pretrain_side_by_side(configs: Mapping[str, object], logs: Path) -> Dict[str, float]:
+    """Train every config at once, each in a process of its own with an equal share of the cores (small matrices
+    use two cores better as two processes than as two threads of one), printing each run's progress; returns
+    each run's wall time in seconds. Raises RuntimeError naming the runs that failed, with the end of a log."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter each, as `convit-ssl train` would be
+    threads = max(1, (os.cpu_count() or 1) // len(configs))
+    processes, paths, wall = {}, {}, {}
+    started = time.time()
+    for label, config in configs.items():
+        paths[label] = logs / f"{_slug(label)}.log"
+        processes[label] = context.Process(target=_train_in_own_process, args=(config, threads, str(paths[label])),
+                                           name=f"demo-{_slug(label)}")
+        processes[label].start()
+    while len(wall) < len(processes):
+        wait([process.sentinel for label, process in processes.items() if label not in wall], timeout=POLL_S)
+        for label, process in processes.items():
+            if label not in wall and not process.is_alive():
+                wall[label] = time.time() - started
+        status = [f"{label} " + ("done" if label in wall else epoch_progress(
+            Path(config.CHECKPOINT.DIR), config.OPTIMIZER.num_epochs)) for label, config in configs.items()]
+        print(f"[demo] {time.time() - started:4.0f} s: " + ", ".join(status), flush=True)
+    failed = [label for label, process in processes.items()
+              if process.exitcode != 0 or _final_checkpoint(configs[label]) is None]
+    if failed:
+        tail = paths[failed[0]].read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"pretraining of {', '.join(failed)} failed; end of {paths[failed[0]]}:\n" + "\n".join(tail))
+    return wall
+
+
+def _final_checkpoint(config) -> Optional[Path]:
+    from convit_ssl.run_folder import final_checkpoint
+
+    return final_checkpoint(config.CHECKPOINT.DIR)
+
+
+def run_symptoms(run_dir: Path) -> List[str]:
+    """Every collapse symptom the health hook recorded in the run's ``health.jsonl``, in order, each once."""
+    from convit_ssl.report import load_gating_metrics
+    from convit_ssl.run_folder import HEALTH_FILE
+
+    path = run_dir / HEALTH_FILE
+    records = load_gating_metrics(path, "health record") if path.is_file() else []
+    return list(dict.fromkeys(symptom for record in records for symptom in record.get("symptoms", [])))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def _evaluate(trunk, dataset: str, name: str, model: Dict, out: Path) -> Dict[str, object]:
     """Linear-probe grid and kNN of a frozen trunk; both results (with manifests) are written into ``out``."""
     from convit_ssl.evaluation.knn import knn_evaluation
     from convit_ssl.evaluation.linear_probe import linear_probe, load_recipe
@@ -45,107 +156,124 @@ def _evaluate(trunk, dataset: str, name: str, model: Dict, out: Path) -> Dict[st
         write_result(body, out / f"{kind}-{name}.json")
     chosen = probe["chosen"]
     return {"linear_top1": chosen["test_top1"], "linear_feature": chosen["feature"],
-            "knn_top1": knn["accuracy"]["lastCLS"][str(KNN_K)]["top1"]}
+            "knn_top1": knn["accuracy"]["lastCLS"][str(KNN_K)]["top1"], "eval_s": round(time.time() - started, 1)}
 
 
-def _pretrain_in_parallel(jobs: Dict[str, List[str]], out: Path) -> float:
-    """Run ``convit-ssl train`` for every job at once, one thread each (small matrices use two cores better
-    as two processes than as two threads of one), printing progress; returns the wall time."""
-    import re
-    import subprocess
+def _random_init_row(config, label: str, dataset: str, out: Path, measured: Dict[str, dict]) -> dict:
+    """The random-init row of trunk ``label``: measured once per trunk shape and seed (the same for every method)."""
+    import torch
 
-    threads = max(1, (os.cpu_count() or 1) // len(jobs))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    processes, logs = {}, {}
-    started = time.time()
-    for label, words in jobs.items():
-        logs[label] = out / f"{_slug(label)}.log"
-        with open(logs[label], "w") as log:
-            processes[label] = subprocess.Popen([sys.executable, "-m", "convit_ssl", "train", *words], env=env,
-                                                stdout=log, stderr=subprocess.STDOUT)
-    epoch = re.compile(r"\[ep: (\d+)\] iter: (\d+)")
-    while any(process.poll() is None for process in processes.values()):
-        time.sleep(10)
-        status = []
-        for label in jobs:
-            found = epoch.findall(logs[label].read_text(errors="replace"))
-            status.append(f"{label} epoch {int(found[-1][0]) + 1}" if found else f"{label} starting")
-        print(f"[demo] {time.time() - started:4.0f} s: " + ", ".join(status), flush=True)
-    failed = [label for label, process in processes.items() if process.returncode != 0]
-    if failed:
-        tail = logs[failed[0]].read_text(errors="replace").splitlines()[-15:]
-        raise RuntimeError(f"pretraining of {', '.join(failed)} failed; end of {logs[failed[0]]}:\n" + "\n".join(tail))
-    return time.time() - started
+    from convit_ssl.models import ConViT
+    from convit_ssl.trunk_config import trunk_kwargs
+
+    kwargs = trunk_kwargs(config.MODEL)
+    key = json.dumps([kwargs, config.SEED_VALUE], sort_keys=True, default=str)
+    if key not in measured:
+        torch.manual_seed(config.SEED_VALUE)
+        trunk = ConViT(**kwargs)
+        scores = _evaluate(trunk, dataset, f"random_init-{_slug(label)}", {"source": "random",
+                           "init_seed": config.SEED_VALUE}, out / "random_init" / _slug(label))
+        measured[key] = {"method": RANDOM_INIT, "trunk": label, **scores}
+    return measured[key]
 
 
-def _slug(label: str) -> str:
-    return label.lower().replace(" ", "_")
+def beats(row: Mapping, baseline: Mapping) -> bool:
+    """Whether ``row`` is above ``baseline`` on both the linear probe and kNN."""
+    return row["linear_top1"] > baseline["linear_top1"] and row["knn_top1"] > baseline["knn_top1"]
+
+
+def verdicts(rows: Sequence[Mapping]) -> List[str]:
+    """One line per pretrained method: does its ConViT beat its random init, and its DeiT twin, on both measures."""
+    by_key = {(row["method"], row["trunk"]): row for row in rows}
+    lines = []
+    for method in dict.fromkeys(row["method"] for row in rows if row["method"] != RANDOM_INIT):
+        convit, twin = by_key[(method, "ConViT")], by_key.get((method, "DeiT twin"))
+        line = (f"{method}: the pretrained ConViT {'beats' if beats(convit, by_key[(RANDOM_INIT, 'ConViT')]) else 'does NOT beat'}"
+                f" its random initialisation on both the linear probe and kNN")
+        if twin is not None:
+            line += f", and {'beats' if beats(convit, twin) else 'does NOT beat'} its pretrained DeiT twin on both"
+        lines.append(line + ".")
+    return lines
+
+
+def write_tables(rows: Sequence[Mapping], out: Path, stem: str, about: Mapping) -> str:
+    """``<stem>.md`` (the table and the verdicts) and ``<stem>.json`` (``about`` and the rows) in ``out``; returns
+    the Markdown."""
+    from convit_ssl import atomic
+    from convit_ssl.evaluation.results import markdown_table
+
+    shown = [{**row, "symptoms": "; ".join(row.get("symptoms") or []) or None} for row in rows]
+    text = markdown_table(shown, COLUMNS) + "\n" + "\n".join(verdicts(rows)) + "\n"
+    atomic.write_text(text, out / f"{stem}.md")
+    atomic.write_json({**about, "rows": list(rows)}, out / f"{stem}.json")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def _demonstrate(method: str, configs: Mapping[str, object], dataset: str, out: Path,
+                 random_rows: Dict[str, dict]) -> List[dict]:
+    """Pretrain and measure one method (both trunks); returns its rows, random init first."""
+    from convit_ssl.checkpoint import load_trunk
+    from convit_ssl.report import write_report
+
+    name, recipe = METHODS[method]
+    print(f"[demo] {name}: pretraining " + " and ".join(configs) + " side by side", flush=True)
+    wall = pretrain_side_by_side(configs, out / method)
+    print(f"[demo] {name}: pretraining done in {max(wall.values()):.0f} s; probing the frozen trunks", flush=True)
+    rows = []
+    for label, config in configs.items():
+        baseline = _random_init_row(config, label, dataset, out, random_rows)
+        run_dir = Path(config.CHECKPOINT.DIR)
+        checkpoint = _final_checkpoint(config)
+        trunk, _ = load_trunk(checkpoint)
+        scores = _evaluate(trunk, dataset, f"{method}-{_slug(label)}", {"source": "checkpoint",
+                           "checkpoint": str(checkpoint)}, run_dir / "eval")
+        row = {"method": name, "trunk": label, **scores, "pretrain_s": round(wall[label], 1),
+               "epochs": config.OPTIMIZER.num_epochs, "recipe": recipe, "run_dir": str(run_dir),
+               "symptoms": run_symptoms(run_dir)}
+        rows += [baseline, {**row, "beats_random_init": beats(row, baseline)}]
+    about = {"dataset": dataset, "method": method, "recipe": recipe,
+             "pretraining": "both trunks side by side, one process each"}
+    print("\n" + write_tables(rows, out / method, "demo_results", about), flush=True)
+    print(f"gate report of the ConViT run (training loss and health too): "
+          f"{write_report(configs['ConViT'].CHECKPOINT.DIR)}", flush=True)
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from convit_ssl import engine
-    from convit_ssl.checkpoint import load_trunk
-    from convit_ssl.models import ConViT
-    from convit_ssl.report import write_report
-    from convit_ssl.trunk_config import trunk_kwargs
 
     out = Path(args.out or Path(os.environ.get("CONVIT_SSL_RUNS", "runs")) / "demo").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    epochs = [f"config.OPTIMIZER.num_epochs={args.epochs}"] if args.epochs else []
-    jobs, configs = {}, {}
-    for label, extra in TRUNKS.items():
-        words = [f"config={RECIPE}", f"data={args.dataset}", *extra, *epochs, f"run_dir={out / _slug(label)}"]
-        configs[label] = engine.compose(words)  # validates before anything runs
-        jobs[label] = words
-        print(f"[demo] {label}: convit-ssl train {' '.join(words)}", flush=True)
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    words = plan(methods, args.dataset, out, args.epochs)
+    configs = {method: {label: engine.compose(w) for label, w in trunks.items()}  # validates before anything runs
+               for method, trunks in words.items()}
+    for method, trunks in words.items():
+        for label, w in trunks.items():
+            print(f"[demo] {METHODS[method][0]}, {label}: convit-ssl train {' '.join(w)}", flush=True)
+    for method in methods:
+        (out / method).mkdir(parents=True, exist_ok=True)
+    rows: List[dict] = []
+    random_rows: Dict[str, dict] = {}
+    started = time.time()
     try:
-        pretrain_s = _pretrain_in_parallel(jobs, out)
+        for method in methods:
+            rows += [row for row in _demonstrate(method, configs[method], args.dataset, out, random_rows)
+                     if row not in rows]
     except RuntimeError as error:
         print(f"convit-ssl demo: {error}", file=sys.stderr)
         return 1
-    print(f"[demo] pretraining done in {pretrain_s:.0f} s; probing the frozen trunks", flush=True)
-
-    rows: List[dict] = []
-    for label, config in configs.items():
-        run_dir = Path(config.CHECKPOINT.DIR)
-        trunk, _ = load_trunk(run_dir / "checkpoint.torch")
-        torch.manual_seed(config.SEED_VALUE)
-        random_trunk = ConViT(**trunk_kwargs(config.MODEL))
-        models = (("SimCLR", trunk, {"source": "checkpoint", "checkpoint": str(run_dir / "checkpoint.torch")}),
-                  ("random init", random_trunk, {"source": "random", "init_seed": config.SEED_VALUE}))
-        for method, model, description in models:
-            started = time.time()
-            scores = _evaluate(model, args.dataset, f"{_slug(method)}-{_slug(label)}", description, run_dir / "eval")
-            spent = time.time() - started + (pretrain_s if method == "SimCLR" else 0.0)
-            rows.append({"method": method, "trunk": label, **scores, "wall_s": round(spent, 1)})
-
-    table = _table(rows)
-    (out / "demo_results.json").write_text(json.dumps({"dataset": args.dataset, "recipe": RECIPE, "rows": rows}, indent=2))
-    (out / "demo_results.md").write_text(table + "\n")
-    convit_dir = Path(configs["ConViT"].CHECKPOINT.DIR)
-    report_dir = write_report(convit_dir)
-    convit, random_convit = rows[0], rows[1]
-    wins = convit["linear_top1"] > random_convit["linear_top1"] and convit["knn_top1"] > random_convit["knn_top1"]
-    print("\n" + table)
-    print("(SimCLR wall time: both pretrainings ran side by side, plus the probes)")
-    print(f"\nSSL-pretrained ConViT {'beats' if wins else 'does NOT beat'} its random initialisation on both the "
-          f"linear probe and kNN (test split of {args.dataset}).")
-    print(f"runs, checkpoints, metrics.json, TensorBoard logs: {out}")
-    print(f"gate report of the ConViT run: {report_dir}")
+    if args.method == "all":
+        about = {"dataset": args.dataset, "methods": {m: METHODS[m][1] for m in methods},
+                 "wall_s": round(time.time() - started, 1),
+                 "pretraining": "per method, both trunks side by side, one process each; methods one after another"}
+        print("\nall methods:\n" + write_tables(rows, out, "demo_methods", about), flush=True)
+    print(f"runs, checkpoints, metrics.json, health.jsonl, TensorBoard logs: {out}")
+    convit_dir = configs[methods[0]]["ConViT"].CHECKPOINT.DIR
     print("\nthe same, one override away:\n"
-          f"  convit-ssl train config={RECIPE} data={args.dataset}                 # this demo's ConViT\n"
+          f"  convit-ssl train config={METHODS[methods[0]][1]} data={args.dataset}   # this demo's ConViT\n"
           f"  convit-ssl train config=dino model=convit_tiny data={args.dataset}   # another method and size\n"
           "  convit-ssl train config=simclr model=convit_small data=imagenet1k   # the cluster recipe\n"
-          f"  convit-ssl linear-probe --checkpoint {convit_dir / 'checkpoint.torch'} --recipe digits\n"
+          f"  convit-ssl linear-probe --checkpoint {convit_dir} --recipe digits\n"
           f"  convit-ssl report {convit_dir}")
     return 0
-
-
-def _table(rows: List[dict]) -> str:
-    lines = ["| method | trunk | linear-probe top-1 | kNN top-1 (k=20) | wall time |", "|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['method']} | {row['trunk']} | {row['linear_top1']:.1f}% ({row['linear_feature']}) | "
-                     f"{row['knn_top1']:.1f}% | {row['wall_s']:.0f} s |")
-    return "\n".join(lines)
