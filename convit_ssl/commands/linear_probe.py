@@ -37,7 +37,7 @@ def run(args) -> int:
     try:
         body = linear_probe(trunk, recipe, fraction=args.fraction, subset_rule=args.subset_rule, seed=args.seed,
                             num_workers=args.workers, cache_dir=cache_from_args(args), model=model,
-                            progress=not args.quiet)
+                            progress=not args.quiet, state_dir=args.out)
         path = write_command_result(body, args, recipe, model, "probe", started)
     finally:
         distributed.shutdown()

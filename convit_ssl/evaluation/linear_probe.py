@@ -20,6 +20,15 @@ Protocol (the choices below are the documented ones; the numbers come from a rec
   and every epoch reuses them. Streamed mode (``stream: true``): each training batch is augmented (random resized
   crop over ``crop_scale`` of the area, flip if ``hflip``) and goes through the trunk, once for all heads; held-out
   and test features are extracted once, without augmentation.
+* Several processes (``distributed``): every rank extracts its shard of the images, and the features are gathered
+  (cached mode) or stay with the rank that read them (streamed mode, each rank's part of every global batch). All
+  ranks take the same global batches in the same order; each computes its part's losses divided by the global batch
+  size, the gradients are summed over the ranks, and every head keeps its own optimizer state, so the step is the
+  one process's up to float rounding. Streamed training images are augmented from a seed of (seed, epoch, image),
+  so the images do not depend on the world size, the loader workers or a resume.
+* Checkpoints (streamed mode, with ``state_dir``): rank 0 saves every head and its momentum after each epoch
+  (``.probe-state-<id>.torch``, atomically; the id hashes the recipe, data, seed and trunk weights); a rerun of the same probe resumes after the last saved epoch and ends
+  where the uninterrupted run ends. The file is removed when the probe is done.
 
 The trunk is in eval mode under ``torch.no_grad`` whenever it runs; the sha256 of its state before and after the
 probe is part of the result (``trunk.unchanged``), the sanity check of MoCo v3's linear probe.
@@ -27,7 +36,9 @@ probe is part of the result (``trunk.unchanged``), the sanity check of MoCo v3's
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -38,13 +49,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from convit_ssl import atomic
 from convit_ssl.errors import UsageError
+from convit_ssl.evaluation import distributed
 from convit_ssl.evaluation.accuracy import score_hits
 from convit_ssl.evaluation.features import (
-    Features, Preprocess, check_feature_choices, data_statistics, extract, frozen_check, image_folder, split_features,
-    state_digest, trunk_keys,
+    Features, Preprocess, check_feature_choices, data_statistics, extract_all, frozen_check, image_folder,
+    split_features, state_digest, trunk_keys,
 )
 from convit_ssl.evaluation.subsets import class_subset, heldout_split
 from convit_ssl.models.modes import eval_mode
@@ -208,11 +221,13 @@ class HeadGrid(nn.Module):
         z = (x - self.mean) / self.std
         return torch.einsum("bd,gkd->gbk", z, self.weight) + self.bias[:, None, :]
 
-    def losses(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of each head over the batch, (G,)."""
+    def losses(self, x: torch.Tensor, labels: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+        """Cross-entropy of each head summed over the rows and divided by ``batch_size`` (default: the rows, so the
+        mean; with several ranks the global batch, so the ranks' losses add up to its mean), (G,)."""
         logits = self(x)
         G, B, K = logits.shape
-        return F.cross_entropy(logits.reshape(G * B, K), labels.repeat(G), reduction="none").view(G, B).mean(dim=1)
+        losses = F.cross_entropy(logits.reshape(G * B, K), labels.repeat(G), reduction="none").view(G, B)
+        return losses.sum(dim=1) / (B if batch_size is None else batch_size)
 
     @torch.no_grad()
     def sgd_step(self, lr_scale: float) -> None:
@@ -254,26 +269,38 @@ def standardisation(features: np.ndarray, chunk: int = 65536) -> Tuple[torch.Ten
 Batches = Callable[[int], Iterable[Tuple[Dict[str, torch.Tensor], torch.Tensor]]]
 
 
-def train_heads(grids: Mapping[str, HeadGrid], batches: Batches, epochs: int,
-                steps_per_epoch: int) -> Dict[str, np.ndarray]:
+def train_heads(grids: Mapping[str, HeadGrid], batches: Batches, epochs: int, steps_per_epoch: int,
+                start_epoch: int = 0, last_losses: Optional[Mapping[str, np.ndarray]] = None,
+                after_epoch: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None) -> Dict[str, np.ndarray]:
     """Train every grid on ``batches(epoch)`` ((features by choice, labels) pairs); cosine learning rate per step.
 
+    With several ranks each yields its part of every global batch (the same number of steps on every rank, parts
+    may be empty): the gradients and losses of the parts are summed over the ranks, each divided by the global
+    batch size, so the step is the one of the whole batch. ``start_epoch`` continues a resumed run (whose
+    ``last_losses`` stand until an epoch ends); ``after_epoch(epochs_done, last_losses)`` runs after each epoch.
     Returns each grid's mean training loss per head over the last epoch.
     """
     total_steps = epochs * steps_per_epoch
-    step = 0
-    last_losses: Dict[str, List[torch.Tensor]] = {}
-    for epoch in range(epochs):
-        last_losses = {choice: [] for choice in grids}
+    step = start_epoch * steps_per_epoch
+    summary = dict(last_losses or {})
+    for epoch in range(start_epoch, epochs):
+        epoch_losses: Dict[str, List[torch.Tensor]] = {choice: [] for choice in grids}
         for features, labels in batches(epoch):
             lr_scale = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            batch_size = torch.tensor([len(labels)], device=labels.device)
+            distributed.all_reduce_sum_([batch_size])
             for choice, grid in grids.items():
-                losses = grid.losses(features[choice], labels)
+                losses = grid.losses(features[choice], labels, int(batch_size))
                 losses.sum().backward()
+                losses = losses.detach()
+                distributed.all_reduce_sum_([grid.weight.grad, grid.bias.grad, losses])
                 grid.sgd_step(lr_scale)
-                last_losses[choice].append(losses.detach())
+                epoch_losses[choice].append(losses)
             step += 1
-    return {choice: torch.stack(values).mean(dim=0).cpu().numpy() for choice, values in last_losses.items()}
+        summary = {choice: torch.stack(values).mean(dim=0).cpu().numpy() for choice, values in epoch_losses.items()}
+        if after_epoch is not None:
+            after_epoch(epoch + 1, summary)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,6 +368,7 @@ def probe_features(train: Features, test: Features, recipe: Recipe, fraction: fl
         permutation = torch.randperm(len(fit), generator=order).to(device)
         for start in range(0, len(fit), recipe.batch_size):
             index = permutation[start:start + recipe.batch_size]
+            index = index[torch.from_numpy(distributed.shard_indices(len(index))).to(device)]  # this rank's part
             yield {choice: x[index] for choice, x in fit_x.items()}, fit_y[index]
 
     losses = train_heads(grids, batches, recipe.epochs, math.ceil(len(fit) / recipe.batch_size))
@@ -355,24 +383,60 @@ def probe_features(train: Features, test: Features, recipe: Recipe, fraction: fl
                      seed, name)
 
 
+class SeededAugmentation(Dataset):
+    """``dataset`` items by key ``(draw, index)``, each augmented from a seed of (``seed``, ``draw``, ``index``): the
+    same image whichever process, loader worker or resumed run reads it (the torch generator around is left as it
+    was). ``draw`` is 0 for the standardisation sample and 1 + the epoch for training."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        draw, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, draw, index]).generate_state(1)[0]))
+            return self.dataset[index]
+
+
+def _collate_part(items):
+    """A rank's part of a global batch; None when the batch had too few images to give this rank any."""
+    return default_collate(items) if items else None
+
+
+def _streamed_state(path: Optional[Path], grids: Mapping[str, HeadGrid]):
+    """(epochs done, last-epoch losses) of the checkpoint at ``path`` (named by the probe it belongs to), its heads
+    loaded into ``grids``; (0, None) without one."""
+    if path is None or not path.is_file():
+        return 0, None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for choice, grid in grids.items():
+        grid.load_state_dict(state["grids"][choice])
+    return int(state["epochs_done"]), {choice: np.asarray(v) for choice, v in state["last_losses"].items()}
+
+
 def _probe_streamed(trunk: nn.Module, recipe: Recipe, dataset: str, fraction: float, subset_rule: str, seed: int,
                     num_workers: int, cache_dir: Optional[Path], trunk_digest: str, model: Mapping, name: str,
-                    progress: bool) -> dict:
+                    progress: bool, state_dir: Optional[Path]) -> dict:
     keys = trunk_keys(recipe.features)
     plain = image_folder(dataset, "train", recipe.preprocess.eval_transform())
-    augmented = image_folder(dataset, "train", recipe.preprocess.train_transform(recipe.crop_scale, recipe.hflip))
+    augmented = SeededAugmentation(
+        image_folder(dataset, "train", recipe.preprocess.train_transform(recipe.crop_scale, recipe.hflip)), seed)
     labels = np.asarray(plain.targets, dtype=np.int64)
     pool = class_subset(labels, fraction, seed, subset_rule, [path for path, _ in plain.samples])
     fit, heldout = heldout_split(labels, recipe.heldout_fraction, seed, indices=pool)
     if len(heldout) == 0:
         raise UsageError("a streamed probe chooses its head on held-out images, and there are none: raise "
                          "heldout_fraction (e.g. --heldout-fraction 0.1) or probe cached features (stream: false)")
+    progress = progress and distributed.is_main()
     run = dict(batch_size=recipe.batch_size, num_workers=num_workers, progress=progress)
     sample = np.sort(np.random.default_rng(seed).permutation(fit)[:recipe.stats_samples])
     at_rest = {
-        "stats": Features(extract(trunk, Subset(augmented, sample.tolist()), keys, description="statistics", **run),
-                          labels[sample], plain.classes),
-        "heldout": Features(extract(trunk, Subset(plain, heldout.tolist()), keys, description="held-out", **run),
+        "stats": Features(extract_all(trunk, Subset(augmented, [(0, i) for i in sample.tolist()]), keys,
+                                      description="statistics", **run), labels[sample], plain.classes),
+        "heldout": Features(extract_all(trunk, Subset(plain, heldout.tolist()), keys, description="held-out", **run),
                             labels[heldout], plain.classes),
         "test": split_features(trunk, dataset, "val", keys, recipe.preprocess, cache_dir=cache_dir,
                                trunk_digest=trunk_digest, model=model, **run),
@@ -381,34 +445,65 @@ def _probe_streamed(trunk: nn.Module, recipe: Recipe, dataset: str, fraction: fl
     stats = {choice: standardisation(at_rest["stats"].choice(choice)) for choice in recipe.features}
     dims = {choice: len(mean) for choice, (mean, _) in stats.items()}
     grids = _make_grids(recipe, dims, len(plain.classes), stats, seed, device)
-    loader_seed = torch.Generator().manual_seed(seed)
-    loader = DataLoader(Subset(augmented, fit.tolist()), batch_size=recipe.batch_size, shuffle=True,
-                        generator=loader_seed, num_workers=num_workers, pin_memory=device.type == "cuda")
+    identity = hashlib.sha256(json.dumps([dataclasses.asdict(recipe), dataset, fraction, subset_rule, seed,
+                                          trunk_digest], sort_keys=True).encode()).hexdigest()[:24]
+    state_path = Path(state_dir) / f".probe-state-{identity}.torch" if state_dir is not None else None
+    epochs_done, last_losses = _streamed_state(state_path, grids)
+    steps = math.ceil(len(fit) / recipe.batch_size)
+
+    def global_batches(epoch: int) -> List[List[Tuple[int, int]]]:
+        """This rank's part of every global batch of ``epoch``: the same permutation on every rank."""
+        order = fit[np.random.default_rng([seed, epoch]).permutation(len(fit))]
+        parts = []
+        for start in range(0, len(fit), recipe.batch_size):
+            batch = order[start:start + recipe.batch_size]
+            parts.append([(1 + epoch, int(i)) for i in batch[distributed.shard_indices(len(batch))]])
+        return parts
 
     def batches(epoch: int):
-        for images, targets in loader:
+        loader = DataLoader(augmented, batch_sampler=global_batches(epoch), collate_fn=_collate_part,
+                            num_workers=num_workers, pin_memory=device.type == "cuda")
+        for part in loader:
+            if part is None:
+                yield {choice: torch.zeros(0, dim, device=device) for choice, dim in dims.items()}, \
+                    torch.zeros(0, dtype=torch.int64, device=device)
+                continue
+            images, targets = part
             with torch.no_grad():
                 outputs = dict(zip(keys, trunk(images.to(device, non_blocking=True), out_feat_keys=keys)))
             yield ({choice: torch.cat([outputs[key] for key in choice.split("+")], dim=1).float()
                     for choice in recipe.features}, targets.to(device))
 
+    def save_state(done: int, losses: Dict[str, np.ndarray]) -> None:
+        if state_path is not None and distributed.is_main():
+            atomic.torch_save({"identity": identity, "epochs_done": done,
+                               "grids": {choice: grid.state_dict() for choice, grid in grids.items()},
+                               "last_losses": {choice: torch.from_numpy(v) for choice, v in losses.items()}},
+                              state_path)
+
     with eval_mode(trunk):
-        losses = train_heads(grids, batches, recipe.epochs, len(loader))
+        losses = train_heads(grids, batches, recipe.epochs, steps, epochs_done, last_losses, save_state)
     accuracies = {split: {choice: grids[choice].accuracy(at_rest[split].choice(choice), at_rest[split].labels)
                           for choice in recipe.features} for split in ("heldout", "test")}
     counts = {"train": len(fit), "heldout": len(heldout), "test": len(at_rest["test"].labels),
               "classes": len(plain.classes)}
-    return _assemble(recipe, grids, losses, accuracies, counts, dataset, fraction, subset_rule, seed, name)
+    body = _assemble(recipe, grids, losses, accuracies, counts, dataset, fraction, subset_rule, seed, name)
+    body["resumed_at_epoch"] = epochs_done
+    if state_path is not None and distributed.is_main():  # done: a rerun is a new probe
+        state_path.unlink(missing_ok=True)
+    return body
 
 
 def linear_probe(trunk: nn.Module, recipe: Recipe, dataset: Optional[str] = None, fraction: float = 1.0,
                  subset_rule: str = "random", seed: int = 0, num_workers: int = 0, cache_dir: Optional[Path] = None,
-                 model: Optional[Mapping] = None, progress: bool = False) -> dict:
+                 model: Optional[Mapping] = None, progress: bool = False, state_dir: Optional[Path] = None) -> dict:
     """Probe ``trunk`` with ``recipe`` on catalog dataset ``dataset`` (default: the recipe's); returns the result body.
 
     ``model`` describes the trunk for the cache and the result (its ``name`` labels the summary row). The body has
     ``grid`` (every head: feature, lr, wd, held-out / test / train accuracy, last-epoch loss), ``chosen``, ``rows``
-    and ``trunk`` (state sha256 before and after, ``unchanged``, feature sizes).
+    and ``trunk`` (state sha256 before and after, ``unchanged``, feature sizes). A streamed probe with ``state_dir``
+    checkpoints its heads there after every epoch and resumes from that checkpoint when started again.
+    With several processes every rank calls this together (see the module docstring).
     """
     started = time.time()
     dataset = dataset or recipe.dataset
@@ -418,7 +513,8 @@ def linear_probe(trunk: nn.Module, recipe: Recipe, dataset: Optional[str] = None
     common = dict(fraction=fraction, subset_rule=subset_rule, seed=seed, name=model.get("name", ""))
     if recipe.stream:
         body = _probe_streamed(trunk, recipe, dataset, num_workers=num_workers, cache_dir=cache_dir,
-                               trunk_digest=digest_before, model=model, progress=progress, **common)
+                               trunk_digest=digest_before, model=model, progress=progress, state_dir=state_dir,
+                               **common)
     else:
         keys = trunk_keys(recipe.features)
         extract_args = dict(batch_size=recipe.batch_size, num_workers=num_workers, cache_dir=cache_dir,

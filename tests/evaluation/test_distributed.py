@@ -108,3 +108,45 @@ def test_knn_on_two_processes_equals_one_and_their_cache_serves_any_world_size(d
     assert {path: path.stat().st_mtime_ns for path in one_cache.rglob("*.npy")} == stamps
     assert only_result(tmp_path / "two-from-one")["accuracy"] == one["accuracy"]
     assert [entry.name for entry in entries] == sorted(p.name for p in one_cache.iterdir())  # one key, any world
+
+
+ONE_TEST_IMAGE = 100 / 360  # percentage points of one of digits' 360 test images
+
+
+def assert_same_probe(two, one):
+    """Same chosen head, and every head's numbers within float rounding of the gradient sums: its accuracies
+    within one image, its last-epoch loss to 1e-4 relative."""
+    assert two["manifest"]["world_size"] == 2 and one["manifest"]["world_size"] == 1
+    assert {key: two["chosen"][key] for key in ("index", "feature", "lr", "wd")} == {
+        key: one["chosen"][key] for key in ("index", "feature", "lr", "wd")}
+    assert two["dataset"] == one["dataset"]
+    for head_two, head_one in zip(two["grid"], one["grid"]):
+        for key in ("heldout_top1", "test_top1", "test_top5"):
+            assert abs(head_two[key] - head_one[key]) <= ONE_TEST_IMAGE + 1e-9, (key, head_two, head_one)
+        assert head_two["final_train_loss"] == pytest.approx(head_one["final_train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_probe_grid_on_two_processes_matches_one(digits_data, tmp_path):
+    """Cached features: each rank extracts half, all hold every feature, and each batch's gradient is the sum of
+    the ranks' halves; 2 x 2 x 2 heads of 20 epochs (batch 256: 6 steps an epoch, the last of 8 + 9 images)."""
+    probe = ["linear-probe", *TINY_OPTIONS, "--epochs", "20", "--lrs", "0.1", "1", "--wds", "0", "0.001",
+             "--features", "lastCLS", "lastCLS+lastPOOL", "--no-cache"]
+    outputs = run_ranks(2, [*probe, "--out", str(tmp_path / "two")])
+    assert "chosen on heldout" in outputs[0] and "chosen" not in outputs[1]
+    assert main([*probe, "--out", str(tmp_path / "one")]) == 0
+    assert_same_probe(only_result(tmp_path / "two"), only_result(tmp_path / "one"))
+
+
+@pytest.mark.slow
+def test_streamed_probe_on_two_processes_matches_one(digits_data, tmp_path):
+    """Streamed: each rank augments and runs the trunk on its part of every global batch; the augmentations are
+    seeded per image, so both runs see the same images."""
+    probe = ["linear-probe", *TINY_OPTIONS, "--stream", "--epochs", "2", "--fraction", "0.3", "--batch-size", "64",
+             "--lrs", "0.3", "1", "--wds", "0", "--features", "lastCLS+lastPOOL", "--no-cache"]
+    run_ranks(2, [*probe, "--out", str(tmp_path / "two")])
+    assert main([*probe, "--out", str(tmp_path / "one")]) == 0
+    two, one = only_result(tmp_path / "two"), only_result(tmp_path / "one")
+    assert_same_probe(two, one)
+    assert two["dataset"]["train"] + two["dataset"]["heldout"] == 425  # 30% of each class, floored
+    assert not list(tmp_path.rglob(".probe-state-*"))  # the heads' checkpoints are gone once the probe is done

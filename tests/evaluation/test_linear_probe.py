@@ -1,6 +1,7 @@
 """Linear-probe grid on digits with a tiny random trunk: selection, frozen trunk, eval mode, SGD semantics, recipes."""
 import copy
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,35 @@ def test_recipes_compose_with_defaults(tmp_path):
     (tmp_path / "stats.yaml").write_text("defaults: [digits]\nnormalisation: mnist\n")
     with pytest.raises(ValueError, match="normalisation 'mnist' names no data file; known: cifar10, cifar100"):
         load_recipe(str(tmp_path / "stats.yaml"))
+
+
+class Killed(Exception):
+    """Stands for the job being killed right after a checkpoint."""
+
+
+@pytest.mark.slow
+def test_a_streamed_probe_resumes_after_its_last_epoch_and_ends_as_if_never_stopped(digits_data, make_trunk,
+                                                                                  quick_recipe, tmp_path, monkeypatch):
+    probe_module = sys.modules["convit_ssl.evaluation.linear_probe"]
+    recipe = quick_recipe.replace(stream=True, epochs=2, batch_size=64, stats_samples=200, features=["lastCLS"])
+    straight = linear_probe(make_trunk(), recipe, fraction=0.2, state_dir=tmp_path / "straight")
+    assert straight["resumed_at_epoch"] == 0 and not list((tmp_path / "straight").iterdir())
+    saved = []
+    real_save = probe_module.atomic.torch_save
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        saved.append(state["epochs_done"])
+        raise Killed
+
+    monkeypatch.setattr(probe_module.atomic, "torch_save", save_then_die)
+    with pytest.raises(Killed):
+        linear_probe(make_trunk(), recipe, fraction=0.2, state_dir=tmp_path / "run")
+    monkeypatch.setattr(probe_module.atomic, "torch_save", real_save)
+    assert saved == [1] and len(list((tmp_path / "run").glob(".probe-state-*.torch"))) == 1
+    other = linear_probe(make_trunk(seed=1), recipe, fraction=0.2, state_dir=tmp_path / "run")  # other weights
+    assert other["resumed_at_epoch"] == 0 and len(list((tmp_path / "run").iterdir())) == 1  # the first one's stays
+    resumed = linear_probe(make_trunk(), recipe, fraction=0.2, state_dir=tmp_path / "run")
+    assert resumed["resumed_at_epoch"] == 1
+    assert resumed["grid"] == straight["grid"] and resumed["chosen"] == straight["chosen"]  # bit for bit
+    assert not list((tmp_path / "run").iterdir())
