@@ -1,7 +1,8 @@
 """Launch pretraining on SLURM with submitit: one job over many nodes, sweeps as job arrays,
-evaluations chained after pretraining, checkpoint and requeue on time-out or preemption.
+evaluations chained after pretraining or as jobs of their own, checkpoint and requeue on time-out or preemption.
 
     python launchers/slurm.py --nodes 4 --gpus-per-node 8 --partition P config=dino model=convit_small data=imagenet1k
+    python launchers/slurm.py --nodes 2 --gpus-per-node 8 --partition P linear-probe --checkpoint RUN --recipe imagenet1k
 
 ``launchers/slurm.py`` only calls ``main``. ``--local`` runs the same jobs through submitit's
 ``LocalExecutor`` on this machine, each node as one process, and waits for them.
@@ -44,6 +45,13 @@ interrupted save leaves the previous one. Requeues after a time-out are counted 
 requeue them after a node failure, and ``scontrol requeue JOBID`` restarts a run by hand: SLURM sends
 SIGTERM first (KillWait seconds before SIGKILL), on which the training processes also save at the next step
 (submitit ignores SIGTERM), so the requeued run resumes there rather than at the last epoch checkpoint.
+
+Evaluations (``linear-probe``, ``knn``) run one task per GPU (one per node with ``--cpu``), each a rank of one
+torch.distributed group (``EvaluationJob`` sets torchrun's ``env://`` variables from the allocation; the
+rendezvous is node 0 and a port found as above). ``launchers/slurm.py [options] EVAL ARGS`` submits one on
+``--nodes`` nodes, ARGS as for ``convit-ssl EVAL`` (results in the job folder unless ``--out``); ``--then
+EVAL=ARGS`` runs one after each pretraining, on as many nodes (``--eval-nodes`` for another count). An evaluation
+job is requeued like a pretraining: a streamed linear probe resumes after the last epoch whose heads it saved.
 
 Chained evaluations (``--then``) are submitted with ``--dependency=afterok:<pretraining>`` and
 ``--kill-on-invalid-dep=yes``: when the pretraining fails or is cancelled, SLURM cancels them instead of
@@ -126,7 +134,10 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                            "--sweep model=convit_tiny,convit_small")
     plan.add_argument("--then", action="append", default=[], metavar="EVAL=ARGS",
                       help="evaluation to run when pretraining succeeds, repeatable: linear-probe=ARGS or knn=ARGS, "
-                           "ARGS as for 'convit-ssl linear-probe' (--checkpoint, --out and --name are added)")
+                           "ARGS as for 'convit-ssl linear-probe' (--checkpoint, --out and --name are added); it "
+                           "runs on as many nodes and GPUs as the pretraining (see --eval-nodes)")
+    plan.add_argument("--eval-nodes", type=int, default=None, metavar="N",
+                      help="nodes of each --then evaluation, each with --gpus-per-node processes (default: --nodes)")
     plan.add_argument("--dry-run", action="store_true",
                       help="print the sbatch script and the resolved config; submit nothing")
     plan.add_argument("--local", action="store_true",
@@ -137,10 +148,22 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 EPILOG = """examples:
   launchers/slurm.py --nodes 4 --gpus-per-node 8 --partition gpu config=dino model=convit_small data=imagenet1k
+  launchers/slurm.py --nodes 2 --gpus-per-node 8 --partition gpu linear-probe --checkpoint RUN --recipe imagenet1k
+  launchers/slurm.py --nodes 1 --gpus-per-node 8 --partition gpu knn --checkpoint RUN --recipe imagenet1k
   launchers/slurm.py --nodes 2 --partition gpu --sweep model=convit_tiny,deit_tiny --then 'knn=--recipe imagenet1k' \\
       config=dino data=imagenet1k
   launchers/slurm.py --local --cpu --nodes 2 --time 30 config=dino model=convit_tiny data=digits
   launchers/slurm.py --dry-run --nodes 4 config=dino model=convit_small data=imagenet1k   # the sbatch script"""
+
+
+def build_evaluation_parser() -> argparse.ArgumentParser:
+    """The cluster options of ``launchers/slurm.py [options] EVAL ARGS``; EVAL's own options follow EVAL."""
+    from convit_ssl import cli
+
+    parser = cli.OneLineParser(prog="launchers/slurm.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                               description="Submit an evaluation (linear-probe, knn) to SLURM as one multi-node job.")
+    parser.epilog = EPILOG
+    return add_cluster_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     from convit_ssl.commands import train
 
     parser = cli.OneLineParser(prog="launchers/slurm.py",
-                               description="Submit ConViT SSL pretraining to SLURM as one multi-node job.",
+                               description="Submit ConViT SSL pretraining (or an evaluation: linear-probe, knn) to "
+                                           "SLURM as one multi-node job.",
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_arguments(parser)
     parser.epilog = EPILOG
@@ -260,27 +284,51 @@ def launcher_overrides(args: argparse.Namespace) -> List[str]:
     ]
 
 
-def parse_then(specs: Sequence[str]) -> List[Tuple[str, List[str]]]:
-    """``--then linear-probe=ARGS``: the command and its arguments, checked by the command's own parser."""
+def check_evaluation_args(name: str, argv: Sequence[str], where: str) -> argparse.Namespace:
+    """``argv`` parsed by ``convit-ssl NAME``'s own parser; a mistake is a ``LaunchError`` starting with ``where``."""
     from convit_ssl import cli
 
-    modules = {name: module for name, module, _ in cli.COMMANDS}
+    modules = {command: module for command, module, _ in cli.COMMANDS}
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):
+            raise LaunchError(f"{where}: {message}")
+
+    parser = Parser(prog=f"convit-ssl {name}", exit_on_error=False)
+    importlib.import_module(f"convit_ssl.commands.{modules[name]}").add_arguments(parser)
+    try:
+        args, unknown = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError as error:
+        raise LaunchError(f"{where}: {error}") from None
+    if unknown:
+        raise LaunchError(f"{where}: unknown arguments {' '.join(unknown)}; see convit-ssl {name} --help")
+    return args
+
+
+def parse_then(specs: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """``--then linear-probe=ARGS``: the command and its arguments, checked by the command's own parser."""
     evaluations = []
     for spec in specs:
         name, _, rest = spec.partition("=")
         if name not in EVALUATIONS:
             raise LaunchError(f"--then {spec!r}: choose {' or '.join(EVALUATIONS)}, "
                               f"e.g. --then 'linear-probe=--recipe digits'")
-        parser = argparse.ArgumentParser(prog=f"convit-ssl {name}", exit_on_error=False)
-        importlib.import_module(f"convit_ssl.commands.{modules[name]}").add_arguments(parser)
-        try:
-            _, unknown = parser.parse_known_args(["--checkpoint", "CHECKPOINT", *shlex.split(rest)])
-        except argparse.ArgumentError as error:
-            raise LaunchError(f"--then {name}: {error}") from None
-        if unknown:
-            raise LaunchError(f"--then {name}: unknown arguments {' '.join(unknown)}; see convit-ssl {name} --help")
+        check_evaluation_args(name, ["--checkpoint", "CHECKPOINT", *shlex.split(rest)], f"--then {name}")
         evaluations.append((name, shlex.split(rest)))
     return evaluations
+
+
+def split_evaluation(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Tuple[List[str], Optional[str],
+                                                                                     List[str]]:
+    """``[launcher options] EVAL [EVAL's arguments]`` -> (launcher options, EVAL, its arguments); EVAL None when
+    ``argv`` launches a pretraining. EVAL is the first word naming an evaluation that is not an option's value."""
+    takes_value = False
+    for position, word in enumerate(argv):
+        if not takes_value and word in EVALUATIONS:
+            return list(argv[:position]), word, list(argv[position + 1:])
+        action = parser._option_string_actions.get(word)
+        takes_value = action is not None and action.nargs != 0 and "=" not in word
+    return list(argv), None, []
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -376,9 +424,9 @@ def compose_points(points: Sequence[Point], job_dir: str) -> None:
 def make_plan(args: argparse.Namespace) -> Plan:
     """Every check that can fail, in order of cost, before anything is submitted."""
     check_submitit()
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        raise LaunchError("--nodes and --gpus-per-node must be at least 1")
-    if args.local and args.nodes > 1 and not args.cpu:
+    if args.nodes < 1 or args.gpus_per_node < 1 or (args.eval_nodes is not None and args.eval_nodes < 1):
+        raise LaunchError("--nodes, --eval-nodes and --gpus-per-node must be at least 1")
+    if args.local and max(args.nodes, args.eval_nodes or 1) > 1 and not args.cpu:
         raise LaunchError("--local runs every node on this machine's GPUs: use --nodes 1, or --cpu")
     parse_minutes(args.time)
     if not any(o.startswith("config=") for o in args.overrides):
@@ -502,33 +550,57 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 
 class EvaluationJob:
-    """``convit-ssl EVAL --checkpoint <final checkpoint of run_dir> ARGS``, run after pretraining succeeded.
+    """``convit-ssl EVAL ARGS`` as one job of one or more nodes, each task one rank of a torch.distributed group.
 
-    Unless ARGS set them: ``--out <run_dir>/EVAL`` and ``--device cpu`` with ``--cpu``; results are labelled
-    ``<run folder>/<checkpoint>`` as for any checkpoint of a run folder.
+    Chained (``run_dir`` given): after pretraining succeeded, on the final checkpoint of ``run_dir``
+    (``--checkpoint`` is added); else ARGS name the checkpoint. Unless ARGS set them: ``--out <job folder>`` and
+    ``--device cpu`` with ``--cpu``. Every task gets the ``env://`` variables (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``: node 0 and a free port, see ``rendezvous_address``), so the
+    evaluation shards its images and rank 0 writes the result. ``checkpoint`` makes it requeueable: a streamed probe
+    resumes from the heads it saved in ``--out`` after its last epoch.
     """
 
-    def __init__(self, command: str, args: Sequence[str], run_dir: str, cpu: bool) -> None:
+    def __init__(self, command: str, args: Sequence[str], cpu: bool, run_dir: Optional[str] = None,
+                 attempt: int = 0) -> None:
         self.command = command
         self.args = list(args)
-        self.run_dir = run_dir
         self.cpu = cpu
+        self.run_dir = run_dir
+        self.attempt = attempt
 
     def __call__(self) -> str:
+        import submitit
+
         from convit_ssl import cli
 
-        checkpoint = final_checkpoint(Path(self.run_dir))
-        defaults = {"--out": str(Path(self.run_dir) / self.command), **({"--device": "cpu"} if self.cpu else {})}
+        env = submitit.JobEnvironment()
+        folder = env.paths.folder
+        argv = [self.command, *self.args]
+        if self.run_dir is not None:
+            argv[1:1] = ["--checkpoint", str(final_checkpoint(Path(self.run_dir)))]
         given = {arg.split("=", 1)[0] for arg in self.args}
-        argv = [self.command, "--checkpoint", str(checkpoint), *self.args]
-        for flag, value in defaults.items():
+        for flag, value in {"--out": str(folder), **({"--device": "cpu"} if self.cpu else {})}.items():
             if flag not in given:
                 argv += [flag, value]
-        print("convit-ssl " + shlex.join(argv), flush=True)
+        if env.num_tasks > 1:
+            if env.cluster == "local":
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every "node" is this machine
+            host, port = rendezvous_address(env, folder, self.attempt).rsplit(":", 1)
+            os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
+                              LOCAL_RANK=str(env.local_rank), MASTER_ADDR=host, MASTER_PORT=port)
+        if env.global_rank == 0:
+            print(f"convit-ssl {shlex.join(argv)} ({env.num_tasks} process(es))", flush=True)
         code = cli.main(argv)
         if code:
             raise RuntimeError(f"convit-ssl {self.command} exited with status {code}; its error is in this log")
-        return str(checkpoint)
+        return str(folder)
+
+    def checkpoint(self):
+        """On SLURM's signal: requeue the same evaluation (a streamed probe resumes after its last saved epoch)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(
+            EvaluationJob(self.command, self.args, self.cpu, self.run_dir, self.attempt + 1))
 
 
 # ---------------------------------------------------------------------------------------------- submit
@@ -548,14 +620,15 @@ def _slurm_executor(folder: str, max_num_timeout: int, script_only: bool):
 
 
 def make_executor(args: argparse.Namespace, folder: str, *, nodes: int, gpus: int, name: str,
-                  partition: Optional[str], dependency: Optional[str] = None):
-    """A SlurmExecutor (or LocalExecutor with --local) for ``nodes`` nodes, one task each."""
+                  partition: Optional[str], dependency: Optional[str] = None, tasks_per_node: int = 1):
+    """A SlurmExecutor (or LocalExecutor with --local: every task a process here) for ``nodes`` nodes with
+    ``tasks_per_node`` tasks each."""
     import submitit
 
     minutes = parse_minutes(args.time)
     if args.local:
         executor = submitit.LocalExecutor(folder, max_num_timeout=args.max_requeues)
-        executor.update_parameters(timeout_min=minutes, tasks_per_node=nodes, gpus_per_node=gpus,
+        executor.update_parameters(timeout_min=minutes, tasks_per_node=nodes * tasks_per_node, gpus_per_node=gpus,
                                    signal_delay_s=args.signal_delay_s)
         return executor
     executor = _slurm_executor(folder, args.max_requeues, script_only=args.dry_run and shutil.which("srun") is None)
@@ -564,7 +637,7 @@ def make_executor(args: argparse.Namespace, folder: str, *, nodes: int, gpus: in
         extra["kill_on_invalid_dep"] = "yes"
     extra.update(option.split("=", 1) for option in args.slurm)
     parameters = dict(
-        job_name=name, partition=partition, time=minutes, nodes=nodes, ntasks_per_node=1,
+        job_name=name, partition=partition, time=minutes, nodes=nodes, ntasks_per_node=tasks_per_node,
         cpus_per_task=args.cpus_per_task, gpus_per_node=gpus or None,
         mem=f"{int(args.mem_gb * 1024)}MB" if args.mem_gb else None, account=args.account, qos=args.qos,
         constraint=args.constraint, comment=args.comment, exclude=args.exclude, dependency=dependency,
@@ -572,6 +645,18 @@ def make_executor(args: argparse.Namespace, folder: str, *, nodes: int, gpus: in
     )
     executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
     return executor
+
+
+def evaluation_executor(args: argparse.Namespace, folder: str, nodes: int, name: str, partition: Optional[str],
+                        dependency: Optional[str] = None):
+    """The executor of an evaluation job: ``nodes`` nodes, one task (rank) per GPU, or one per node with --cpu."""
+    return make_executor(args, folder, nodes=nodes, gpus=0 if args.cpu else args.gpus_per_node, name=name,
+                         partition=partition, dependency=dependency, tasks_per_node=1 if args.cpu else args.gpus_per_node)
+
+
+def evaluation_size(args: argparse.Namespace, nodes: int) -> str:
+    per_node = 1 if args.cpu else args.gpus_per_node
+    return f"{nodes} node(s) x {per_node} process(es) = {nodes * per_node} rank(s)"
 
 
 @dataclass
@@ -601,9 +686,10 @@ def submit(args: argparse.Namespace, plan: Plan) -> List[Submitted]:
             if args.local and pretrain.job.exception() is not None:  # no scheduler to hold it: wait here
                 continue
             folder = pretrain.run_dir / name
-            eval_executor = make_executor(args, str(folder), nodes=1, gpus=min(gpus, 1), name=f"{name}-{plan.job_name}",
-                                          partition=plan.partition, dependency=f"afterok:{pretrain.job.job_id}")
-            job = eval_executor.submit(EvaluationJob(name, eval_args, str(pretrain.run_dir), args.cpu))
+            eval_executor = evaluation_executor(args, str(folder), args.eval_nodes or args.nodes,
+                                                f"{name}-{plan.job_name}", plan.partition,
+                                                dependency=f"afterok:{pretrain.job.job_id}")
+            job = eval_executor.submit(EvaluationJob(name, eval_args, args.cpu, run_dir=str(pretrain.run_dir)))
             submitted.append(Submitted(name, job, folder, after=pretrain.job.job_id))
     return submitted
 
@@ -629,7 +715,7 @@ def print_plan(args: argparse.Namespace, plan: Plan) -> None:
         print(yaml.safe_dump(json.loads(json.dumps(point.config, default=str)), sort_keys=False), end="")
     for name, eval_args in plan.evaluations:
         print(f"# then: convit-ssl {name} --checkpoint <final checkpoint> {shlex.join(eval_args)}"
-              f" (afterok on pretraining, cancelled with it)")
+              f" on {evaluation_size(args, args.eval_nodes or args.nodes)} (afterok on pretraining, cancelled with it)")
 
 
 def describe(submitted: Sequence[Submitted]) -> str:
@@ -662,12 +748,66 @@ def wait_all(submitted: Sequence[Submitted]) -> int:
     return 1 if failed else 0
 
 
+def evaluation_main(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str,
+                    eval_argv: List[str]) -> int:
+    """``launchers/slurm.py [options] EVAL ARGS``: ``convit-ssl EVAL ARGS`` as a job of its own on ``--nodes``
+    nodes, every check first (the checkpoint must exist here, as on the cluster's file system)."""
+    from convit_ssl.checkpoint import checkpoint_file
+
+    try:
+        check_submitit()
+        if args.sweep or args.then:
+            raise LaunchError(f"{command} is a job of its own: --sweep and --then belong to a pretraining; put "
+                              f"{command}'s own options after the word {command}")
+        if args.nodes < 1 or args.gpus_per_node < 1:
+            raise LaunchError("--nodes and --gpus-per-node must be at least 1")
+        if args.local and args.nodes > 1 and not args.cpu:
+            raise LaunchError("--local runs every node on this machine's GPUs: use --nodes 1, or --cpu")
+        parse_minutes(args.time)
+        evaluation = check_evaluation_args(command, eval_argv, command)
+        if evaluation.checkpoint:
+            checkpoint_file(Path(evaluation.checkpoint))
+        submits = not (args.local or args.dry_run)
+        partition, cluster_check = args.partition, ""
+        if submits:
+            partition = check_cluster(args)
+        elif args.dry_run and not args.local:
+            partition, cluster_check = dry_run_cluster_check(args)
+        job_name = args.job_name or f"{command}-{evaluation.recipe or evaluation.data or 'digits'}"
+        root = os.environ.get(RUNS_ENV) or "runs"
+        job_dir = str(Path(args.job_dir or Path(root) / f"{job_name}-%j").expanduser().absolute())
+        check_job_dir(job_dir, create=False)
+        line = f"# evaluation: convit-ssl {command} {shlex.join(eval_argv)} on {evaluation_size(args, args.nodes)}"
+        if args.dry_run:
+            if not args.local:
+                executor = evaluation_executor(args, job_dir, args.nodes, job_name, partition)
+                print(cluster_check)
+                print("# sbatch script")
+                print(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
+            print(line)
+            return 0
+        check_job_dir(job_dir, create=True)
+        executor = evaluation_executor(args, job_dir, args.nodes, job_name, partition)
+        job = executor.submit(EvaluationJob(command, eval_argv, args.cpu))
+    except UsageError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    submitted = [Submitted(command, job, job.paths.folder)]
+    print(describe(submitted), flush=True)
+    return wait_all(submitted) if args.local or args.wait else 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    launcher_argv, command, eval_argv = split_evaluation(parser, list(sys.argv[1:] if argv is None else argv))
+    if command is not None:
+        parser = build_evaluation_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(launcher_argv)
     except SystemExit as exit_:  # --help (0), or a mistake the parser printed in one line (2)
         return exit_.code
+    if command is not None:
+        return evaluation_main(parser, args, command, eval_argv)
     try:
         plan = make_plan(args)
         if args.dry_run or args.print_config:

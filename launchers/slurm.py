@@ -1,6 +1,7 @@
-"""Submit ConViT SSL pretraining to SLURM as one multi-node job; see ``convit_ssl.launch`` and ``--help``.
+"""Submit ConViT SSL pretraining (or an evaluation) to SLURM as one multi-node job; see ``convit_ssl.launch``.
 
     python launchers/slurm.py --nodes 4 --gpus-per-node 8 --partition P config=dino model=convit_small data=imagenet
+    python launchers/slurm.py --nodes 2 --gpus-per-node 8 --partition P linear-probe --checkpoint RUN --recipe imagenet1k
 """
 import sys
 

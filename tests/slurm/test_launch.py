@@ -68,7 +68,8 @@ def test_two_node_pretraining_then_linear_probe(slurm, tiny):
     assert final_iteration(run_dir) == 2 * 2  # 2 epochs of 32 images, batch 8 on each of 2 nodes
     pretrain, probe = slurm.job_state(pretrain_id), slurm.job_state(probe_id)
     assert pretrain["NumNodes"] == "2" and probe["StartTime"] >= pretrain["EndTime"]
-    assert list((run_dir / "linear-probe").glob("*.json")), "the linear probe wrote no result"
+    (result,) = (json.loads(path.read_text()) for path in (run_dir / "linear-probe").glob("*.json"))
+    assert result["manifest"]["world_size"] == 2  # the chained probe ran at the pretraining's size: 2 nodes
 
 
 @pytest.mark.slow
@@ -240,3 +241,79 @@ def test_missing_submitit_is_a_one_line_error(job_env, capsys, monkeypatch, tiny
                                            ("3-00:00:00", 4320), ("1-0:1", 1441)])
 def test_slurm_time_formats_in_minutes(text, minutes):
     assert launch.parse_minutes(text) == minutes
+
+
+# ------------------------------------------------------------------------------------------ evaluation jobs
+EVAL_TINY = ["--random", "convit_tiny", "--trunk-option", "patch_size=8", "--trunk-option", "embed_dim=48",
+             "--trunk-option", "depth=3", "--trunk-option", "local_up_to_layer=2", "--quiet"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from convit_ssl.checkpoint import to_timm_state_dict
+    from convit_ssl.models import create_trunk
+
+    path = tmp_path / "tiny.pth"
+    torch.save({"model": to_timm_state_dict(create_trunk("convit_tiny", img_size=32, patch_size=8, embed_dim=48,
+                                                         depth=3, local_up_to_layer=2))}, path)
+    return path
+
+
+def test_an_evaluation_dry_run_is_one_job_with_a_rank_per_gpu(job_env, capsys, checkpoint):
+    assert launch.main(["--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "linear-probe",
+                        "--checkpoint", str(checkpoint), "--recipe", "imagenet1k"]) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --requeue", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --job-name=linear-probe-imagenet1k", "srun --unbuffered"):
+        assert line in out
+    assert (f"# evaluation: convit-ssl linear-probe --checkpoint {checkpoint} --recipe imagenet1k on 2 node(s) x 8 "
+            f"process(es) = 16 rank(s)") in out
+    assert launch.main(["--dry-run", "--cpu", "--nodes", "3", "--job-name", "knn", "knn", *EVAL_TINY]) == 0
+    out = capsys.readouterr().out  # 'knn' as the value of --job-name is not the command
+    assert "#SBATCH --ntasks-per-node=1" in out and "--gpus-per-node" not in out and "#SBATCH --job-name=knn" in out
+    assert "on 3 node(s) x 1 process(es) = 3 rank(s)" in out
+    assert not job_env.exists(), "a dry run created the job folder"
+
+
+def test_chained_evaluations_run_at_the_pretraining_size_or_the_one_given(job_env, capsys, tiny):
+    then = ["--then", "knn=--recipe digits --ks 5"]
+    assert launch.main(["--dry-run", "--nodes", "2", "--partition", "gpu", *then, *tiny, ALL_IMAGES]) == 0
+    assert "--ks 5 on 2 node(s) x 8 process(es) = 16 rank(s) (afterok" in capsys.readouterr().out
+    assert launch.main(["--dry-run", "--nodes", "2", "--eval-nodes", "1", "--gpus-per-node", "4", "--partition", "gpu",
+                        *then, *tiny, ALL_IMAGES]) == 0
+    assert "--ks 5 on 1 node(s) x 4 process(es) = 4 rank(s) (afterok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["knn", "--checkpoint", "{missing}"], "does not exist"),
+    (["knn"], "knn: one of the arguments --checkpoint --random is required"),
+    (["knn", *EVAL_TINY, "--bogus"], "knn: unknown arguments --bogus; see convit-ssl knn --help"),
+    (["knn", *EVAL_TINY, "--ks", "many"], "knn: argument --ks: invalid int value: 'many'"),
+    (["--then", "knn=--ks 5", "knn", *EVAL_TINY], "knn is a job of its own: --sweep and --then belong to a "),
+    (["config=dino", "knn", *EVAL_TINY], "unrecognized arguments: config=dino (see launchers/slurm.py --help)"),
+    (["--nodes", "0", "knn", *EVAL_TINY], "--nodes and --gpus-per-node must be at least 1"),
+    (["--nodes", "2", "knn", *EVAL_TINY], "use --nodes 1, or --cpu"),
+])
+def test_evaluation_job_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, argv, message):
+    argv = ["--local", *[a.format(missing=tmp_path / "missing.torch") for a in argv]]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not job_env.exists()
+
+
+@pytest.mark.slow
+def test_local_two_process_knn_job_equals_one_process(job_env, capsys):
+    """``--local --cpu --nodes 2 knn``: two processes of one gloo group, rank 0 writes; the numbers are one
+    process's, exactly."""
+    from convit_ssl.cli import main as convit_ssl
+
+    knn = ["knn", *EVAL_TINY, "--ks", "1", "20", "--no-cache"]
+    done = run_launcher("--local", "--nodes", "2", *CPU, *knn)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_dir = Path(re.search(r"job folder: (\S+)", done.stdout).group(1))
+    (two,) = [json.loads(path.read_text()) for path in job_dir.glob("knn-*.json")]
+    assert convit_ssl([*knn, "--out", str(job_dir / "one")]) == 0
+    (one,) = [json.loads(path.read_text()) for path in (job_dir / "one").glob("*.json")]
+    assert two["manifest"]["world_size"] == 2 and two["accuracy"] == one["accuracy"]
