@@ -92,21 +92,32 @@ def test_progress_and_symptoms_come_from_the_run_folder(tmp_path):
 @pytest.mark.slow
 def test_pretraining_runs_through_engine_train_and_reports_from_the_run_folder(tmp_path, data_root, monkeypatch):
     """Two tiny one-epoch trainings side by side, each `engine.train` in its own process: both finish with a final
-    checkpoint and one epoch's loss in metrics.json; a run whose folder another run holds fails, named."""
+    checkpoint and one epoch's loss in metrics.json, and their wall times are recorded; a rerun trains nothing and
+    keeps them; a finished run of another config is refused; a run whose folder another run holds fails, named."""
     from convit_ssl import run_folder
+    from convit_ssl.errors import UsageError
 
     monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
     monkeypatch.setattr(demo, "POLL_S", 0.5)
     words = [*TINY, "config.OPTIMIZER.num_epochs=1"]
     configs = {label: engine.compose([*words, *trunk, f"run_dir={tmp_path / demo._slug(label)}"])
                for label, trunk in demo.TRUNKS.items()}
-    wall = demo.pretrain_side_by_side(configs, tmp_path)
+    wall = demo.pretraining_wall_times(configs, tmp_path)
     for label, config in configs.items():
         run_dir = tmp_path / demo._slug(label)
-        assert run_folder.final_checkpoint(run_dir) is not None and 0 < wall[label] < 600
+        assert run_folder.final_checkpoint(run_dir) is not None and demo.finished(config)
+        assert 0 < wall[label] < 600
         assert demo.epoch_progress(run_dir, 1).startswith("epoch 1/1, loss ")
         assert "Starting phase 0 [train]" in (tmp_path / f"{demo._slug(label)}.log").read_text()
+    assert json.loads((tmp_path / demo.WALL_TIMES).read_text()) == wall
+    monkeypatch.setattr(demo, "pretrain_side_by_side", lambda *args: pytest.fail("a finished run trained again"))
+    assert demo.pretraining_wall_times(configs, tmp_path) == wall
+    longer = engine.compose([*TINY, "config.OPTIMIZER.num_epochs=2", f"run_dir={tmp_path / 'convit'}"])
+    with pytest.raises(UsageError, match="holds a finished run of another config .*OPTIMIZER.num_epochs: 1 -> 2"):
+        demo.finished(longer)
+    monkeypatch.undo()
 
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
     held = tmp_path / "held"
     config = engine.compose([*words, f"run_dir={held}"])
     with run_folder.owned(held):

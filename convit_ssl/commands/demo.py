@@ -11,7 +11,8 @@ Progress and results are read from the run folders (``metrics.json``, ``health.j
 Rerunning resumes the runs (finished ones are not trained again).
 
 Layout of ``--out`` (default ``runs/demo``): ``<method>/convit`` and ``<method>/deit_twin`` (run folders, with
-the evaluation results in ``eval/``), ``<method>/demo_results.{md,json}``, ``random_init/<trunk>/`` (the random
+the evaluation results in ``eval/``), ``<method>/demo_results.{md,json}``, ``<method>/pretraining_wall_s.json``
+(the pretrainings' wall times, kept when a rerun finds them finished), ``random_init/<trunk>/`` (the random
 trunks' results, measured once for all methods), and with ``--method all`` ``demo_methods.{md,json}``.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
+
+from convit_ssl.errors import UsageError
 
 # method -> (name in tables, digits recipe)
 METHODS = {
@@ -36,6 +39,7 @@ TRUNKS = {"ConViT": [], "DeiT twin": ["trunk.local_up_to_layer=0"]}
 RANDOM_INIT = "random init"
 KNN_K = 20
 POLL_S = 10.0
+WALL_TIMES = "pretraining_wall_s.json"  # in <out>/<method>: each trunk's pretraining wall time, when it trained
 COLUMNS = ("method", "trunk", "linear_top1", "knn_top1", "linear_feature", "beats_random_init", "pretrain_s",
            "eval_s", "symptoms")
 
@@ -121,6 +125,38 @@ def pretrain_side_by_side(configs: Mapping[str, object], logs: Path) -> Dict[str
         tail = paths[failed[0]].read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"pretraining of {', '.join(failed)} failed; end of {paths[failed[0]]}:\n" + "\n".join(tail))
     return wall
+
+
+def pretraining_wall_times(configs: Mapping[str, object], folder: Path) -> Dict[str, Optional[float]]:
+    """Train the configs whose run has no final checkpoint yet (side by side) and record their wall times in
+    ``folder/WALL_TIMES``; returns the recorded wall time of every config (None: finished before any record). A
+    rerun trains nothing that finished, so the table keeps the times of the runs that trained."""
+    from convit_ssl import atomic
+
+    path = folder / WALL_TIMES
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    unfinished = {label: config for label, config in configs.items() if not finished(config)}
+    if unfinished:
+        print("[demo] pretraining " + " and ".join(unfinished) + " side by side", flush=True)
+        recorded.update({label: round(wall, 1) for label, wall in pretrain_side_by_side(unfinished, folder).items()})
+        atomic.write_json(recorded, path)
+    return {label: recorded.get(label) for label in configs}
+
+
+def finished(config) -> bool:
+    """Whether the run of ``config`` has its final checkpoint; a run folder that finished with another config is
+    refused (a UsageError naming the first differences), since the demo would report the old run."""
+    from convit_ssl import engine, run_folder
+
+    run_dir = Path(config.CHECKPOINT.DIR)
+    final, recorded = _final_checkpoint(config), run_folder.recorded_config(run_dir)
+    if final is None or recorded is None:
+        return False
+    differences = run_folder.config_differences(recorded, engine.plain_config(config))
+    if differences:
+        raise UsageError(f"{run_dir} holds a finished run of another config ({run_folder.describe(dict(list(differences.items())[:3]))}): "
+                         f"pass another --out, or delete that run folder to train it again")
+    return True
 
 
 def _final_checkpoint(config) -> Optional[Path]:
@@ -217,9 +253,9 @@ def _demonstrate(method: str, configs: Mapping[str, object], dataset: str, out: 
     from convit_ssl.report import write_report
 
     name, recipe = METHODS[method]
-    print(f"[demo] {name}: pretraining " + " and ".join(configs) + " side by side", flush=True)
-    wall = pretrain_side_by_side(configs, out / method)
-    print(f"[demo] {name}: pretraining done in {max(wall.values()):.0f} s; probing the frozen trunks", flush=True)
+    wall = pretraining_wall_times(configs, out / method)
+    print(f"[demo] {name}: pretraining done ({', '.join(f'{label} {wall.get(label) or 0:.0f} s' for label in configs)});"
+          f" probing the frozen trunks", flush=True)
     rows = []
     for label, config in configs.items():
         baseline = _random_init_row(config, label, dataset, out, random_rows)
@@ -228,7 +264,7 @@ def _demonstrate(method: str, configs: Mapping[str, object], dataset: str, out: 
         trunk, _ = load_trunk(checkpoint)
         scores = _evaluate(trunk, dataset, f"{method}-{_slug(label)}", {"source": "checkpoint",
                            "checkpoint": str(checkpoint)}, run_dir / "eval")
-        row = {"method": name, "trunk": label, **scores, "pretrain_s": round(wall[label], 1),
+        row = {"method": name, "trunk": label, **scores, "pretrain_s": wall.get(label),
                "epochs": config.OPTIMIZER.num_epochs, "recipe": recipe, "run_dir": str(run_dir),
                "symptoms": run_symptoms(run_dir)}
         rows += [baseline, {**row, "beats_random_init": beats(row, baseline)}]
@@ -248,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
     words = plan(methods, args.dataset, out, args.epochs)
     configs = {method: {label: engine.compose(w) for label, w in trunks.items()}  # validates before anything runs
                for method, trunks in words.items()}
+    for trunks in configs.values():
+        for config in trunks.values():
+            finished(config)  # refuses a finished run of another config before anything runs
     for method, trunks in words.items():
         for label, w in trunks.items():
             print(f"[demo] {METHODS[method][0]}, {label}: convit-ssl train {' '.join(w)}", flush=True)
