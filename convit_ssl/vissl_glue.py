@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+from fvcore.common.param_scheduler import ParamScheduler
+
 from convit_ssl import atomic
 from convit_ssl.images import CheckedImageFolder
 from convit_ssl.models.convit import ConViT
@@ -274,6 +276,117 @@ def register_datasets() -> None:
         VisslDatasetCatalog.register_data(name, entry)
 
 
+def layer_decay_factor(name: str, depth: int, decay: float) -> float:
+    """The learning-rate factor of parameter ``name`` of VISSL's model (``trunk.blocks.3.mlp.fc1.weight``) under
+    layer-wise decay (BEiT, MAE): layer 0 is the patch embedding, position embedding and class token, layer i + 1
+    block i, layer ``depth + 1`` the final norm and the heads; a parameter of layer l learns at
+    ``decay ** (depth + 1 - l)`` times the lr."""
+    parts = name.split(".")
+    if parts[0] == "trunk" and parts[1] in ("patch_embed", "pos_embedding", "class_token"):
+        layer = 0
+    elif parts[0] == "trunk" and parts[1] == "blocks":
+        layer = int(parts[2]) + 1
+    else:
+        layer = depth + 1
+    return decay ** (depth + 1 - layer)
+
+
+class _ScaledSchedule(ParamScheduler):
+    """A classy-vision parameter schedule times a constant: the layer-decayed learning rate of a parameter group."""
+
+    def __init__(self, schedule, factor: float):
+        self.schedule, self.factor = schedule, factor
+        self.update_interval = schedule.update_interval
+
+    def __call__(self, where: float) -> float:
+        return self.factor * self.schedule(where)
+
+
+def layer_decay_groups(model, param_groups: list, depth: int, decay: float) -> list:
+    """``param_groups`` (VISSL's: parameters, lr schedule, weight decay) split so that each group holds the
+    parameters of one ``layer_decay_factor``, its lr schedule scaled by that factor."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    split = []
+    for group in param_groups:
+        by_factor: Dict[float, list] = {}
+        for parameter in group["params"]:
+            by_factor.setdefault(layer_decay_factor(names[id(parameter)], depth, decay), []).append(parameter)
+        for factor, parameters in sorted(by_factor.items()):
+            split.append({**group, "params": parameters, "lr": _ScaledSchedule(group["lr"], factor)})
+    return split
+
+
+def _with_layer_decay(get_param_groups):
+    """VISSL's optimizer parameter groups, split by layer when ``OPTIMIZER.layer_decay`` is below 1 (our trunk only:
+    the layers are read from its parameter names)."""
+    @functools.wraps(get_param_groups)
+    def param_groups(model, model_config, optimizer_config, optimizer_schedulers):
+        groups = get_param_groups(model, model_config, optimizer_config, optimizer_schedulers)
+        decay = optimizer_config.get("layer_decay", 1.0)
+        if decay == 1.0 or model_config["TRUNK"]["NAME"] != "convit_ssl":
+            return groups
+        return layer_decay_groups(model, groups, trunk_kwargs(model_config)["depth"], decay)
+
+    return param_groups
+
+
+class _ScheduleLrView:
+    """classy-vision's options view of an optimizer, whose ``lr`` is the largest of its groups' learning rates."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __getattr__(self, name):
+        value = getattr(self.view, name)
+        return max(value) if name == "lr" and isinstance(value, list) else value
+
+
+def _tensorboard_logs_the_schedule_lr(on_update):
+    """With layer decay the groups' learning rates differ, classy's options view gives a list of them, and VISSL's
+    TensorBoard hook fails rounding it: it logs the largest, the schedule's own (the head's, factor 1)."""
+
+    @functools.wraps(on_update)
+    def on_update_with_schedule_lr(self, task):
+        view = task.optimizer.options_view
+        task.optimizer.options_view = _ScheduleLrView(view)
+        try:
+            return on_update(self, task)
+        finally:
+            task.optimizer.options_view = view
+
+    return on_update_with_schedule_lr
+
+
+def _posterize_to_zero_bits(posterize):
+    """RandAugment's increasing posterize keeps 4 - 4 x level / 10 bits, 0 at the top level (magnitude 9 with std
+    0.5 reaches it), which PIL before 10 turned into a black image and PIL now refuses (ValueError): do what it did."""
+    from PIL import Image
+
+    @functools.wraps(posterize)
+    def posterize_any_bits(img, bits_to_keep, **kwargs):
+        if bits_to_keep < 1:
+            return Image.new(img.mode, img.size)
+        return posterize(img, bits_to_keep, **kwargs)
+
+    return posterize_any_bits
+
+
+def evaluation_dataset(config, images: str = "", labels: str = ""):
+    """VISSL's dataset of ``config``'s TEST section (its transforms, the test split), or of the image and label
+    file lists ``images`` and ``labels`` (.npy) read with the same transforms. Items: ``{"data": [image],
+    "label": [label], ...}``."""
+    import copy
+
+    from vissl.data import build_dataset
+
+    config = copy.deepcopy(config)
+    if images:
+        test = config["DATA"]["TEST"]
+        test["DATA_SOURCES"], test["LABEL_SOURCES"] = ["disk_filelist"], ["disk_filelist"]
+        test["DATA_PATHS"], test["LABEL_PATHS"] = [images], [labels]
+    return build_dataset(config, "TEST")
+
+
 def _patch_vissl() -> None:
     """Compatibility patches for VISSL 0.1.6 / classy-vision 0.7.0 on current torch, numpy and Python."""
     # vissl imports pkg_resources and torchvision's deprecated video transforms at import time.
@@ -316,6 +429,17 @@ def _patch_vissl() -> None:
         DINOHook._build_momentum_network))
     MoCoHook._build_moco_encoder = _random_state_neutral(_moco_encoder_caught_up(MoCoHook._build_moco_encoder))
     LogLossLrEtaHook.__init__ = _with_durable_step_log(LogLossLrEtaHook.__init__)
+    import vissl.trainer.train_task as vissl_train_task
+
+    vissl_train_task.get_optimizer_param_groups = _with_layer_decay(vissl_train_task.get_optimizer_param_groups)
+    from vissl.hooks.tensorboard_hook import SSLTensorboardHook
+
+    SSLTensorboardHook.on_update = _tensorboard_logs_the_schedule_lr(SSLTensorboardHook.on_update)
+    import vissl.data.ssl_transforms.rand_auto_aug as vissl_rand_augment
+
+    posterize = _posterize_to_zero_bits(vissl_rand_augment.posterize)
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        vissl_rand_augment.NAME_TO_OP[name] = posterize
 
 
 _REGISTERED = False
