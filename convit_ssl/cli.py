@@ -17,6 +17,7 @@ from convit_ssl.errors import UsageError
 # (subcommand, module under convit_ssl.commands, one-line help)
 COMMANDS = [
     ("train", "train", "SSL pretraining from a config: convit-ssl train config=dino model=convit_tiny data=digits"),
+    ("finetune", "finetune", "fine-tune a trunk and a new head on all or some labels, through VISSL's engine"),
     ("linear-probe", "linear_probe", "grid of linear probes on a frozen trunk, best head chosen on held-out data"),
     ("knn", "knn", "weighted kNN evaluation of a frozen trunk (DINO protocol)"),
     ("study", "study", "studies over several runs; 'study low-data' is the paper's sample-efficiency protocol"),

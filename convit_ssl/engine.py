@@ -270,11 +270,24 @@ def train_images(config) -> Dict[str, int]:
     from convit_ssl import data
 
     images = {}
-    for source, name in zip(config.DATA.TRAIN.DATA_SOURCES, config.DATA.TRAIN.DATASET_NAMES):
-        if source in ("disk_folder", "disk_filelist"):
+    paths = list(config.DATA.TRAIN.get("DATA_PATHS", None) or [])
+    for index, (source, name) in enumerate(zip(config.DATA.TRAIN.DATA_SOURCES, config.DATA.TRAIN.DATASET_NAMES)):
+        if source == "disk_filelist" and index < len(paths):  # a file list (a fine-tuning's label subset)
+            images[name] = file_list_length(paths[index])
+        elif source in ("disk_folder", "disk_filelist"):
             data.dataset_split_dir(name, "train")
             images[name] = data.read_manifest()[name]["splits"]["train"]["images"]
     return images
+
+
+def file_list_length(path: str) -> int:
+    """The images a VISSL file list (.npy of paths) names; one line when it cannot be read."""
+    import numpy as np
+
+    try:
+        return len(np.load(path, mmap_mode="r"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"image list {path} cannot be read ({error}): rerun convit-ssl finetune, which writes it")
 
 
 def derive_iteration_settings(config) -> None:
@@ -292,14 +305,17 @@ def derive_iteration_settings(config) -> None:
 def hook_generator(config):
     """VISSL's hooks plus ours. Being a function of this module, it makes every worker process that
     VISSL spawns import this module (and so set VISSL up) when it is unpickled there; called there before
-    VISSL reads the datasets, it registers them from the catalog on disk.
-    ``SameRunHook`` comes last: it seeds the next step after every other hook has run."""
+    VISSL reads the datasets, it registers them from the catalog on disk. A fine-tuning's evaluation hook comes
+    first; ``SameRunHook`` comes last: it seeds the next step after every other hook has run."""
+    from convit_ssl.finetune_hook import build_finetune_hook
     from convit_ssl.health import build_health_hook
     from convit_ssl.gating_hook import build_gating_hook
     from convit_ssl.resume_hooks import PreemptionCheckpointHook, SameRunHook
 
     vissl_glue.register_datasets()
-    hooks = vissl_glue.default_hooks(config) + [PreemptionCheckpointHook()]
+    evaluation = build_finetune_hook(config)  # before VISSL's checkpoint hook: an epoch's scores precede its checkpoint
+    hooks = [evaluation] if evaluation is not None else []
+    hooks += vissl_glue.default_hooks(config) + [PreemptionCheckpointHook()]
     optional = [build_gating_hook(config), build_health_hook(config)]
     return hooks + [hook for hook in optional if hook is not None] + [SameRunHook()]
 

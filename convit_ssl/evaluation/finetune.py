@@ -1,0 +1,339 @@
+"""Fine-tuning (the whole trunk plus a new head) through VISSL's train engine, on all labels or a subset of them.
+
+``finetune(...)`` is what ``convit-ssl finetune`` runs:
+
+1. **Labels** (``choose_labels``): the training images kept (``--labels``): all, a per-class fraction (``10%``,
+   nested per seed as in ``subsets.class_subset``), ``N-per-class`` (the first N of the same per-class order, so
+   nested too), or a file list in the 1% / 10% ImageNet format (one image file name per line, matched against the
+   training split's file names). A held-out part of them (``HELDOUT_FRACTION`` per class, never the test split)
+   scores every epoch for choosing the best one.
+2. **Start**: ``random`` (the recipe's model, randomly initialised) or a checkpoint read by
+   ``convit_ssl.checkpoint.load_trunk`` (a run folder, VISSL, timm, official, DINO); a VISSL run's trunk shape
+   comes from its config. The trunk is written as VISSL weights (``MODEL.WEIGHTS_INIT``) into the run folder's ``finetune_inputs/``.
+3. **Run**: the recipe (``configs/config/convit_ssl/benchmark/finetune/NAME.yaml``) composed with the file lists and
+   the command's ``KEY=VALUE`` words by ``engine.compose``, trained by ``engine.train``, as ``convit-ssl train``
+   does: a rerun resumes its run folder, and the launcher runs it on SLURM.
+4. **Result**: from the run's ``finetune_eval.jsonl`` (``convit_ssl.finetune_hook``), the test accuracy of the
+   final epoch and of the epoch best on the held-out images, with a manifest that records the label subset
+   (``convit-ssl results`` merges it with probe results).
+
+Everything that can be wrong with the input (checkpoint, labels, head width) fails in one line before training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from convit_ssl import atomic
+from convit_ssl.errors import UsageError
+from convit_ssl.evaluation.results import file_sha256, make_manifest, slug, write_new_result
+from convit_ssl.evaluation.subsets import class_subset, heldout_split
+
+RECIPE_GROUP = "convit_ssl/benchmark/finetune"
+RECIPE_FOLDER = Path(__file__).resolve().parents[1] / "configs" / "config" / RECIPE_GROUP
+HELDOUT_FRACTION = 0.1
+# Trunk fields a fine-tuning recipe sets itself (regularisers), not copied from the pretraining run.
+RECIPE_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "grad_checkpointing")
+# The run folder's subfolder of what a fine-tuning reads: file lists and the initial trunk (a .torch file beside
+# the checkpoints would be taken for one).
+INPUTS_FOLDER = "finetune_inputs"
+
+
+def recipe_names() -> List[str]:
+    return sorted(path.stem for path in RECIPE_FOLDER.glob("*.yaml") if path.stem != "base")
+
+
+def recipe_config(name: str) -> str:
+    if name not in recipe_names():
+        raise UsageError(f"unknown fine-tuning recipe {name!r}: choose from {', '.join(recipe_names())} "
+                         f"(configs/config/{RECIPE_GROUP})")
+    return f"{RECIPE_GROUP}/{name}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class LabelSubset:
+    """The training images a fine-tuning learns from (``train``) and chooses its epoch on (``heldout``): indices
+    into the training split's samples, sorted."""
+
+    spec: str
+    train: np.ndarray
+    heldout: np.ndarray
+
+    def describe(self, labels: np.ndarray, classes: Sequence[str]) -> dict:
+        kept = np.concatenate([self.train, self.heldout])
+        counts = np.bincount(labels[kept], minlength=len(classes))
+        return {"labels": self.spec, "train_images": len(self.train), "heldout_images": len(self.heldout),
+                "images_per_class": {name: int(count) for name, count in zip(classes, counts)}}
+
+
+def parse_labels(spec: Optional[str]) -> Tuple[str, object]:
+    """``None`` or ``100%`` -> ("fraction", 1.0); ``10%`` -> ("fraction", 0.1); ``13-per-class`` -> ("per_class",
+    13); anything else is a file list path -> ("file", Path)."""
+    if spec is None:
+        return "fraction", 1.0
+    if match := re.fullmatch(r"(\d+(?:\.\d+)?)%", spec):
+        fraction = float(match.group(1)) / 100
+        if not 0 < fraction <= 1:
+            raise UsageError(f"--labels {spec}: give a percentage in (0, 100], e.g. 10%")
+        return "fraction", fraction
+    if match := re.fullmatch(r"(\d+)-per-class", spec):
+        count = int(match.group(1))
+        if count < 1:
+            raise UsageError(f"--labels {spec}: keep at least 1 image per class, e.g. 10-per-class")
+        return "per_class", count
+    if not Path(spec).is_file():
+        raise UsageError(f"--labels {spec!r} is neither a percentage (10%), N-per-class (10-per-class) nor a file: "
+                         f"give a file list with one image file name per line")
+    return "file", Path(spec)
+
+
+def _per_class(labels: np.ndarray, count: int, seed: int, classes: Sequence[str]) -> np.ndarray:
+    """The first ``count`` images of each class in ``class_subset``'s per-class order (nested across counts)."""
+    chosen = []
+    for label in range(len(classes)):
+        members = np.flatnonzero(labels == label)
+        if len(members) < count:
+            raise UsageError(f"--labels {count}-per-class: class {classes[label]!r} has only {len(members)} training "
+                             f"images; ask for at most {len(members)} per class, or a percentage")
+        chosen.append(np.random.default_rng([seed, label]).permutation(members)[:count])
+    return np.sort(np.concatenate(chosen))
+
+
+def _from_file_list(path: Path, files: Sequence[str]) -> np.ndarray:
+    """Indices of the training images that ``path`` names (one file name per line, as the ImageNet 1% / 10% lists;
+    a name is matched against each training image's file name, then against its path inside the split)."""
+    by_name: Dict[str, int] = {}
+    for index, file in enumerate(files):
+        by_name.setdefault(Path(file).name, index)
+    wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not wanted:
+        raise UsageError(f"file list {path} names no image: write one image file name per line")
+    missing = [name for name in wanted if Path(name).name not in by_name]
+    if missing:
+        raise UsageError(f"file list {path} names {len(missing)} of its {len(wanted)} images that the training split "
+                         f"does not hold (first: {missing[0]}); check that the list belongs to this dataset")
+    return np.unique([by_name[Path(name).name] for name in wanted])
+
+
+def choose_labels(spec: Optional[str], labels: Sequence[int], files: Sequence[str], classes: Sequence[str],
+                  seed: int = 0, heldout_fraction: float = HELDOUT_FRACTION) -> LabelSubset:
+    """The label subset ``spec`` (see ``parse_labels``) of a training split with ``labels`` and ``files`` (one per
+    sample), split into training and held-out images; every class must keep at least one image."""
+    labels = np.asarray(labels)
+    kind, value = parse_labels(spec)
+    if kind == "fraction":
+        kept = class_subset(labels, value, seed)
+    elif kind == "per_class":
+        kept = _per_class(labels, value, seed, classes)
+    else:
+        kept = _from_file_list(value, files)
+    empty = [classes[label] for label in range(len(classes)) if not np.any(labels[kept] == label)]
+    if empty:
+        raise UsageError(f"--labels {spec}: {len(empty)} of {len(classes)} classes keep no image (first: {empty[0]}); "
+                         f"the head would never see them: keep more labels")
+    train, heldout = heldout_split(labels, heldout_fraction, seed, indices=kept)
+    return LabelSubset(spec or "100%", train, heldout)
+
+
+def write_file_list(folder: Path, role: str, files: Sequence[str], labels: Sequence[int]) -> Tuple[Path, Path]:
+    """VISSL's ``disk_filelist`` pair (image paths, labels) as ``.npy`` files named by their content, so a file
+    that exists already holds exactly this list and is never overwritten with another."""
+    images = np.asarray([str(file) for file in files])
+    targets = np.asarray(labels, dtype=np.int64)
+    digest = hashlib.sha256("\n".join(f"{file}\t{label}" for file, label in zip(images, targets)).encode())
+    paths = []
+    for suffix, array in (("images", images), ("labels", targets)):
+        path = folder / f"{role}-{digest.hexdigest()[:12]}-{suffix}.npy"
+        if not path.is_file():
+            with atomic.open_atomic(path, "wb") as stream:
+                np.save(stream, array, allow_pickle=False)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Start: random or a checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+def _value(value) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def checkpoint_words(path: Path) -> List[str]:
+    """``trunk.FIELD=VALUE`` words that give the fine-tuned trunk the shape of a VISSL run's trunk (the recipe's
+    regularisers ``RECIPE_FIELDS`` excepted); none for other formats, whose shape the recipe's model and the
+    command's ``model=`` / ``trunk.`` words give."""
+    from convit_ssl.checkpoint import run_trunk_kwargs
+
+    kwargs = run_trunk_kwargs(path) or {}
+    return [f"trunk.{key}={_value(value)}" for key, value in sorted(kwargs.items()) if key not in RECIPE_FIELDS]
+
+
+def write_initial_trunk(state: Mapping, folder: Path) -> Path:
+    """The trunk's state dict as VISSL weights (``classy_state_dict`` layout, no heads), named by its content."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    path = folder / f"initial_trunk-{hashlib.sha256(buffer.getvalue()).hexdigest()[:12]}.torch"
+    if not path.is_file():
+        atomic.torch_save({"classy_state_dict": {"base_model": {"model": {"trunk": dict(state), "heads": {}}}}},
+                          path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks on the composed config
+# ---------------------------------------------------------------------------------------------------------------
+def head_classes(config) -> int:
+    """The output width of the last head of ``config`` (its ``dims[-1]``)."""
+    return int(config.MODEL.HEAD.PARAMS[-1][1]["dims"][-1])
+
+
+def check_head(config, classes: Sequence[str], dataset: str) -> None:
+    width = head_classes(config)
+    if width != len(classes):
+        raise UsageError(f"the head predicts {width} classes but {dataset} has {len(classes)}: set "
+                         f"config.CONVIT_SSL.NUM_CLASSES={len(classes)} (or pick the data file of this dataset)")
+
+
+def check_initial_trunk(config, trunk) -> None:
+    """The checkpoint's trunk fits the trunk the config builds (same keys and shapes), in one line if not."""
+    from convit_ssl.checkpoint import load_trunk_state
+    from convit_ssl.models.convit import ConViT
+    from convit_ssl.trunk_config import trunk_kwargs
+
+    load_trunk_state(ConViT(**trunk_kwargs(config.MODEL)), trunk.state_dict(), source="the given")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result
+# ---------------------------------------------------------------------------------------------------------------
+def read_evaluations(run_dir: Path) -> List[dict]:
+    """One record per epoch from ``finetune_eval.jsonl`` (a repeated epoch: its last record), by epoch."""
+    from convit_ssl.finetune_hook import EVAL_FILE
+
+    path = Path(run_dir) / EVAL_FILE
+    records = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            records[record["epoch"]] = record
+    return [records[epoch] for epoch in sorted(records)]
+
+
+def summarise(records: Sequence[Mapping]) -> Dict[str, Optional[dict]]:
+    """``{"final": last epoch, "heldout": the epoch of the best held-out top-1 (the first of equals), or None
+    without held-out images}``."""
+    if not records:
+        raise UsageError("the fine-tuning wrote no evaluation (finetune_eval.jsonl is empty): it trained no epoch")
+    best = None
+    if records[-1].get("heldout_images"):
+        best = max(records, key=lambda record: (record["heldout_top1"], -record["epoch"]))
+    return {"final": dict(records[-1]), "heldout": dict(best) if best is not None else None}
+
+
+def result_rows(name: str, dataset: str, labels: str, chosen: Mapping[str, Optional[Mapping]]) -> List[dict]:
+    rows = []
+    for selected_on, record in chosen.items():
+        if record is not None:
+            rows.append({"kind": "finetune", "model": name, "dataset": dataset, "labels": labels,
+                         "selected_on": selected_on, "epoch": record["epoch"], "top1": record["test_top1"],
+                         "top5": record["test_top5"]})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole command
+# ---------------------------------------------------------------------------------------------------------------
+def default_run_dir(recipe: str, source: str, labels: str, digest_parts: Sequence[str]) -> Path:
+    """``runs/finetune-<recipe>-<source>-<labels>-<hash>``: the same command, the same folder (a rerun resumes)."""
+    digest = hashlib.sha1("\n".join(digest_parts).encode()).hexdigest()[:8]
+    root = Path(os.environ.get("CONVIT_SSL_RUNS", "runs"))
+    return root / "-".join(["finetune", recipe, slug(source), slug(labels), digest])
+
+
+def finetune(checkpoint: str, recipe: str, labels: Optional[str] = None, words: Sequence[str] = (),
+             seed: int = 0, name: Optional[str] = None, arch: Optional[str] = None,
+             out: Optional[Path] = None) -> dict:
+    """Fine-tune and write the result (see the module docstring); returns the result with its ``file``."""
+    from convit_ssl import data, engine
+    from convit_ssl.checkpoint import checkpoint_file, load_trunk
+
+    started = time.time()
+    config_name = recipe_config(recipe)
+    words = list(words)
+    given = [word for word in words if word.startswith("config=")]
+    if given:
+        raise UsageError(f"{given[0]}: the recipe is --recipe NAME; give only KEY=VALUE overrides")
+    source_file, trunk, model_info = None, None, {"source": "random", "recipe": recipe, "init_seed": seed}
+    if checkpoint != "random":
+        source_file = checkpoint_file(checkpoint)
+        trunk, report = load_trunk(source_file, arch=arch)
+        model_info = {"source": "checkpoint", "checkpoint": str(source_file), "sha256": file_sha256(source_file),
+                      "format": report.source_format, "arch": report.arch}
+        words = checkpoint_words(source_file) + words
+    probe = engine.compose([f"config={config_name}", *words])  # writes nothing: the checks below need the config
+    dataset = probe.CONVIT_SSL.DATASET
+    train_split = data.open_split(dataset, "train")
+    files = [path for path, _ in train_split.samples]
+    targets = np.asarray(train_split.targets)
+    check_head(probe, train_split.classes, dataset)
+    if trunk is not None:
+        check_initial_trunk(probe, trunk)
+    subset = choose_labels(labels, targets, files, train_split.classes, seed)
+    run_dir = next((Path(word.partition("=")[2]) for word in words if word.startswith("run_dir=")), None)
+    if run_dir is None:
+        run_dir = default_run_dir(recipe, "random" if source_file is None else model_info["sha256"][:8],
+                                  subset.spec, [config_name, model_info.get("sha256", "random"), subset.spec,
+                                                str(seed), *sorted(words)])
+        words.append(f"run_dir={run_dir}")
+    run_dir = Path(run_dir).resolve()
+    folder = run_dir / INPUTS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels = write_file_list(folder, "train", [files[i] for i in subset.train],
+                                                 targets[subset.train])
+    heldout_images, heldout_labels = write_file_list(folder, "heldout", [files[i] for i in subset.heldout],
+                                                     targets[subset.heldout])
+    run_words = [f"config.DATA.TRAIN.DATA_PATHS=['{train_images}']",
+                 f"config.DATA.TRAIN.LABEL_PATHS=['{train_labels}']",
+                 f"config.SEED_VALUE={seed}"]
+    if len(subset.heldout):
+        run_words += [f"config.CONVIT_SSL.HELDOUT_IMAGES='{heldout_images}'",
+                      f"config.CONVIT_SSL.HELDOUT_LABELS='{heldout_labels}'"]
+    if trunk is not None:
+        run_words.append(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE='{write_initial_trunk(trunk.state_dict(), folder)}'")
+    config = engine.compose([f"config={config_name}", *words, *run_words])
+    print(f"fine-tuning {name or checkpoint} on {subset.spec} of {dataset}'s labels ({len(subset.train)} training, "
+          f"{len(subset.heldout)} held-out images); run folder: {run_dir}", flush=True)
+    engine.train(config)
+    chosen = summarise(read_evaluations(run_dir))
+    name = name or ("random init" if source_file is None else str(checkpoint))
+    result = {
+        "kind": "finetune", "recipe": recipe, "dataset": dataset, "run_dir": str(run_dir),
+        "label_subset": {**subset.describe(targets, train_split.classes), "seed": seed,
+                         "heldout_fraction": HELDOUT_FRACTION, "train_list": str(train_images),
+                         "heldout_list": str(heldout_images)},
+        "chosen": chosen, "epochs": read_evaluations(run_dir),
+        "manifest": {**make_manifest([{"name": name, **model_info}], {"checkpoint": checkpoint, "recipe": recipe,
+                                                                      "labels": subset.spec, "words": words},
+                                     {"seed": seed}, started),
+                     "label_subset": {"labels": subset.spec, "seed": seed, "train_list": str(train_images),
+                                      "heldout_list": str(heldout_images)}},
+        "rows": result_rows(name, dataset, subset.spec, chosen),
+    }
+    path = write_new_result(result, Path(out) if out else run_dir, f"finetune-{slug(recipe)}-{slug(subset.spec)}")
+    result["file"] = str(path)
+    return result

@@ -1,0 +1,345 @@
+"""Fine-tuning: label subsets and file lists, layer-wise lr decay, mixup/cutmix targets, bad input, and tiny runs of
+`convit-ssl finetune` through VISSL's engine (random init, a checkpoint, a resume)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from convit_ssl.errors import UsageError
+from convit_ssl.evaluation.finetune import choose_labels, parse_labels, summarise
+from convit_ssl.evaluation.subsets import class_subset
+
+CLASSES = ["a", "b", "c"]
+# 3 classes of 20, 10 and 5 images; file names unique, as in an ImageNet train folder
+LABELS = np.array([0] * 20 + [1] * 10 + [2] * 5)
+FILES = [f"/data/train/{CLASSES[label]}/img{index:03d}.png" for index, label in enumerate(LABELS)]
+
+
+def _kept(subset):
+    return set(subset.train) | set(subset.heldout)
+
+
+def test_labels_fraction_is_the_nested_class_subset_split_into_train_and_heldout():
+    small, large = (choose_labels(spec, LABELS, FILES, CLASSES, seed=3) for spec in ("20%", "60%"))
+    assert _kept(small) == set(class_subset(LABELS, 0.2, seed=3))
+    assert _kept(small) <= _kept(large)
+    assert not set(small.train) & set(small.heldout)
+    # 20% of 20 = 4 images: 1 held out (10%, at least 1); of 10: 2, 1 held out; of 5: 1, kept for training
+    assert np.bincount(LABELS[small.heldout], minlength=3).tolist() == [1, 1, 0]
+    assert np.bincount(LABELS[small.train], minlength=3).tolist() == [3, 1, 1]
+
+
+def test_labels_per_class_take_the_same_order_as_fractions():
+    three = choose_labels("3-per-class", LABELS, FILES, CLASSES, seed=1)
+    assert np.bincount(LABELS[list(_kept(three))]).tolist() == [3, 3, 3]
+    five = choose_labels("5-per-class", LABELS, FILES, CLASSES, seed=1)
+    assert _kept(three) <= _kept(five)
+    # all 5 of class c, in the order class_subset draws: its 100% subset
+    assert {i for i in _kept(five) if LABELS[i] == 2} == set(np.flatnonzero(LABELS == 2))
+
+
+def test_labels_from_a_file_list_of_file_names(tmp_path):
+    listing = tmp_path / "subset.txt"
+    listing.write_text("img000.png\nimg025.png\n\nimg031.png\nimg001.png\n")
+    subset = choose_labels(str(listing), LABELS, FILES, CLASSES, heldout_fraction=0.0)
+    assert sorted(subset.train) == [0, 1, 25, 31] and len(subset.heldout) == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    ("img000.png\nimg999.png\nimg025.png\nimg031.png\n", "names 1 of its 4 images that the training split does not"),
+    ("img000.png\nimg025.png\n", "1 of 3 classes keep no image (first: c)"),
+    ("\n", "names no image"),
+])
+def test_bad_file_lists_are_refused_in_one_line(tmp_path, content, message):
+    listing = tmp_path / "subset.txt"
+    listing.write_text(content)
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        choose_labels(str(listing), LABELS, FILES, CLASSES)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("6-per-class", "class 'c' has only 5 training images"),
+    ("0%", r"percentage in \(0, 100\]"),
+    ("150%", r"percentage in \(0, 100\]"),
+    ("0-per-class", "at least 1 image per class"),
+    ("tenpercent", "neither a percentage"),
+])
+def test_bad_label_specs_are_refused(spec, message):
+    with pytest.raises(UsageError, match=message):
+        choose_labels(spec, LABELS, FILES, CLASSES)
+
+
+def test_parse_labels():
+    assert parse_labels(None) == ("fraction", 1.0)
+    assert parse_labels("10%") == ("fraction", 0.1)
+    assert parse_labels("0.5%") == ("fraction", 0.005)
+    assert parse_labels("13-per-class") == ("per_class", 13)
+
+
+def test_summarise_picks_the_best_heldout_epoch_and_the_final_one():
+    records = [{"epoch": 0, "heldout_images": 5, "heldout_top1": 40.0, "test_top1": 41.0, "test_top5": 90.0},
+               {"epoch": 1, "heldout_images": 5, "heldout_top1": 80.0, "test_top1": 70.0, "test_top5": 95.0},
+               {"epoch": 2, "heldout_images": 5, "heldout_top1": 80.0, "test_top1": 72.0, "test_top5": 96.0},
+               {"epoch": 3, "heldout_images": 5, "heldout_top1": 60.0, "test_top1": 75.0, "test_top5": 97.0}]
+    chosen = summarise(records)
+    assert chosen["final"]["epoch"] == 3 and chosen["heldout"]["epoch"] == 1  # the first of the equal best
+    assert summarise([{"epoch": 0, "heldout_images": 0, "test_top1": 1.0}])["heldout"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through VISSL: layer decay, mixup/cutmix
+# ---------------------------------------------------------------------------------------------------------------
+def _compose(words, data_root, monkeypatch):
+    from convit_ssl import engine
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    return engine.compose(words)
+
+
+def test_layer_decay_factor_per_parameter_matches_a_hand_computed_table(data_root, monkeypatch):
+    """depth 2, decay 0.5: embeddings 0.5^3, block 0 0.5^2, block 1 0.5, final norm and head 1; checked on the
+    parameter groups VISSL's trainer builds, whose lr schedules are VISSL's scaled by the factor."""
+    from classy_vision.optim import build_optimizer_schedulers
+    from vissl.models import build_model
+    import vissl.trainer.train_task as train_task
+
+    config = _compose(["config=convit_ssl/benchmark/finetune/digits", "trunk.depth=2", "trunk.local_up_to_layer=1",
+                       "config.OPTIMIZER.layer_decay=0.5"], data_root, monkeypatch)
+    model = build_model(config.MODEL, config.OPTIMIZER)
+    schedulers = build_optimizer_schedulers(config.OPTIMIZER)
+    groups = train_task.get_optimizer_param_groups(model, config.MODEL, config.OPTIMIZER, schedulers)
+    expected = {"trunk.patch_embed.proj.weight": 0.125, "trunk.patch_embed.proj.bias": 0.125,
+                "trunk.pos_embedding": 0.125, "trunk.class_token": 0.125,
+                "trunk.blocks.0.attn.gating": 0.25, "trunk.blocks.0.attn.qk.weight": 0.25,
+                "trunk.blocks.0.norm1.weight": 0.25, "trunk.blocks.1.mlp.fc2.weight": 0.5,
+                "trunk.blocks.1.attn.qkv.weight": 0.5, "trunk.norm.weight": 1.0, "heads.0.clf.0.weight": 1.0,
+                "heads.0.clf.0.bias": 1.0}
+    group_of = {id(p): group for group in groups for p in group["params"]}
+    names = dict(model.named_parameters())
+    assert set(expected) <= set(names)
+    assert len(group_of) == len(names)  # every parameter in exactly one group
+    where = 0.4
+    base = schedulers["lr"](where)
+    for name, factor in expected.items():
+        assert group_of[id(names[name])]["lr"](where) == pytest.approx(factor * base, rel=1e-12), name
+    decayed = {name for name in names if group_of[id(names[name])]["weight_decay"] != 0.0}
+    assert "trunk.blocks.0.attn.qk.weight" in decayed and "heads.0.clf.0.weight" in decayed
+    for name in ("trunk.pos_embedding", "trunk.class_token", "trunk.blocks.0.attn.gating",
+                 "trunk.blocks.0.norm1.weight", "trunk.blocks.1.mlp.fc2.bias"):
+        assert name not in decayed, name  # the official code decays no 1-D tensor and no embedding
+
+
+def test_layer_decay_off_keeps_vissls_groups(data_root, monkeypatch):
+    from classy_vision.optim import build_optimizer_schedulers
+    from vissl.models import build_model
+    import vissl.trainer.train_task as train_task
+
+    config = _compose(["config=convit_ssl/benchmark/finetune/digits"], data_root, monkeypatch)
+    model = build_model(config.MODEL, config.OPTIMIZER)
+    schedulers = build_optimizer_schedulers(config.OPTIMIZER)
+    groups = train_task.get_optimizer_param_groups(model, config.MODEL, config.OPTIMIZER, schedulers)
+    assert all(group["lr"] is schedulers["lr"] or group["lr"] is schedulers["lr_head"] for group in groups)
+
+
+def test_mixup_cutmix_targets_of_the_imagenet_recipe_sum_to_one(data_root, monkeypatch):
+    from vissl.data.collators import get_collator
+
+    config = _compose(["config=convit_ssl/benchmark/finetune/imagenet1k", "data=digits"], data_root, monkeypatch)
+    train = config.DATA.TRAIN
+    assert train.COLLATE_FUNCTION == "cutmixup_collator"
+    params = dict(train.COLLATE_FUNCTION_PARAMS)
+    assert (params["mixup_alpha"], params["cutmix_alpha"], params["label_smoothing"]) == (0.8, 1.0, 0.1)
+    collate = get_collator(train.COLLATE_FUNCTION, params)
+    torch.manual_seed(0)
+    mixed = 0
+    for _ in range(8):
+        batch = [{"data": [torch.randn(3, 8, 8)], "label": [i % 10], "data_valid": [1], "data_idx": [i]}
+                 for i in range(6)]
+        targets = collate(batch)["label"][0]
+        assert targets.shape == (6, 10)
+        torch.testing.assert_close(targets.sum(1), torch.ones(6, dtype=targets.dtype))
+        assert targets.min() >= 0.1 / 10 - 1e-6  # smoothing spreads 0.1 over the classes
+        mixed += int((targets.max(1).values < 0.9).all())  # a smoothed one-hot target peaks at 0.91
+    assert mixed > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line, before training
+# ---------------------------------------------------------------------------------------------------------------
+def _finetune(args, data_root, monkeypatch, capsys):
+    from convit_ssl.cli import main
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    code = main(["finetune", *args])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_a_checkpoint_that_is_not_a_convit_is_refused(tmp_path, data_root, monkeypatch, capsys):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, path)
+    code, error = _finetune(["--checkpoint", str(path), "--recipe", "digits", f"run_dir={tmp_path / 'run'}"],
+                            data_root, monkeypatch, capsys)
+    assert code == 2 and "not a ConViT/DeiT state dict" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_head_that_does_not_fit_the_classes_is_refused(tmp_path, data_root, monkeypatch, capsys):
+    code, error = _finetune(["--checkpoint", "random", "--recipe", "digits", "config.CONVIT_SSL.NUM_CLASSES=7",
+                             f"run_dir={tmp_path / 'run'}"], data_root, monkeypatch, capsys)
+    assert code == 2 and len(error.splitlines()) == 1
+    assert "the head predicts 7 classes but digits has 10: set config.CONVIT_SSL.NUM_CLASSES=10" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_trunk_that_does_not_fit_the_checkpoint_is_refused(tmp_path, data_root, monkeypatch, capsys):
+    from convit_ssl.models import create_trunk
+
+    path = tmp_path / "trunk.pth"
+    torch.save(create_trunk("convit_tiny", img_size=32, patch_size=4, embed_dim=48, depth=2,
+                            local_up_to_layer=1).state_dict(), path)
+    code, error = _finetune(["--checkpoint", str(path), "--recipe", "digits", f"run_dir={tmp_path / 'run'}"],
+                            data_root, monkeypatch, capsys)
+    assert code == 2 and len(error.splitlines()) == 1 and "does not fit the trunk" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_recipe_is_refused(data_root, monkeypatch, capsys):
+    code, error = _finetune(["--checkpoint", "random", "--recipe", "mnist"], data_root, monkeypatch, capsys)
+    assert code == 2 and "unknown fine-tuning recipe 'mnist': choose from cifar10, cifar100, digits, imagenet1k" in error
+
+
+def test_every_recipe_composes_and_heads_follow_the_data_file(data_root, monkeypatch):
+    """Each recipe on digits (the one dataset every test machine has): a 10-way head; the data files' class counts."""
+    import yaml
+
+    from convit_ssl.engine import PACKAGE_CONFIGS
+    from convit_ssl.evaluation.finetune import head_classes, recipe_names
+
+    for name in recipe_names():
+        config = _compose([f"config=convit_ssl/benchmark/finetune/{name}", "data=digits"], data_root, monkeypatch)
+        assert head_classes(config) == 10, name
+        assert config.OPTIMIZER.non_regularized_parameters == ["pos_embedding", "class_token", "gating"]
+    folder = PACKAGE_CONFIGS / "config" / "convit_ssl" / "data"
+    classes = {name: yaml.safe_load((folder / f"{name}.yaml").read_text())["config"]["CONVIT_SSL"]["NUM_CLASSES"]
+               for name in ("imagenet1k", "cifar10", "cifar100", "digits")}
+    assert classes == {"imagenet1k": 1000, "cifar10": 10, "cifar100": 100, "digits": 10}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real runs through VISSL's engine
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def train_env(data_root):
+    """Environment of `convit-ssl` subprocesses: the data root, one thread per process."""
+    return dict(os.environ, CONVIT_SSL_DATA=str(data_root), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+TINY = ["trunk.embed_dim=32", "trunk.depth=2", "trunk.local_up_to_layer=1", "config.DATA.NUM_DATALOADER_WORKERS=0",
+        "config.CHECKPOINT.CHECKPOINT_FREQUENCY=1"]
+
+
+def _run(args, env):
+    result = subprocess.run([sys.executable, "-m", "convit_ssl", "finetune", *args], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "stdout.json").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_tiny_finetune_learns_writes_its_result_and_resumes_into_the_same_run(tmp_path, train_env):
+    """From random init on all digits labels, 5 epochs: the loss falls and test accuracy ends above chance (10%;
+    17% on 360 images is 4.4 binomial standard deviations above it); a run cut after epoch 3 and resumed ends with
+    the same epoch 4 as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    args = ["--checkpoint", "random", "--recipe", "digits", *TINY, "config.OPTIMIZER.num_epochs=5",
+            f"run_dir={run_dir}", "--out", str(tmp_path / "eval")]
+    _run(args, train_env)
+    losses = _losses(run_dir)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
+    records = [json.loads(line) for line in (run_dir / "finetune_eval.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in records] == [0, 1, 2, 3, 4]
+    assert records[-1]["test_images"] == 360 and records[-1]["heldout_images"] == 145
+    assert records[-1]["test_top1"] > 17
+    (result_file,) = (tmp_path / "eval").glob("finetune-digits-100.json")
+    result = json.loads(result_file.read_text())
+    assert result["manifest"]["label_subset"]["labels"] == "100%"
+    assert result["label_subset"]["train_images"] + result["label_subset"]["heldout_images"] == 1437
+    assert {row["selected_on"] for row in result["rows"]} == {"final", "heldout"}
+    final = next(row for row in result["rows"] if row["selected_on"] == "final")
+    assert final["top1"] == records[-1]["test_top1"]
+
+    # the same run killed after epoch 3's checkpoint: resume from it
+    (run_dir / "model_final_checkpoint_phase4.torch").unlink()
+    (run_dir / "checkpoint.torch").unlink()
+    (run_dir / "checkpoint.torch").symlink_to("model_phase3.torch")
+    _run(args, train_env)
+    resumed = [json.loads(line) for line in (run_dir / "finetune_eval.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in resumed] == [0, 1, 2, 3, 4]
+    assert resumed[4] == records[4]
+
+
+@pytest.mark.slow
+def test_finetune_from_a_pretraining_run_folder_starts_from_its_trunk(tmp_path, train_env):
+    """A 1-epoch SimCLR run of a width-32 trunk: fine-tuning takes its shape from the run's config (regularisers
+    from the recipe) and its initial weights from the run's checkpoint, which VISSL loads into every trunk layer."""
+    from tiny_training import run, train_command
+
+    pretrain = tmp_path / "pretrain"
+    run(train_command(pretrain, "config.OPTIMIZER.num_epochs=1"), train_env)
+    run_dir = tmp_path / "finetune"
+    _run(["--checkpoint", str(pretrain), "--recipe", "digits", "--labels", "10-per-class",
+          "config.DATA.NUM_DATALOADER_WORKERS=0", "config.OPTIMIZER.num_epochs=1", f"run_dir={run_dir}"], train_env)
+    config = yaml.safe_load((run_dir / "train_config.yaml").read_text())
+    overrides = config["MODEL"]["TRUNK"]["CONVIT_SSL"]["OVERRIDES"]
+    assert (overrides["embed_dim"], overrides["depth"], overrides["local_up_to_layer"]) == (32, 2, 1)
+    assert overrides["drop_path_rate"] == 0.1  # the recipe's, not the pretraining's
+    initial = torch.load(config["MODEL"]["WEIGHTS_INIT"]["PARAMS_FILE"], weights_only=True)
+    pretrained = torch.load(pretrain / "checkpoint.torch", weights_only=True)
+    trunk = initial["classy_state_dict"]["base_model"]["model"]["trunk"]
+    source = pretrained["classy_state_dict"]["base_model"]["model"]["trunk"]
+    assert trunk.keys() == source.keys()
+    for key in trunk:
+        torch.testing.assert_close(trunk[key], source[key], rtol=0, atol=0)
+    log = (run_dir / "log.txt").read_text()
+    assert {f"trunk.{key}" for key in trunk} == set(re.findall(r"Loaded: (trunk\.\S+)\s+of shape", log))
+
+
+def test_randaugment_posterize_at_the_top_level_gives_a_black_image_as_before_pil_10():
+    """VISSL's increasing posterize keeps 0 bits at level 10; PIL 10+ raised ValueError there (a DeiT recipe run
+    died in its first epoch)."""
+    from PIL import Image
+    import convit_ssl.vissl_glue  # noqa: F401 (the patches)
+    from vissl.data.ssl_transforms.rand_auto_aug import AugmentOp
+
+    image = Image.new("RGB", (8, 8), (200, 120, 40))
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    assert list(op(image).getdata()) == [(0, 0, 0)] * 64
+    # level 5 keeps 4 - 2 = 2 bits: 200, 120, 40 -> 192, 64, 0
+    assert list(AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(image).getdata())[0] == (192, 64, 0)
+
+
+@pytest.mark.slow
+def test_the_deit_recipe_with_layer_decay_trains_through_vissl(tmp_path, train_env):
+    """The ImageNet recipe's pieces (RandAugment, random erasing, mixup/cutmix targets, stochastic depth) with layer
+    decay 0.75, on digits at 32 px (the CIFAR recipe), one epoch: VISSL's TensorBoard hook logs the schedule's lr
+    (the groups' lrs differ: classy's list made it fail) and the hook scores the epoch."""
+    run_dir = tmp_path / "run"
+    _run(["--checkpoint", "random", "--recipe", "cifar10", "--labels", "20%", "data=digits", "model=convit_tiny",
+          *TINY, "config.OPTIMIZER.num_epochs=1", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=32",
+          "config.OPTIMIZER.layer_decay=0.75", f"run_dir={run_dir}"], train_env)
+    (record,) = [json.loads(line) for line in (run_dir / "finetune_eval.jsonl").read_text().splitlines()]
+    assert record["epoch"] == 0 and record["test_images"] == 360
+    rates = re.findall(r"lr: \[([^\]]+)\]", (run_dir / "log.txt").read_text())
+    factors = [float(value) / float(rates[-1].split(",")[-1]) for value in rates[-1].split(",")]
+    assert factors == pytest.approx([0.75 ** 3, 0.75 ** 2, 0.75, 1.0])  # depth 2: embeddings, blocks 0, 1, rest
