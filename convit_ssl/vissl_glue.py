@@ -174,6 +174,34 @@ def _teacher_without_drop_path(build):
     return build_deterministic_teacher
 
 
+def _teacher_batch_norm_on_cpu(build):
+    """VISSL converts DINO's teacher to SyncBatchNorm, which torch runs on GPUs only, so a head with batch norm
+    (``use_bn: true``) failed at the first step on a CPU. On a CPU (one process: there is nothing to synchronise)
+    the teacher's batch norms stay plain ``BatchNorm1d`` (heads; same parameters and statistics)."""
+
+    @functools.wraps(build)
+    def build_teacher(self, task):
+        build(self, task)
+        if task.device.type == "cpu":
+            task.loss.momentum_teacher = _without_sync_batch_norm(task.loss.momentum_teacher)
+
+    return build_teacher
+
+
+def _without_sync_batch_norm(module):
+    """``module`` with each ``SyncBatchNorm`` replaced by a ``BatchNorm1d`` of the same settings and state."""
+    import torch
+
+    if isinstance(module, torch.nn.SyncBatchNorm):
+        plain = torch.nn.BatchNorm1d(module.num_features, module.eps, module.momentum, module.affine,
+                                     module.track_running_stats)
+        plain.load_state_dict(module.state_dict())
+        return plain.requires_grad_(False)
+    for name, child in module.named_children():
+        setattr(module, name, _without_sync_batch_norm(child))
+    return module
+
+
 def _moco_encoder_caught_up(build):
     """On resume, VISSL's MoCo hook loads the key encoder from the checkpoint at the first forward pass and
     skips that step's momentum update, which the uninterrupted run makes (the encoder ends 1 - momentum of a
@@ -425,8 +453,8 @@ def _patch_vissl() -> None:
 
     GenericSSLDataset.__getitem__ = _seeded_per_sample(GenericSSLDataset.__getitem__)
     SelfSupervisionTask.set_epoch = _telling_dataset_the_epoch(SelfSupervisionTask.set_epoch)
-    DINOHook._build_momentum_network = _random_state_neutral(_teacher_without_drop_path(
-        DINOHook._build_momentum_network))
+    DINOHook._build_momentum_network = _random_state_neutral(_teacher_batch_norm_on_cpu(_teacher_without_drop_path(
+        DINOHook._build_momentum_network)))
     MoCoHook._build_moco_encoder = _random_state_neutral(_moco_encoder_caught_up(MoCoHook._build_moco_encoder))
     LogLossLrEtaHook.__init__ = _with_durable_step_log(LogLossLrEtaHook.__init__)
     import vissl.trainer.train_task as vissl_train_task

@@ -75,12 +75,12 @@ class Recorder(ClassyHook):
             step.update(queue_after=loss.queue.clone(), pointer_after=int(loss.queue_ptr))
 
 
-def _train_two_steps(method, tmp_path, monkeypatch, data_root):
+def _train_two_steps(method, tmp_path, monkeypatch, data_root, head=None):
     monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
     recorder = Recorder()
     monkeypatch.setattr(engine, "hook_generator", lambda config, original=engine.hook_generator:
                         original(config) + [recorder])
-    config = engine.compose([f"config={method}", *TINY, *SMALL_HEADS[method]], run_dir=str(tmp_path / "run"))
+    config = engine.compose([f"config={method}", *TINY, *(head or SMALL_HEADS[method])], run_dir=str(tmp_path / "run"))
     engine.train(config)
     assert [step["iteration"] for step in recorder.steps] == [0, 1]
     return config, recorder.steps
@@ -119,7 +119,8 @@ def _check_dino(config, steps):
     first, second = steps
     m = 1 - 0.5 * (1 - dino.momentum) * (math.cos(math.pi * second["iteration"] / second["max_iteration"]) + 1)
     for name, teacher in second["teacher"].items():
-        if teacher.is_floating_point() and "num_batches_tracked" not in name:
+        # a batch norm's running statistics are the teacher's own (from its forward passes), as in VISSL on GPUs
+        if teacher.is_floating_point() and "num_batches_tracked" not in name and "running_" not in name:
             expected = m * first["teacher"][name] + (1 - m) * second["student_after"][name]
             assert _close(teacher, expected, atol=1e-8), name
     assert not torch.equal(first["teacher"]["trunk.blocks.0.attn.qk.weight"],
@@ -230,3 +231,13 @@ def test_two_training_steps(method, tmp_path, monkeypatch, data_root):
     _check_common(steps)
     CHECKS[method](config, steps)
     _check_health(config, steps)
+
+
+def test_dino_with_a_batch_norm_head_trains_on_cpu(tmp_path, monkeypatch, data_root):
+    """VISSL turns the teacher's batch norms into SyncBatchNorm, which runs on GPUs only: on a CPU they stay
+    BatchNorm1d, and the two steps are DINO's (loss, centre, teacher by hand)."""
+    head = [SMALL_HEADS["dino"][0].replace("use_bn:false", "use_bn:true"), *SMALL_HEADS["dino"][1:]]
+    config, steps = _train_two_steps("dino", tmp_path, monkeypatch, data_root, head)
+    assert "heads.0.projection_head.1.running_mean" in steps[1]["teacher"]
+    _check_common(steps)
+    _check_dino(config, steps)
