@@ -150,7 +150,13 @@ def gather_rows(rows: np.ndarray, indices: np.ndarray, num_samples: int) -> np.n
 
 
 def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum each tensor over the ranks, in place (gradients of per-rank loss sums); nothing with one process."""
-    if active():
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sum each tensor over the ranks, in place (gradients of per-rank loss sums), all in one all-reduce of their
+    concatenation (tensors of one dtype and device); nothing with one process."""
+    if not active() or not tensors:
+        return
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    start = 0
+    for tensor in tensors:
+        tensor.copy_(flat[start:start + tensor.numel()].view_as(tensor))
+        start += tensor.numel()

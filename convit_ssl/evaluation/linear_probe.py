@@ -266,7 +266,8 @@ def standardisation(features: np.ndarray, chunk: int = 65536) -> Tuple[torch.Ten
     return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
 
-Batches = Callable[[int], Iterable[Tuple[Dict[str, torch.Tensor], torch.Tensor]]]
+# (features by choice, labels), or with several ranks (features, labels, global batch size) of this rank's part
+Batches = Callable[[int], Iterable[Tuple]]
 
 
 def train_heads(grids: Mapping[str, HeadGrid], batches: Batches, epochs: int, steps_per_epoch: int,
@@ -274,9 +275,10 @@ def train_heads(grids: Mapping[str, HeadGrid], batches: Batches, epochs: int, st
                 after_epoch: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None) -> Dict[str, np.ndarray]:
     """Train every grid on ``batches(epoch)`` ((features by choice, labels) pairs); cosine learning rate per step.
 
-    With several ranks each yields its part of every global batch (the same number of steps on every rank, parts
-    may be empty): the gradients and losses of the parts are summed over the ranks, each divided by the global
-    batch size, so the step is the one of the whole batch. ``start_epoch`` continues a resumed run (whose
+    With several ranks each yields its part of every global batch as a triple (features, labels, global batch
+    size), the same number of steps on every rank (parts may be empty): the losses of each part are divided by the
+    global batch size and the gradients and losses summed over the ranks (one all-reduce a step), so the step is
+    the one of the whole batch. ``start_epoch`` continues a resumed run (whose
     ``last_losses`` stand until an epoch ends); ``after_epoch(epochs_done, last_losses)`` runs after each epoch.
     Returns each grid's mean training loss per head over the last epoch.
     """
@@ -285,17 +287,19 @@ def train_heads(grids: Mapping[str, HeadGrid], batches: Batches, epochs: int, st
     summary = dict(last_losses or {})
     for epoch in range(start_epoch, epochs):
         epoch_losses: Dict[str, List[torch.Tensor]] = {choice: [] for choice in grids}
-        for features, labels in batches(epoch):
+        for features, labels, *whole in batches(epoch):
             lr_scale = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-            batch_size = torch.tensor([len(labels)], device=labels.device)
-            distributed.all_reduce_sum_([batch_size])
+            batch_size = whole[0] if whole else len(labels)
+            losses = {}
             for choice, grid in grids.items():
-                losses = grid.losses(features[choice], labels, int(batch_size))
-                losses.sum().backward()
-                losses = losses.detach()
-                distributed.all_reduce_sum_([grid.weight.grad, grid.bias.grad, losses])
+                losses[choice] = grid.losses(features[choice], labels, batch_size)
+                losses[choice].sum().backward()
+                losses[choice] = losses[choice].detach()
+            distributed.all_reduce_sum_([tensor for choice, grid in grids.items()
+                                         for tensor in (grid.weight.grad, grid.bias.grad, losses[choice])])
+            for choice, grid in grids.items():
                 grid.sgd_step(lr_scale)
-                epoch_losses[choice].append(losses)
+                epoch_losses[choice].append(losses[choice])
             step += 1
         summary = {choice: torch.stack(values).mean(dim=0).cpu().numpy() for choice, values in epoch_losses.items()}
         if after_epoch is not None:
@@ -368,8 +372,8 @@ def probe_features(train: Features, test: Features, recipe: Recipe, fraction: fl
         permutation = torch.randperm(len(fit), generator=order).to(device)
         for start in range(0, len(fit), recipe.batch_size):
             index = permutation[start:start + recipe.batch_size]
-            index = index[torch.from_numpy(distributed.shard_indices(len(index))).to(device)]  # this rank's part
-            yield {choice: x[index] for choice, x in fit_x.items()}, fit_y[index]
+            part = index[torch.from_numpy(distributed.shard_indices(len(index))).to(device)]  # this rank's part
+            yield {choice: x[part] for choice, x in fit_x.items()}, fit_y[part], len(index)
 
     losses = train_heads(grids, batches, recipe.epochs, math.ceil(len(fit) / recipe.batch_size))
     splits = {"train": (train, fit), "heldout": (train, heldout), "test": (test, None)}
@@ -460,19 +464,21 @@ def _probe_streamed(trunk: nn.Module, recipe: Recipe, dataset: str, fraction: fl
             parts.append([(1 + epoch, int(i)) for i in batch[distributed.shard_indices(len(batch))]])
         return parts
 
+    sizes = [min(recipe.batch_size, len(fit) - start) for start in range(0, len(fit), recipe.batch_size)]
+
     def batches(epoch: int):
         loader = DataLoader(augmented, batch_sampler=global_batches(epoch), collate_fn=_collate_part,
                             num_workers=num_workers, pin_memory=device.type == "cuda")
-        for part in loader:
+        for part, batch_size in zip(loader, sizes):
             if part is None:
-                yield {choice: torch.zeros(0, dim, device=device) for choice, dim in dims.items()}, \
-                    torch.zeros(0, dtype=torch.int64, device=device)
+                yield ({choice: torch.zeros(0, dim, device=device) for choice, dim in dims.items()},
+                       torch.zeros(0, dtype=torch.int64, device=device), batch_size)
                 continue
             images, targets = part
             with torch.no_grad():
                 outputs = dict(zip(keys, trunk(images.to(device, non_blocking=True), out_feat_keys=keys)))
             yield ({choice: torch.cat([outputs[key] for key in choice.split("+")], dim=1).float()
-                    for choice in recipe.features}, targets.to(device))
+                    for choice in recipe.features}, targets.to(device), batch_size)
 
     def save_state(done: int, losses: Dict[str, np.ndarray]) -> None:
         if state_path is not None and distributed.is_main():
