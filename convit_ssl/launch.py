@@ -82,7 +82,8 @@ from convit_ssl import atomic
 from convit_ssl.errors import UsageError
 
 RUNS_ENV = "CONVIT_SSL_RUNS"
-EVALUATIONS = ("linear-probe", "knn")
+EVALUATIONS = ("linear-probe", "knn", "finetune")
+TRAINING_EVALUATIONS = ("finetune",)  # VISSL training runs: one task per node, its engine spawns one process per GPU
 PORT_RANGE = (15000, 30000)  # below Linux's ephemeral range (32768+), where client sockets live
 RENDEZVOUS_TIMEOUT_S = 600
 
@@ -133,7 +134,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                            "--sweep config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_value=0.0005,0.001 "
                            "--sweep model=convit_tiny,convit_small")
     plan.add_argument("--then", action="append", default=[], metavar="EVAL=ARGS",
-                      help="evaluation to run when pretraining succeeds, repeatable: linear-probe=ARGS or knn=ARGS, "
+                      help="evaluation to run when pretraining succeeds, repeatable: linear-probe=ARGS, knn=ARGS or "
+                           "finetune=ARGS, "
                            "ARGS as for 'convit-ssl linear-probe' (--checkpoint, --out and --name are added); it "
                            "runs on as many nodes and GPUs as the pretraining (see --eval-nodes)")
     plan.add_argument("--eval-nodes", type=int, default=None, metavar="N",
@@ -272,11 +274,11 @@ def default_job_name(overrides: Sequence[str]) -> str:
     return name or "convit-ssl"
 
 
-def launcher_overrides(args: argparse.Namespace) -> List[str]:
-    """What the allocation decides: nodes, processes per node, device and backend."""
+def launcher_overrides(args: argparse.Namespace, nodes: Optional[int] = None) -> List[str]:
+    """What the allocation decides: nodes (``args.nodes`` unless given), processes per node, device and backend."""
     procs = 1 if args.cpu else args.gpus_per_node
     return [
-        f"config.DISTRIBUTED.NUM_NODES={args.nodes}",
+        f"config.DISTRIBUTED.NUM_NODES={nodes or args.nodes}",
         f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}",
         "config.DISTRIBUTED.INIT_METHOD=tcp",
         f"config.DISTRIBUTED.BACKEND={'gloo' if args.cpu else 'nccl'}",
@@ -603,6 +605,78 @@ class EvaluationJob:
             EvaluationJob(self.command, self.args, self.cpu, self.run_dir, self.attempt + 1))
 
 
+class FinetuneJob:
+    """``convit-ssl finetune ARGS`` as a training job, run as a pretraining is (``PretrainJob``): one task per node,
+    VISSL's engine spawning one process per GPU there, the rendezvous from ``rendezvous_address``. Every node
+    prepares the same run (``evaluation.finetune.prepare``: its file lists and initial trunk are named by their
+    content), node 0 writes the result (``--out``, default the job folder). Chained (``run_dir`` given): on the final
+    checkpoint of ``run_dir``. The run folder is ``run_dir=`` of ARGS, else ``<job folder>/run``; ``checkpoint``
+    requeues the same run, which resumes from its last checkpoint.
+    """
+
+    def __init__(self, args: Sequence[str], launcher_words: Sequence[str], run_dir: Optional[str] = None,
+                 attempt: int = 0) -> None:
+        self.args = list(args)
+        self.launcher_words = list(launcher_words)
+        self.run_dir = run_dir
+        self.attempt = attempt
+
+    def _argv(self) -> List[str]:
+        chained = ["--checkpoint", str(final_checkpoint(Path(self.run_dir)))] if self.run_dir is not None else []
+        return chained + self.args
+
+    @staticmethod
+    def _run_folder(folder: Path, overrides: Sequence[str]) -> Path:
+        given = [word.split("=", 1)[1] for word in overrides if _key(word) == "run_dir"]
+        return Path(given[-1] if given else folder / "run").resolve()
+
+    def __call__(self) -> str:
+        import submitit
+
+        from convit_ssl import engine
+        from convit_ssl.evaluation import finetune
+
+        started = time.time()
+        env = submitit.JobEnvironment()
+        folder = env.paths.folder
+        if env.cluster == "local":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every "node" is this machine
+        argv = self._argv()
+        given = check_evaluation_args("finetune", argv, "finetune")
+        words = [*given.overrides, f"run_dir={self._run_folder(folder, given.overrides)}", *self.launcher_words]
+        prepared = finetune.prepare(given.checkpoint, given.recipe, given.labels, words, given.seed, given.arch)
+        config = engine.compose(prepared.words)
+        config.CHECKPOINT.APPEND_DISTR_RUN_ID = False  # the port changes on requeue, the folder must not
+        config.DISTRIBUTED.RUN_ID = rendezvous_address(env, prepared.run_dir, self.attempt)
+        engine.train(config, node_id=env.global_rank)
+        if env.global_rank == 0:
+            result = finetune.write_result(prepared, started, given.name, given.out or folder,
+                                           {"argv": argv, "launcher": self.launcher_words})
+            print(f"result: {result['file']}", flush=True)
+        return str(prepared.run_dir)
+
+    def checkpoint(self):
+        """On SLURM's signal: wait for the training processes' checkpoint, then requeue the same run."""
+        import submitit
+
+        from convit_ssl import engine
+
+        given = check_evaluation_args("finetune", self._argv(), "finetune")
+        run_dir = self._run_folder(submitit.JobEnvironment().paths.folder, given.overrides)
+        if not engine.wait_for_preemption_checkpoint(run_dir, time.time()):
+            print(f"no checkpoint after the signal in {run_dir}: resuming from the last complete one", flush=True)
+        return submitit.helpers.DelayedSubmission(
+            FinetuneJob(self.args, self.launcher_words, self.run_dir, self.attempt + 1))
+
+
+def evaluation_job(args: argparse.Namespace, command: str, eval_args: Sequence[str], nodes: int,
+                   run_dir: Optional[str] = None):
+    """The job object of an evaluation: ``FinetuneJob`` for a fine-tuning, else ``EvaluationJob``."""
+    if command in TRAINING_EVALUATIONS:
+        return FinetuneJob(eval_args, launcher_overrides(args, nodes), run_dir=run_dir)
+    return EvaluationJob(command, eval_args, args.cpu, run_dir=run_dir)
+
+
 # ---------------------------------------------------------------------------------------------- submit
 def _slurm_executor(folder: str, max_num_timeout: int, script_only: bool):
     """submitit's SlurmExecutor; ``script_only`` builds one where srun is absent, to print the script."""
@@ -648,10 +722,12 @@ def make_executor(args: argparse.Namespace, folder: str, *, nodes: int, gpus: in
 
 
 def evaluation_executor(args: argparse.Namespace, folder: str, nodes: int, name: str, partition: Optional[str],
-                        dependency: Optional[str] = None):
-    """The executor of an evaluation job: ``nodes`` nodes, one task (rank) per GPU, or one per node with --cpu."""
+                        dependency: Optional[str] = None, command: str = ""):
+    """The executor of an evaluation job: ``nodes`` nodes, one task (rank) per GPU, or one per node with --cpu; one
+    per node for a training evaluation (fine-tuning), whose VISSL engine starts the per-GPU processes."""
+    per_node = 1 if args.cpu or command in TRAINING_EVALUATIONS else args.gpus_per_node
     return make_executor(args, folder, nodes=nodes, gpus=0 if args.cpu else args.gpus_per_node, name=name,
-                         partition=partition, dependency=dependency, tasks_per_node=1 if args.cpu else args.gpus_per_node)
+                         partition=partition, dependency=dependency, tasks_per_node=per_node)
 
 
 def evaluation_size(args: argparse.Namespace, nodes: int) -> str:
@@ -686,10 +762,10 @@ def submit(args: argparse.Namespace, plan: Plan) -> List[Submitted]:
             if args.local and pretrain.job.exception() is not None:  # no scheduler to hold it: wait here
                 continue
             folder = pretrain.run_dir / name
-            eval_executor = evaluation_executor(args, str(folder), args.eval_nodes or args.nodes,
-                                                f"{name}-{plan.job_name}", plan.partition,
-                                                dependency=f"afterok:{pretrain.job.job_id}")
-            job = eval_executor.submit(EvaluationJob(name, eval_args, args.cpu, run_dir=str(pretrain.run_dir)))
+            nodes = args.eval_nodes or args.nodes
+            eval_executor = evaluation_executor(args, str(folder), nodes, f"{name}-{plan.job_name}", plan.partition,
+                                                dependency=f"afterok:{pretrain.job.job_id}", command=name)
+            job = eval_executor.submit(evaluation_job(args, name, eval_args, nodes, run_dir=str(pretrain.run_dir)))
             submitted.append(Submitted(name, job, folder, after=pretrain.job.job_id))
     return submitted
 
@@ -765,7 +841,7 @@ def evaluation_main(parser: argparse.ArgumentParser, args: argparse.Namespace, c
             raise LaunchError("--local runs every node on this machine's GPUs: use --nodes 1, or --cpu")
         parse_minutes(args.time)
         evaluation = check_evaluation_args(command, eval_argv, command)
-        if evaluation.checkpoint:
+        if evaluation.checkpoint and evaluation.checkpoint != "random":
             checkpoint_file(Path(evaluation.checkpoint))
         submits = not (args.local or args.dry_run)
         partition, cluster_check = args.partition, ""
@@ -780,15 +856,15 @@ def evaluation_main(parser: argparse.ArgumentParser, args: argparse.Namespace, c
         line = f"# evaluation: convit-ssl {command} {shlex.join(eval_argv)} on {evaluation_size(args, args.nodes)}"
         if args.dry_run:
             if not args.local:
-                executor = evaluation_executor(args, job_dir, args.nodes, job_name, partition)
+                executor = evaluation_executor(args, job_dir, args.nodes, job_name, partition, command=command)
                 print(cluster_check)
                 print("# sbatch script")
                 print(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
             print(line)
             return 0
         check_job_dir(job_dir, create=True)
-        executor = evaluation_executor(args, job_dir, args.nodes, job_name, partition)
-        job = executor.submit(EvaluationJob(command, eval_argv, args.cpu))
+        executor = evaluation_executor(args, job_dir, args.nodes, job_name, partition, command=command)
+        job = executor.submit(evaluation_job(args, command, eval_argv, args.nodes))
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

@@ -265,14 +265,28 @@ def default_run_dir(recipe: str, source: str, labels: str, digest_parts: Sequenc
     return root / "-".join(["finetune", recipe, slug(source), slug(labels), digest])
 
 
-def finetune(checkpoint: str, recipe: str, labels: Optional[str] = None, words: Sequence[str] = (),
-             seed: int = 0, name: Optional[str] = None, arch: Optional[str] = None,
-             out: Optional[Path] = None) -> dict:
-    """Fine-tune and write the result (see the module docstring); returns the result with its ``file``."""
+@dataclass
+class Prepared:
+    """A fine-tuning ready to train: the words that ``engine.compose`` turns into its config (recipe, the command's
+    words, file lists, initial weights, run folder), and what its result records."""
+
+    words: List[str]
+    run_dir: Path
+    recipe: str
+    dataset: str
+    model_info: dict
+    label_subset: dict
+    seed: int
+    checkpoint: str
+
+
+def prepare(checkpoint: str, recipe: str, labels: Optional[str] = None, words: Sequence[str] = (), seed: int = 0,
+            arch: Optional[str] = None) -> Prepared:
+    """Check everything, choose the labels and write the run folder's ``finetune_inputs/`` (file lists, initial
+    trunk; named by their content, so every node of a job can prepare the same run)."""
     from convit_ssl import data, engine
     from convit_ssl.checkpoint import checkpoint_file, load_trunk
 
-    started = time.time()
     config_name = recipe_config(recipe)
     words = list(words)
     given = [word for word in words if word.startswith("config=")]
@@ -307,33 +321,55 @@ def finetune(checkpoint: str, recipe: str, labels: Optional[str] = None, words: 
                                                  targets[subset.train])
     heldout_images, heldout_labels = write_file_list(folder, "heldout", [files[i] for i in subset.heldout],
                                                      targets[subset.heldout])
-    run_words = [f"config.DATA.TRAIN.DATA_PATHS=['{train_images}']",
-                 f"config.DATA.TRAIN.LABEL_PATHS=['{train_labels}']",
-                 f"config.SEED_VALUE={seed}"]
+    words = [f"config={config_name}", *words,
+             f"config.DATA.TRAIN.DATA_PATHS=['{train_images}']", f"config.DATA.TRAIN.LABEL_PATHS=['{train_labels}']",
+             f"config.SEED_VALUE={seed}"]
     if len(subset.heldout):
-        run_words += [f"config.CONVIT_SSL.HELDOUT_IMAGES='{heldout_images}'",
-                      f"config.CONVIT_SSL.HELDOUT_LABELS='{heldout_labels}'"]
+        words += [f"config.CONVIT_SSL.HELDOUT_IMAGES='{heldout_images}'",
+                  f"config.CONVIT_SSL.HELDOUT_LABELS='{heldout_labels}'"]
     if trunk is not None:
-        run_words.append(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE='{write_initial_trunk(trunk.state_dict(), folder)}'")
-    config = engine.compose([f"config={config_name}", *words, *run_words])
-    print(f"fine-tuning {name or checkpoint} on {subset.spec} of {dataset}'s labels ({len(subset.train)} training, "
-          f"{len(subset.heldout)} held-out images); run folder: {run_dir}", flush=True)
-    engine.train(config)
-    chosen = summarise(read_evaluations(run_dir))
-    name = name or ("random init" if source_file is None else str(checkpoint))
+        words.append(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE='{write_initial_trunk(trunk.state_dict(), folder)}'")
+    label_subset = {**subset.describe(targets, train_split.classes), "seed": seed,
+                    "heldout_fraction": HELDOUT_FRACTION, "train_list": str(train_images),
+                    "heldout_list": str(heldout_images)}
+    return Prepared(words, run_dir, recipe, dataset, model_info, label_subset, seed, checkpoint)
+
+
+def write_result(prepared: Prepared, started: float, name: Optional[str] = None, out: Optional[Path] = None,
+                 args: Optional[Mapping] = None) -> dict:
+    """The result of a trained fine-tuning (from its ``finetune_eval.jsonl``) as a new JSON file in ``out``
+    (default: the run folder); returns it with its ``file``."""
+    epochs = read_evaluations(prepared.run_dir)
+    chosen = summarise(epochs)
+    name = name or ("random init" if prepared.model_info["source"] == "random" else prepared.checkpoint)
+    labels = prepared.label_subset["labels"]
+    subset_record = {key: prepared.label_subset[key] for key in ("labels", "seed", "train_list", "heldout_list")}
     result = {
-        "kind": "finetune", "recipe": recipe, "dataset": dataset, "run_dir": str(run_dir),
-        "label_subset": {**subset.describe(targets, train_split.classes), "seed": seed,
-                         "heldout_fraction": HELDOUT_FRACTION, "train_list": str(train_images),
-                         "heldout_list": str(heldout_images)},
-        "chosen": chosen, "epochs": read_evaluations(run_dir),
-        "manifest": {**make_manifest([{"name": name, **model_info}], {"checkpoint": checkpoint, "recipe": recipe,
-                                                                      "labels": subset.spec, "words": words},
-                                     {"seed": seed}, started),
-                     "label_subset": {"labels": subset.spec, "seed": seed, "train_list": str(train_images),
-                                      "heldout_list": str(heldout_images)}},
-        "rows": result_rows(name, dataset, subset.spec, chosen),
+        "kind": "finetune", "recipe": prepared.recipe, "dataset": prepared.dataset, "run_dir": str(prepared.run_dir),
+        "label_subset": prepared.label_subset, "chosen": chosen, "epochs": epochs,
+        "manifest": {**make_manifest([{"name": name, **prepared.model_info}], dict(args or {}),
+                                     {"seed": prepared.seed}, started),
+                     "label_subset": subset_record},
+        "rows": result_rows(name, prepared.dataset, labels, chosen),
     }
-    path = write_new_result(result, Path(out) if out else run_dir, f"finetune-{slug(recipe)}-{slug(subset.spec)}")
-    result["file"] = str(path)
-    return result
+    path = write_new_result(result, Path(out) if out else prepared.run_dir,
+                            f"finetune-{slug(prepared.recipe)}-{slug(labels)}")
+    return {**result, "file": str(path)}
+
+
+def finetune(checkpoint: str, recipe: str, labels: Optional[str] = None, words: Sequence[str] = (),
+             seed: int = 0, name: Optional[str] = None, arch: Optional[str] = None,
+             out: Optional[Path] = None) -> dict:
+    """Prepare, train on this machine (``engine.train``: one process per GPU) and write the result."""
+    from convit_ssl import engine
+
+    started = time.time()
+    prepared = prepare(checkpoint, recipe, labels, words, seed, arch)
+    config = engine.compose(prepared.words)
+    subset = prepared.label_subset
+    print(f"fine-tuning {name or checkpoint} on {subset['labels']} of {prepared.dataset}'s labels "
+          f"({subset['train_images']} training, {subset['heldout_images']} held-out images); run folder: "
+          f"{prepared.run_dir}", flush=True)
+    engine.train(config)
+    return write_result(prepared, started, name, out, {"checkpoint": checkpoint, "recipe": recipe,
+                                                       "labels": subset["labels"], "words": list(words)})

@@ -317,3 +317,37 @@ def test_local_two_process_knn_job_equals_one_process(job_env, capsys):
     assert convit_ssl([*knn, "--out", str(job_dir / "one")]) == 0
     (one,) = [json.loads(path.read_text()) for path in (job_dir / "one").glob("*.json")]
     assert two["manifest"]["world_size"] == 2 and two["accuracy"] == one["accuracy"]
+
+
+FINETUNE_TINY = ["finetune", "--checkpoint", "random", "--recipe", "digits", "--labels", "20%", "trunk.embed_dim=32",
+                 "trunk.depth=2", "trunk.local_up_to_layer=1", "config.DATA.NUM_DATALOADER_WORKERS=0",
+                 "config.OPTIMIZER.num_epochs=2"]
+
+
+@pytest.mark.slow
+def test_local_two_process_gloo_finetune_job(job_env):
+    """``--local --cpu --nodes 2 finetune``: VISSL's engine on 2 gloo processes (one a node), every node prepares
+    the same label lists, the epoch scores are summed over both ranks' halves of the held-out and test images,
+    and rank 0 writes the result in the job folder."""
+    done = run_launcher("--local", "--nodes", "2", *CPU, *FINETUNE_TINY, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_dir = Path(re.search(r"job folder: (\S+)", done.stdout).group(1))
+    (result,) = [json.loads(path.read_text()) for path in job_dir.glob("finetune-digits-20.json")]
+    assert result["manifest"]["models"][0]["source"] == "random"
+    run_dir = job_dir / "run"
+    config = (run_dir / "train_config.yaml").read_text()
+    assert "NUM_NODES: 2" in config and "BACKEND: gloo" in config
+    records = [json.loads(line) for line in (run_dir / "finetune_eval.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in records] == [0, 1]
+    assert records[-1]["test_images"] == 360
+    assert records[-1]["heldout_images"] == result["label_subset"]["heldout_images"] > 0
+    assert len(list((run_dir / "finetune_inputs").glob("*.npy"))) == 4  # the same lists from both nodes
+
+
+def test_then_finetune_is_checked_by_its_own_parser():
+    from convit_ssl.launch import LaunchError, parse_then
+
+    assert parse_then(["finetune=--recipe digits --labels 10%"]) == [("finetune", ["--recipe", "digits", "--labels",
+                                                                                  "10%"])]
+    with pytest.raises(LaunchError, match="--then finetune: .*--recipe"):
+        parse_then(["finetune=--labels 10%"])
