@@ -1,4 +1,6 @@
-"""Oracles and small builders shared by tests: timm reference models, a naive GPSA, training states compared."""
+"""Oracles and small builders shared by tests: timm reference models, a naive GPSA, training states compared,
+probe results of two world sizes compared."""
+import pytest
 import timm
 import torch
 
@@ -50,3 +52,18 @@ def assert_same_training_state(expected: dict, got: dict) -> None:
     for part in ("base_model", "optimizer"):
         assert_same(expected["classy_state_dict"][part], got["classy_state_dict"][part], part)
     assert_same(expected["loss"], got["loss"], "loss")
+
+
+def assert_same_probe(several: dict, one: dict, world_size: int, test_images: int = 360) -> None:
+    """Linear-probe results of ``world_size`` ranks and of one process: the same chosen head, every head's
+    accuracies within one test image (digits: 360) and its last-epoch loss within 1e-4 relative (the ranks sum
+    their gradients in another order, nothing else differs)."""
+    one_image = 100 / test_images
+    assert several["manifest"]["world_size"] == world_size and one["manifest"]["world_size"] == 1
+    same = ("index", "feature", "lr", "wd")
+    assert {key: several["chosen"][key] for key in same} == {key: one["chosen"][key] for key in same}
+    assert several["dataset"] == one["dataset"] and len(several["grid"]) == len(one["grid"])
+    for head_several, head_one in zip(several["grid"], one["grid"]):
+        for key in ("heldout_top1", "test_top1", "test_top5"):
+            assert abs(head_several[key] - head_one[key]) <= one_image + 1e-9, (key, head_several, head_one)
+        assert head_several["final_train_loss"] == pytest.approx(head_one["final_train_loss"], rel=1e-4)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from torch.utils.data import DistributedSampler
 
+from oracles import assert_same_probe
+
 from convit_ssl.cli import main
 from convit_ssl.evaluation import distributed
 
@@ -110,22 +112,6 @@ def test_knn_on_two_processes_equals_one_and_their_cache_serves_any_world_size(d
     assert [entry.name for entry in entries] == sorted(p.name for p in one_cache.iterdir())  # one key, any world
 
 
-ONE_TEST_IMAGE = 100 / 360  # percentage points of one of digits' 360 test images
-
-
-def assert_same_probe(two, one):
-    """Same chosen head, and every head's numbers within float rounding of the gradient sums: its accuracies
-    within one image, its last-epoch loss to 1e-4 relative."""
-    assert two["manifest"]["world_size"] == 2 and one["manifest"]["world_size"] == 1
-    assert {key: two["chosen"][key] for key in ("index", "feature", "lr", "wd")} == {
-        key: one["chosen"][key] for key in ("index", "feature", "lr", "wd")}
-    assert two["dataset"] == one["dataset"]
-    for head_two, head_one in zip(two["grid"], one["grid"]):
-        for key in ("heldout_top1", "test_top1", "test_top5"):
-            assert abs(head_two[key] - head_one[key]) <= ONE_TEST_IMAGE + 1e-9, (key, head_two, head_one)
-        assert head_two["final_train_loss"] == pytest.approx(head_one["final_train_loss"], rel=1e-4)
-
-
 @pytest.mark.slow
 def test_probe_grid_on_two_processes_matches_one(digits_data, tmp_path):
     """Cached features: each rank extracts half, all hold every feature, and each batch's gradient is the sum of
@@ -135,7 +121,7 @@ def test_probe_grid_on_two_processes_matches_one(digits_data, tmp_path):
     outputs = run_ranks(2, [*probe, "--out", str(tmp_path / "two")])
     assert "chosen on heldout" in outputs[0] and "chosen" not in outputs[1]
     assert main([*probe, "--out", str(tmp_path / "one")]) == 0
-    assert_same_probe(only_result(tmp_path / "two"), only_result(tmp_path / "one"))
+    assert_same_probe(only_result(tmp_path / "two"), only_result(tmp_path / "one"), world_size=2)
 
 
 @pytest.mark.slow
@@ -147,6 +133,6 @@ def test_streamed_probe_on_two_processes_matches_one(digits_data, tmp_path):
     run_ranks(2, [*probe, "--out", str(tmp_path / "two")])
     assert main([*probe, "--out", str(tmp_path / "one")]) == 0
     two, one = only_result(tmp_path / "two"), only_result(tmp_path / "one")
-    assert_same_probe(two, one)
+    assert_same_probe(two, one, world_size=2)
     assert two["dataset"]["train"] + two["dataset"]["heldout"] == 425  # 30% of each class, floored
     assert not list(tmp_path.rglob(".probe-state-*"))  # the heads' checkpoints are gone once the probe is done

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracles import assert_same_training_state
+from oracles import assert_same_probe, assert_same_training_state
 
 from convit_ssl import launch
+from convit_ssl.cli import main as convit_ssl
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = ["--cpu", "--cpus-per-task", "1", "--time", "10"]
@@ -57,9 +58,9 @@ def final_iteration(run_dir):
 
 # ------------------------------------------------------------------------------------------ SLURM
 @pytest.mark.slow
-def test_two_node_pretraining_then_linear_probe(slurm, tiny):
-    done = run_launcher("--nodes", "2", *CPU, "--wait",
-                        "--then", "linear-probe=--recipe digits --epochs 1 --lrs 0.1 --wds 0 --no-cache --quiet", *tiny)
+def test_two_node_pretraining_then_linear_probe(slurm, tiny, tmp_path):
+    probe_args = "--recipe digits --epochs 2 --lrs 0.1 1 --wds 0 --no-cache --quiet"
+    done = run_launcher("--nodes", "2", *CPU, "--wait", "--then", f"linear-probe={probe_args}", *tiny)
     assert done.returncode == 0, done.stdout + done.stderr + slurm.logs()
     pretrain_id, probe_id = submitted_ids(done.stdout)
     run_dir = Path(re.search(r"job folder: (\S+)", done.stdout).group(1))
@@ -69,7 +70,11 @@ def test_two_node_pretraining_then_linear_probe(slurm, tiny):
     pretrain, probe = slurm.job_state(pretrain_id), slurm.job_state(probe_id)
     assert pretrain["NumNodes"] == "2" and probe["StartTime"] >= pretrain["EndTime"]
     (result,) = (json.loads(path.read_text()) for path in (run_dir / "linear-probe").glob("*.json"))
-    assert result["manifest"]["world_size"] == 2  # the chained probe ran at the pretraining's size: 2 nodes
+    # the chained probe ran at the pretraining's size, 2 nodes, and gives one process's numbers
+    assert convit_ssl(["linear-probe", "--checkpoint", str(launch.final_checkpoint(run_dir)), *probe_args.split(),
+                       "--device", "cpu", "--out", str(tmp_path / "one")]) == 0
+    (one,) = (json.loads(path.read_text()) for path in (tmp_path / "one").glob("*.json"))
+    assert_same_probe(result, one, world_size=2)
 
 
 @pytest.mark.slow
@@ -307,8 +312,6 @@ def test_evaluation_job_errors_are_one_line_before_anything_starts(job_env, caps
 def test_local_two_process_knn_job_equals_one_process(job_env, capsys):
     """``--local --cpu --nodes 2 knn``: two processes of one gloo group, rank 0 writes; the numbers are one
     process's, exactly."""
-    from convit_ssl.cli import main as convit_ssl
-
     knn = ["knn", *EVAL_TINY, "--ks", "1", "20", "--no-cache"]
     done = run_launcher("--local", "--nodes", "2", *CPU, *knn)
     assert done.returncode == 0, done.stdout + done.stderr
