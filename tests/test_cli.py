@@ -1,5 +1,6 @@
 """The command line: help, one-line errors before any work, export-timm."""
 import os
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -153,8 +154,11 @@ def test_evaluations_after_pretraining_are_labelled_by_run_and_checkpoint(tmp_pa
     (run / "checkpoint.torch").symlink_to(final.name)
     calls = []
     monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
-    launch.EvaluationJob("knn", ["--ks", "5"], str(run), cpu=True)()
+    job_folder = tmp_path / "job"
+    one_task = SimpleNamespace(paths=SimpleNamespace(folder=job_folder), num_tasks=1, global_rank=0)
+    monkeypatch.setattr("submitit.JobEnvironment", lambda: one_task)
+    launch.EvaluationJob("knn", ["--ks", "5"], cpu=True, run_dir=str(run))()
     (argv,) = calls
-    assert argv[:3] == ["knn", "--checkpoint", str(final)] and "--name" not in argv
+    assert argv == ["knn", "--checkpoint", str(final), "--ks", "5", "--out", str(job_folder), "--device", "cpu"]
     label = "dino_tiny/model_final_checkpoint_phase1"
     assert checkpoint_label(final) == checkpoint_label(run / "checkpoint.torch") == label
