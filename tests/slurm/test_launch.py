@@ -354,3 +354,12 @@ def test_then_finetune_is_checked_by_its_own_parser():
                                                                                   "10%"])]
     with pytest.raises(LaunchError, match="--then finetune: .*--recipe"):
         parse_then(["finetune=--labels 10%"])
+
+
+def test_a_requeued_evaluation_is_the_same_evaluation_at_its_next_attempt():
+    """What submitit requeues on SLURM's signal: the same command, arguments and run, a new rendezvous attempt (the
+    streamed probe then resumes from the heads it saved in --out)."""
+    job = launch.EvaluationJob("linear-probe", ["--recipe", "digits", "--stream"], cpu=True, run_dir="runs/x-1")
+    again = job.checkpoint()
+    assert isinstance(again.function, launch.EvaluationJob) and vars(again.function) == {**vars(job), "attempt": 1}
+    assert vars(again.function.checkpoint().function)["attempt"] == 2
