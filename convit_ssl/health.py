@@ -90,7 +90,8 @@ def symptoms(method: str, losses: Sequence[float], std: float, rank: float, embe
              first: Optional[tuple] = None) -> Dict[str, str]:
     """Collapse symptoms of one measurement: {kind: a sentence naming it}; {} for a healthy run. Kinds:
     ``feature_std``, ``rank``, ``uniform_teacher`` (DINO), ``uniform_assignment`` (SwAV: its loss stays at
-    ``max_entropy`` = ln(prototypes)), ``rising_loss`` (Barlow Twins, SwAV).
+    ``max_entropy`` = ln(prototypes)), ``uniform_contrast`` (MoCo: its loss stays at ``max_entropy`` = ln(queue
+    + 1), a query matches its key no better than the queue's keys), ``rising_loss`` (Barlow Twins, SwAV).
 
     ``losses`` are the recorded losses so far (the last is the current one), ``std`` and ``rank`` the
     ``feature_std`` and ``effective_rank`` of ``embedding_dim``-wide embeddings; ``first`` is the (std, rank) of
@@ -113,6 +114,11 @@ def symptoms(method: str, losses: Sequence[float], std: float, rank: float, embe
             and min(losses[-window:]) > UNIFORM_FRACTION * max_entropy:
         found["uniform_assignment"] = (f"SwAV loss stayed at ln(prototypes) = {max_entropy:.3f} over the last "
                                        f"{window} records ({losses[-1]:.3f}): uniform predictions (collapse)")
+    if method == "moco_loss" and max_entropy is not None and len(losses) >= window \
+            and min(losses[-window:]) > UNIFORM_FRACTION * max_entropy:
+        found["uniform_contrast"] = (f"MoCo loss stayed at ln(queue + 1) = {max_entropy:.3f} over the last "
+                                     f"{window} records ({losses[-1]:.3f}): a query matches its key no better than "
+                                     f"the queue's keys (collapse)")
     if method in RISING_LOSSES and is_rising(losses, window):
         found["rising_loss"] = (f"{method} rose over the last {window} records, from {losses[-window]:.4g} to "
                                 f"{losses[-1]:.4g}")
@@ -184,7 +190,7 @@ class TrainingHealthHook(SelectiveHook):
         self._epoch: List[tuple] = []  # (loss, images) of this epoch's steps
         self._teacher: Optional[tuple] = None
         self._batch_images = 0
-        self._prototypes = 0  # SwAV's number of prototypes
+        self._choices = 0  # what the loss's softmax chooses among: SwAV's prototypes, MoCo's key and queue
         self._embedding: Optional[torch.Tensor] = None  # the head's output of the last step, (B x crops, D)
 
     def _folder(self, task) -> Path:
@@ -216,7 +222,9 @@ class TrainingHealthHook(SelectiveHook):
         if task.config["LOSS"]["name"] == "dino_loss":
             self._teacher = dino_teacher_entropy(task.loss)
         if task.config["LOSS"]["name"] == "swav_loss":  # output: [embeddings, prototype scores (B x crops, K)]
-            self._prototypes = int(output[-1].shape[-1])
+            self._choices = int(output[-1].shape[-1])
+        if task.config["LOSS"]["name"] == "moco_loss":  # the queue: embedding_dim x queue_size
+            self._choices = int(task.loss.queue.shape[1]) + 1
         self._batch_images = int(images.shape[0])
 
     def on_loss_and_meter(self, task) -> None:
@@ -261,8 +269,8 @@ class TrainingHealthHook(SelectiveHook):
                   "trunk_effective_rank": effective_rank(trunk_features),
                   "trunk_dim": int(trunk_features.shape[1])}
         entropy, max_entropy = self._teacher if self._teacher is not None else (None, None)
-        if self._prototypes:
-            max_entropy = math.log(self._prototypes)
+        if self._choices:
+            max_entropy = math.log(self._choices)
             record["max_entropy"] = max_entropy
         if entropy is not None:
             record.update(teacher_entropy=entropy, max_entropy=max_entropy)

@@ -85,6 +85,14 @@ def test_swav_loss_stuck_at_ln_prototypes():
     assert symptoms("swav_loss", learning, std, rank, 4, 5, max_entropy=ln_k) == {}
 
 
+def test_moco_loss_stuck_at_ln_queue_plus_one():
+    std, rank, ln_queue = feature_std(ORTHOGONAL), effective_rank(ORTHOGONAL), math.log(257)
+    stuck = [5.41734, 5.5241, 5.54342, 5.54427, 5.56639, 5.54906]  # a digits run with key momentum 0.9 (ln 257 = 5.549)
+    assert list(symptoms("moco_loss", stuck, std, rank, 4, 5, max_entropy=ln_queue)) == ["uniform_contrast"]
+    learning = [5.01731, 4.95089, 5.14572, 4.93762, 4.88951, 5.10869]  # queue 256, momentum 0.99: below 0.98 ln 257
+    assert symptoms("moco_loss", learning, std, rank, 4, 5, max_entropy=ln_queue) == {}
+
+
 def test_rising_loss_only_for_barlow_twins_and_swav():
     std, rank = feature_std(ORTHOGONAL), effective_rank(ORTHOGONAL)
     rising = [327.0, 400.0, 480.0, 590.0, 695.0]

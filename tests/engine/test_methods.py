@@ -217,6 +217,8 @@ def _check_health(config, steps):
             assert math.isclose(record["max_entropy"], math.log(config.LOSS.dino_loss.output_dim), rel_tol=1e-5)
         if config.LOSS.name == "swav_loss":
             assert math.isclose(record["max_entropy"], math.log(step["output"][-1].shape[-1]), rel_tol=1e-9)
+        if config.LOSS.name == "moco_loss":  # the softmax over the key and the queue
+            assert math.isclose(record["max_entropy"], math.log(config.LOSS.moco_loss.queue_size + 1), rel_tol=1e-9)
     epoch = json.loads((folder / "metrics.json").read_text().splitlines()[-1])
     assert epoch["iteration"] == 2 and epoch["train_loss_steps"] == 2
     assert math.isclose(epoch["train_loss"], (steps[0]["loss"] + steps[1]["loss"]) / 2, rel_tol=1e-5)
