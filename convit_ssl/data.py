@@ -39,6 +39,7 @@ from convit_ssl.datasets.digits import DIGITS_SPLITS, write_digits
 from convit_ssl.datasets.folders import check_written
 from convit_ssl.errors import UsageError
 from convit_ssl.images import IMAGE_EXTENSIONS, CheckedImageFolder, list_images, unreadable_images
+from convit_ssl.shipped_configs import data_config_names
 
 DATA_ENV = "CONVIT_SSL_DATA"
 CATALOG_FILE = "dataset_catalog.json"
@@ -281,8 +282,6 @@ def prepare_dataset(name: str, source: Path, out_dir: Optional[Path] = None, pro
     (default: ``name`` when a data config has that name, else none). Returns a description: kind, train and val
     folders, counts, data config. Every check comes before anything is written.
     """
-    from convit_ssl.engine import data_config_names
-
     check_dataset_name(name)
     if name in _builtin_datasets():
         raise UsageError(f"{name!r} is a built-in dataset (written by convit-ssl prepare-data {name}, no --from): "

@@ -22,19 +22,18 @@ VISSL's config package to Hydra).
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
+import functools
 import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from convit_ssl import config_checks, vissl_glue
 from convit_ssl.errors import UsageError
-
-PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
-RECIPE_GROUP = "convit_ssl/pretrain"
-SHORTHAND_GROUPS = {"model": "config/convit_ssl/model", "data": "config/convit_ssl/data"}
+from convit_ssl.shipped_configs import PACKAGE_CONFIGS, RECIPE_GROUP, SHORTHAND_GROUPS, group_options
 
 
 def config_names() -> List[str]:
@@ -54,15 +53,6 @@ def _vissl_config_root() -> Optional[Path]:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0]) / "config"
-
-
-def _group_options(group: str) -> List[str]:
-    return sorted(p.stem for p in (PACKAGE_CONFIGS / group).glob("*.yaml"))
-
-
-def data_config_names() -> List[str]:
-    """The shipped data configs (crop sizes, statistics, patch size of a kind of dataset): ``data=NAME``."""
-    return _group_options(SHORTHAND_GROUPS["data"])
 
 
 def _data_config_of(dataset: str, options: Sequence[str]) -> str:
@@ -90,7 +80,7 @@ def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
         if key == "config":
             recipe = value
         elif key in SHORTHAND_GROUPS:
-            options = _group_options(SHORTHAND_GROUPS[key])
+            options = group_options(SHORTHAND_GROUPS[key])
             choices[key] = value
             if value in options:
                 overrides.append(f"{SHORTHAND_GROUPS[key]}={value}")
@@ -111,7 +101,7 @@ def expand_arguments(args: Sequence[str]) -> Dict[str, Any]:
             overrides.append(arg)
     if recipe is None:
         raise UsageError(f"no config given: add config=NAME, e.g. config=dino (recipes: "
-                         f"{', '.join(_group_options('config/' + RECIPE_GROUP))})")
+                         f"{', '.join(group_options('config/' + RECIPE_GROUP))})")
     known = config_names()
     if recipe not in known:
         close = difflib.get_close_matches(recipe, known, n=5, cutoff=0.5)
@@ -188,15 +178,22 @@ def compose(args: Sequence[str], run_dir: Optional[str] = None):
 def _recipe_without_settings(hydra_compose, overrides: Sequence[str]) -> Dict[str, Any]:
     """The ``config`` section of the recipe and its files without any ``config.KEY=VALUE`` setting: the types
     that the settings must keep ({} when it does not compose on its own)."""
+    files = tuple(o for o in overrides if not o.lstrip("+").startswith("config."))
+    if len(files) == len(overrides):
+        return {}
+    return copy.deepcopy(_composed_files(hydra_compose, files))
+
+
+@functools.lru_cache(maxsize=16)
+def _composed_files(hydra_compose, files: Tuple[str, ...]) -> Dict[str, Any]:
+    """``_recipe_without_settings``, composed once per process for each choice of files: the files are package
+    data that do not change while it runs, and a second Hydra compose costs as much as the first."""
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    files = [o for o in overrides if not o.lstrip("+").startswith("config.")]
-    if len(files) == len(overrides):
-        return {}
     try:
-        return OmegaConf.to_container(hydra_compose("defaults", overrides=files).config, resolve=True)
+        return OmegaConf.to_container(hydra_compose("defaults", overrides=list(files)).config, resolve=True)
     except (HydraException, OmegaConfBaseException):
         return {}
 

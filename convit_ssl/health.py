@@ -39,7 +39,7 @@ from classy_vision.generic.distributed_util import is_primary
 
 from convit_ssl.atomic import write_text
 from convit_ssl.errors import UsageError
-from convit_ssl.hooks import SelectiveHook, first_images, trunk_of, truncate_json_lines
+from convit_ssl.hooks import SelectiveHook, first_images, resumed_iteration, trunk_of, truncate_json_lines
 from convit_ssl.resume_hooks import preserved_random_state
 from convit_ssl.run_folder import EPOCH_LOG, HEALTH_FILE
 
@@ -198,11 +198,11 @@ class TrainingHealthHook(SelectiveHook):
 
     def on_start(self, task) -> None:
         """On resume, keep the records up to the checkpoint and read their losses back."""
-        checkpoint = getattr(task, "checkpoint", None)
-        if checkpoint is None or not is_primary():
+        iteration = resumed_iteration(task)
+        if iteration is None:
             return
         path = self._folder(task) / HEALTH_FILE
-        truncate_json_lines(path, lambda record: record["iteration"] <= checkpoint["iteration"])
+        truncate_json_lines(path, lambda record: record["iteration"] <= iteration)
         records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
         self.losses = [record["loss"] for record in records]
         if records:

@@ -1,6 +1,7 @@
 """What our training hooks share: a hook that ignores the events it does not need, the trunk of a task, the
-first images of a batch, and cutting a JSON-lines log back. The hooks themselves: ``gating_hook`` (what the
-gates learn), ``resume_hooks`` (checkpoints on signals, resumed runs that are the same run), ``health``.
+first images of a batch, the iteration a resumed run starts from, and cutting a JSON-lines log back. The hooks
+themselves: ``gating_hook`` (what the gates learn), ``resume_hooks`` (checkpoints on signals, resumed runs that are
+the same run), ``health``.
 
 This module and the hooks import classy_vision (the hook class VISSL's trainer calls), not VISSL.
 """
@@ -9,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
+from classy_vision.generic.distributed_util import is_primary
 from classy_vision.hooks.classy_hook import ClassyHook
 
 
@@ -23,6 +25,15 @@ def first_images(inputs: Any) -> torch.Tensor:
         else:  # list of crops (multi-crop) or VISSL's MultiDimensionalTensor: the first (global) crop
             inputs = inputs[0]
     return inputs
+
+
+def resumed_iteration(task) -> Optional[int]:
+    """The iteration of the checkpoint a resumed run starts from, in the primary process (the one that writes
+    the logs); None in a fresh run and in the other processes. A killed run's logs go past it: cut them back."""
+    checkpoint = getattr(task, "checkpoint", None)
+    if checkpoint is None or not is_primary():
+        return None
+    return checkpoint["iteration"]
 
 
 def truncate_json_lines(path: Path, keep) -> int:

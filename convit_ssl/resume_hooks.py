@@ -20,7 +20,7 @@ import torch
 from classy_vision.generic.distributed_util import is_primary
 
 from convit_ssl import atomic
-from convit_ssl.hooks import SelectiveHook, truncate_json_lines
+from convit_ssl.hooks import SelectiveHook, resumed_iteration, truncate_json_lines
 from convit_ssl.run_folder import EPOCH_LOG, PREEMPTION_MARKER, STEP_LOG
 
 _log = logging.getLogger(__name__)
@@ -147,10 +147,9 @@ class SameRunHook(SelectiveHook):
     """
 
     def on_start(self, task) -> None:
-        checkpoint = getattr(task, "checkpoint", None)
-        if checkpoint is None or not is_primary():
+        iteration = resumed_iteration(task)
+        if iteration is None:
             return
-        iteration = checkpoint["iteration"]
         folder = Path(task.checkpoint_folder)
         dropped = truncate_json_lines(folder / STEP_LOG, lambda record: record["iter"] < iteration)
         dropped += truncate_json_lines(folder / EPOCH_LOG, lambda record: record["iteration"] <= iteration)

@@ -19,12 +19,13 @@ def run(command, env, timeout=600):
 
 
 def wait_for(predicate, timeout, process):
-    """True once ``predicate()`` holds; False after ``timeout`` s or when ``process`` ended first."""
+    """True once ``predicate()`` holds (polled every 10 ms); False after ``timeout`` s, or when ``process`` ended
+    without it holding."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return True
         if process.poll() is not None:
-            return False
-        time.sleep(0.05)
+            return predicate()
+        time.sleep(0.01)
     return False

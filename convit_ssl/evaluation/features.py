@@ -43,8 +43,7 @@ from convit_ssl.evaluation import distributed
 from convit_ssl.data import open_split
 from convit_ssl.errors import UsageError
 from convit_ssl.models.modes import eval_mode
-
-DATA_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "config" / "convit_ssl" / "data"
+from convit_ssl.shipped_configs import DATA_CONFIG_DIR
 
 
 def data_statistics(name: str) -> Dict[str, List[float]]:

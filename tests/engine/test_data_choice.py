@@ -10,6 +10,7 @@ from PIL import Image
 from convit_ssl import data, engine
 from convit_ssl.cli import main
 from convit_ssl.errors import UsageError
+from convit_ssl.shipped_configs import DATA_CONFIG_DIR
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def shipped(data_config):
     """(global crop, local crop, mean) of a shipped data file, read from the file."""
     from omegaconf import OmegaConf
 
-    settings = OmegaConf.load(engine.PACKAGE_CONFIGS / "config/convit_ssl/data" / f"{data_config}.yaml").config
+    settings = OmegaConf.load(DATA_CONFIG_DIR / f"{data_config}.yaml").config
     return settings.CONVIT_SSL.GLOBAL_CROP, settings.CONVIT_SSL.LOCAL_CROP, list(settings.CONVIT_SSL.MEAN)
 
 

@@ -10,11 +10,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from oracles import assert_same_training_state
+from tiny_training import wait_for
 
 COMMON = ["data=digits", "trunk.embed_dim=32", "trunk.depth=2", "trunk.local_up_to_layer=1",
           "config.DATA.TRAIN.DATA_LIMIT=256", "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=32",
@@ -59,17 +59,6 @@ def _final(run_dir):
                       weights_only=True)
 
 
-def _wait_for(predicate, process, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if process.poll() is not None:
-            return predicate()
-        time.sleep(0.01)
-    return False
-
-
 @pytest.fixture(scope="module")
 def straight_runs(tmp_path_factory, data_root):
     """method -> run folder of the uninterrupted run, trained once per module."""
@@ -100,11 +89,11 @@ def test_interrupted_and_resumed_run_ends_where_the_straight_run_ends(method, in
                                start_new_session=True)
     log = run_dir / "log.txt"
     # into the second epoch, past the iteration-9 checkpoint
-    started = _wait_for(lambda: log.exists() and "iter: 10;" in log.read_text(), process)
+    started = wait_for(lambda: log.exists() and "iter: 10;" in log.read_text(), 300, process)
     saved = interruption == "kill-9"
     if not saved:
         process.send_signal(getattr(signal, interruption))
-        saved = _wait_for(lambda: (run_dir / "preemption_checkpoint.json").exists(), process, 120)
+        saved = wait_for(lambda: (run_dir / "preemption_checkpoint.json").exists(), 120, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert started and saved, f"the run never reached iteration 10, or saved nothing after {interruption}"
@@ -141,7 +130,7 @@ def test_two_processes_killed_mid_epoch_resume_into_the_same_run(tmp_path, train
     process = subprocess.Popen(command(run_dir), env=train_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     log = run_dir / "log.txt"
-    started = _wait_for(lambda: log.exists() and "iter: 6;" in log.read_text(), process)
+    started = wait_for(lambda: log.exists() and "iter: 6;" in log.read_text(), 300, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert started, "the run never reached iteration 6"

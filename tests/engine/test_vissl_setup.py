@@ -1,11 +1,12 @@
-"""VISSL is set up where it is used: `import convit_ssl` leaves it alone; the dataset catalog VISSL reads is the one
-on disk when the run starts, also for a dataset written after the import (digits on an empty data root); and a
-data-loader worker (forkserver) has the trunk and the patches without being told."""
+"""VISSL is set up where it is used: `import convit_ssl` and prepare-data leave it alone; the dataset catalog VISSL
+reads is the one on disk when the run starts, also for a dataset written after the import (digits on an empty data
+root); and a data-loader worker (forkserver) has the trunk and the patches without being told."""
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 from tiny_training import TINY
 
 # The `convit-ssl train` path (compose, then engine.train) with VISSL's launcher replaced by VISSL's own dataset
@@ -14,7 +15,25 @@ SCRIPT = """
 import json, sys
 import convit_ssl
 
-VISSL_AT_IMPORT = sorted(name for name in sys.modules if name == "vissl" or name.startswith("vissl."))
+
+def vissl_modules():
+    return sorted(name for name in sys.modules if name == "vissl" or name.startswith("vissl."))
+
+
+VISSL_AT_IMPORT = vissl_modules()
+
+
+def prepare_an_image_folder(folder):
+    # prepare-data of a two-class image folder: registering data needs no VISSL
+    from PIL import Image
+    from convit_ssl import data
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (folder / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(folder / split / label / "0.png")
+    data.prepare_dataset("tiny_folder", folder, progress=False)
+    return vissl_modules()
 
 
 def worker_state(worker_id):
@@ -35,10 +54,14 @@ def read_datasets(config, node_id, engine_name, hook_generator):
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, worker_init_fn=worker_state,
                                          multiprocessing_context="forkserver")
     next(iter(loader))
-    print("run " + json.dumps({"vissl_at_import": VISSL_AT_IMPORT, "train_images": len(dataset)}), flush=True)
+    print("run " + json.dumps({"vissl_at_import": VISSL_AT_IMPORT, "vissl_after_prepare_data": PREPARED,
+                               "train_images": len(dataset)}), flush=True)
 
 
 if __name__ == "__main__":
+    from pathlib import Path
+
+    PREPARED = prepare_an_image_folder(Path(sys.argv.pop(1)))
     from convit_ssl import engine
     import vissl.utils.distributed_launcher as launcher
 
@@ -47,13 +70,15 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_vissl_is_set_up_where_it_is_used_and_reads_the_catalog_on_disk(tmp_path):
     script = tmp_path / "check_setup.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "CONVIT_SSL_DATA": str(tmp_path / "empty-data-root"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), *TINY, f"run_dir={tmp_path / 'run'}"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(script), str(tmp_path / "folder"), *TINY, f"run_dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("run ", "worker ")))
-    assert json.loads(reports["run"]) == {"vissl_at_import": [], "train_images": 1437}  # digits' training split
+    assert json.loads(reports["run"]) == {"vissl_at_import": [], "vissl_after_prepare_data": [],
+                                          "train_images": 1437}  # digits' training split
     assert json.loads(reports["worker"]) == {"trunk": True, "seeded_samples": True}
