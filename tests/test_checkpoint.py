@@ -11,9 +11,10 @@ from convit_ssl.checkpoint import export_timm
 from payloads import CreatesFileWhenUnpickled
 
 
-@pytest.mark.parametrize("timm_name,arch", [("convit_tiny", "convit_tiny"), ("convit_small", "convit_small"),
+@pytest.mark.parametrize("timm_name,arch", [("convit_tiny", "convit_tiny"),
+                                            pytest.param("convit_small", "convit_small", marks=pytest.mark.slow),
                                             ("deit_tiny_patch16_224", "deit_tiny"),
-                                            ("vit_small_patch16_224", "deit_small")])
+                                            pytest.param("vit_small_patch16_224", "deit_small", marks=pytest.mark.slow)])
 def test_arch_inferred_and_outputs_match(timm_name, arch):
     reference = timm.create_model(timm_name).eval()
     trunk, report = from_timm_state_dict(reference.state_dict())

@@ -62,6 +62,7 @@ def test_weight_decay_excludes_position_embedding_and_class_token(tmp_path):
     assert id(model.trunk.blocks[0].attn.qk.weight) not in ids
 
 
+@pytest.mark.slow
 def test_one_vissl_training_iteration_on_cpu(tmp_path):
     config = engine.compose([
         f"config={VISSL_CONVIT}", "config.MODEL.TRUNK.NAME=convit_ssl",

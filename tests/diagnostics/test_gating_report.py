@@ -116,7 +116,8 @@ def test_checkpoint_discovery_and_metrics_reading(tmp_path):
         report.load_gating_metrics(metrics)
 
 
-@pytest.mark.parametrize("layout, format_name", [("vissl", "vissl"), ("timm", "state_dict")])
+@pytest.mark.parametrize("layout, format_name", [("vissl", "vissl"),
+                                                 pytest.param("timm", "state_dict", marks=pytest.mark.slow)])
 def test_bare_checkpoint_report(make_trunk, layout, format_name, tmp_path):
     trunk = make_trunk()
     set_gates(trunk, FINAL_GATES)
@@ -138,6 +139,7 @@ def test_bare_checkpoint_report(make_trunk, layout, format_name, tmp_path):
     assert summary_row(text.split("## Mean attention distance")[1], 1).split(" | ")[1] == f"{expected:.2f}"
 
 
+@pytest.mark.slow
 def test_compare_two_runs(make_trunk, images, tmp_path):
     run_a = make_run(tmp_path / "convit", make_trunk(), images)
     run_b = make_run(tmp_path / "other", make_trunk(), images, final_gates=[[0.7] * 9, [0.1] * 9],
@@ -155,6 +157,7 @@ def test_compare_two_runs(make_trunk, images, tmp_path):
     assert main(["report", "--compare", str(run_a), str(run_b), "--out", str(out)]) == 2
 
 
+@pytest.mark.slow
 def test_attention_maps_use_an_image_of_the_runs_dataset(trunk, images, tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", trunk, images)
     val = tmp_path / "data" / "digits" / "val" / "class_b"
@@ -225,6 +228,7 @@ def test_run_report_shows_training_health_and_the_runs_results_in_runs_eval(trun
     assert "](training_health.png)" in text
 
 
+@pytest.mark.slow
 def test_run_report_says_where_it_looked_for_results(trunk, images, tmp_path):
     run = make_run(tmp_path / "run", trunk, images)
     for path in (run / "eval").iterdir():
@@ -247,7 +251,7 @@ def test_the_reports_gate_numbers_are_the_diagnostics_of_the_checkpoint(make_tru
     for key in ("gates", "positional_distance", "content_distance", "mixed_distance"):
         torch.testing.assert_close(collected.gates.end[key], expected[key])
     assert collected.gates.start is None and [r["start"] for r in collected.gates.rows] == pytest.approx([INIT] * 2)
-    text = report.render_report(collected, tmp_path / "out").read_text()
+    text = "\n".join(report.summary_lines(collected, figures=[]))  # the summary as rendered, without drawing
     distances = text.split("## Mean attention distance")[1]
     for layer in (1, 2):
         assert summary_row(text, layer).split(" | ")[2] == f"{expected['gates'][layer - 1].mean().item():.3f}"

@@ -46,7 +46,17 @@ def digits(data_root, monkeypatch):
     monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
 
 
-@pytest.mark.parametrize("words,message", REFUSED, ids=[" ".join(words)[:60] for words, _ in REFUSED])
+# make test-fast composes one case of each kind of check (type, amount, learning rate, batch against the data, a
+# setting without effect); make test composes them all
+FAST = {"config.OPTIMIZER.num_epochs=abc", "trunk.depth=abc", "trunk.depth=-2", "config.OPTIMIZER.num_epochs=0",
+        "config.OPTIMIZER.param_schedulers.lr.schedulers.1.start_value=-0.001",
+        "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=1500", "config.LOSS.simclr_info_nce_loss.buffer_params.world_size=4",
+        "config.MODEL.AMP_PARAMS.USE_AMP=true"}
+
+
+@pytest.mark.parametrize("words,message", [
+    pytest.param(words, message, marks=() if words[0] in FAST else pytest.mark.slow, id=" ".join(words)[:60])
+    for words, message in REFUSED])
 def test_refused_in_one_line_before_anything_is_written(words, message, tmp_path, digits, capsys):
     run_dir = tmp_path / "run"
     assert cli.main(["train", *TINY, f"run_dir={run_dir}", *words, "--print-config"]) == 2
@@ -59,11 +69,13 @@ def test_refused_in_one_line_before_anything_is_written(words, message, tmp_path
 @pytest.mark.parametrize("recipe,words,message", [
     ("dino", ["config.LOSS.dino_loss.output_dim=4096"],
      "config.LOSS.dino_loss.output_dim=4096 has no effect: VISSL sets it to 65536 from the head's num_clusters"),
-    ("swav", ["config.LOSS.swav_loss.num_prototypes=[100]"],
-     "config.LOSS.swav_loss.num_prototypes=[100] has no effect: VISSL sets it to [3000] from the head's num_clusters"),
-    ("swav", ["config.LOSS.swav_loss.embedding_dim=64"], "VISSL sets it to 128 from the head's last dims entry"),
-    ("moco", ["config.LOSS.moco_loss.embedding_dim=64"],
-     "LOSS.moco_loss.embedding_dim=64 but the head (MODEL.HEAD.PARAMS) outputs 128 dims"),
+    pytest.param("swav", ["config.LOSS.swav_loss.num_prototypes=[100]"], "config.LOSS.swav_loss.num_prototypes=[100] "
+                 "has no effect: VISSL sets it to [3000] from the head's num_clusters", marks=pytest.mark.slow),
+    pytest.param("swav", ["config.LOSS.swav_loss.embedding_dim=64"],
+                 "VISSL sets it to 128 from the head's last dims entry", marks=pytest.mark.slow),
+    pytest.param("moco", ["config.LOSS.moco_loss.embedding_dim=64"],
+                 "LOSS.moco_loss.embedding_dim=64 but the head (MODEL.HEAD.PARAMS) outputs 128 dims",
+                 marks=pytest.mark.slow),
 ])
 def test_a_loss_setting_the_head_decides_is_refused_when_it_differs(recipe, words, message, tmp_path, digits):
     with pytest.raises(UsageError, match=re.escape(message)):

@@ -4,19 +4,27 @@ import pytest
 import torch
 
 from convit_ssl import engine
+from convit_ssl.shipped_configs import PACKAGE_CONFIGS
 
-CONFIG_ROOT = engine.PACKAGE_CONFIGS / "config" / "convit_ssl"
+CONFIG_ROOT = PACKAGE_CONFIGS / "config" / "convit_ssl"
 RECIPES = sorted(p.stem for p in (CONFIG_ROOT / "pretrain").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
 DATA = sorted(p.stem for p in (CONFIG_ROOT / "data").glob("*.yaml"))
 SMALL = ["trunk.depth=2", "trunk.embed_dim=36", "trunk.num_heads=9", "trunk.local_up_to_layer=1"]
+# make test-fast composes these (two views, multi-crop, the demo's; a ConViT and its DeiT twin); make test every file
+FAST_RECIPES, FAST_MODELS = {"simclr", "dino", "digits_simclr"}, {"convit_tiny", "deit_tiny"}
+
+
+def fast_first(names, fast):
+    """``names`` as parameters, those not in ``fast`` marked slow."""
+    return [name if name in fast else pytest.param(name, marks=pytest.mark.slow) for name in names]
 
 
 def _compose(tmp_path, *words):
     return engine.compose(list(words), run_dir=str(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", fast_first(RECIPES, FAST_RECIPES))
 def test_recipe_builds_model_and_loss(recipe, tmp_path, data_root, monkeypatch):
     import vissl.losses  # noqa: F401  (registers VISSL's losses with classy-vision)
     from classy_vision.losses import build_loss
@@ -43,7 +51,7 @@ def test_recipe_builds_model_and_loss(recipe, tmp_path, data_root, monkeypatch):
                            (output if isinstance(output, (list, tuple)) else [output]))
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", fast_first(MODELS, FAST_MODELS))
 def test_every_model_file_composes_with_its_width(model, tmp_path, data_root, monkeypatch):
     from convit_ssl.models import PRESETS
     from convit_ssl.trunk_config import trunk_kwargs
@@ -60,7 +68,7 @@ def test_every_data_file_composes(data, tmp_path):
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="vissl.config", version_base=None):
-        cfg = compose("defaults", overrides=[f"hydra.searchpath=[file://{engine.PACKAGE_CONFIGS}]", "config=convit_ssl/pretrain/dino",
+        cfg = compose("defaults", overrides=[f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]", "config=convit_ssl/pretrain/dino",
                                              f"config/convit_ssl/data={data}"])
     assert cfg.config.CONVIT_SSL.DATASET == data
 
@@ -70,7 +78,7 @@ def test_cluster_defaults_of_the_imagenet_recipes(tmp_path, data_root, monkeypat
     from omegaconf import OmegaConf
 
     with initialize_config_module(config_module="vissl.config", version_base=None):
-        cfg = compose("defaults", overrides=[f"hydra.searchpath=[file://{engine.PACKAGE_CONFIGS}]",
+        cfg = compose("defaults", overrides=[f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]",
                                              "config=convit_ssl/pretrain/dino"])
     OmegaConf.resolve(cfg)
     dino = cfg.config

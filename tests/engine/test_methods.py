@@ -227,6 +227,7 @@ def _check_health(config, steps):
 CHECKS = {"dino": _check_dino, "moco": _check_moco, "swav": _check_swav, "barlow_twins": _check_barlow_twins}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(CHECKS))
 def test_two_training_steps(method, tmp_path, monkeypatch, data_root):
     config, steps = _train_two_steps(method, tmp_path, monkeypatch, data_root)

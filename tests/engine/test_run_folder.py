@@ -53,6 +53,7 @@ def _finished_run(run_dir, *extra):
 
 
 # ---------------------------------------------------------------------------------------------- one run at a time
+@pytest.mark.slow
 def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
     from convit_ssl import run_folder
 
@@ -122,6 +123,7 @@ def test_a_different_config_on_a_run_with_checkpoints_is_refused(tmp_path, data_
     assert not (run_dir / "log.txt").exists()
 
 
+@pytest.mark.slow
 def test_same_config_again_and_a_folder_without_checkpoints_are_accepted(tmp_path, data_root, monkeypatch):
     from convit_ssl import run_folder
 
@@ -156,6 +158,7 @@ def test_continue_with_changes_records_the_change(tmp_path, data_root, monkeypat
     assert yaml.safe_load((run_dir / "train_config.yaml").read_text())["OPTIMIZER"]["num_epochs"] == 5
 
 
+@pytest.mark.slow
 def test_continue_with_changes_on_a_finished_run_is_refused(tmp_path, data_root, monkeypatch):
     """VISSL trains nothing after a final checkpoint: continuing would only have rewritten the record."""
     from convit_ssl import run_folder

@@ -58,6 +58,7 @@ def test_random_trunk_probe_with_a_label_fraction(digits_data, tmp_path):
     assert probe["dataset"]["fraction"] == 0.1 and probe["dataset"]["train"] + probe["dataset"]["heldout"] == 139
 
 
+@pytest.mark.slow
 def test_study_command(digits_data, tmp_path, capsys, monkeypatch):
     import time
 
@@ -126,6 +127,7 @@ def test_results_without_results(tmp_path, capsys):
     assert "does not exist" in one_line_error(capsys, "results")
 
 
+@pytest.mark.slow
 def test_study_of_two_checkpoints(digits_data, make_trunk, tmp_path, capsys):
     paths = []
     for name, local in (("convit", 2), ("deit", 0)):
@@ -150,6 +152,7 @@ def _vissl_run(folder, trunk):
     return folder
 
 
+@pytest.mark.slow
 def test_results_of_runs_are_labelled_by_run_and_checkpoint_and_never_collide(digits_data, make_trunk, tmp_path,
                                                                                capsys, monkeypatch):
     import time

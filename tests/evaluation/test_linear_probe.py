@@ -68,6 +68,7 @@ def test_label_fraction_and_fallback_to_training_accuracy(digits_data, make_trun
     assert tiny["chosen"]["index"] == train_top1.index(max(train_top1))
 
 
+@pytest.mark.slow
 def test_streamed_probe_runs_the_trunk_in_eval_mode(digits_data, make_trunk, quick_recipe):
     trunk = make_trunk()
     calls = record_modes(trunk)

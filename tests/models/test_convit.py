@@ -80,14 +80,40 @@ def test_non_square_grid_uses_real_grid_shape():
     assert trunk(images)[0].shape == (1, 192)
 
 
-def test_multi_crop_sizes_in_one_step():
-    trunk = create_trunk("convit_tiny", img_size=224)
-    global_crops = torch.randn(2, 3, 224, 224)
-    local_crops = torch.randn(4, 3, 96, 96)
-    loss = trunk(global_crops)[0].square().mean() + trunk(local_crops)[0].square().mean()
-    loss.backward()
-    assert trunk.pos_embedding.grad.abs().sum() > 0
-    assert trunk.blocks[0].attn.positional_proj.weight.grad.abs().sum() > 0
+@pytest.mark.parametrize("crops", ["global", "local", "both"])
+def test_multi_crop_gradients_match_finite_differences_in_float64(crops):
+    """One step on 32 px global and 16 px local crops (8 x 8 and 4 x 4 patch grids; the position embedding is
+    resampled for the local ones): the gradient of the position embedding, of the positional projection and of the
+    gates, along a random direction, equals the central finite difference of the loss in float64."""
+    torch.manual_seed(0)
+    trunk = create_trunk("convit_tiny", **{**TINY_ARGS, "patch_size": 4}).double()
+    with torch.no_grad():
+        for block in trunk.blocks[:2]:
+            block.attn.gating.normal_()  # gates away from their shared init value
+    global_crops = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    local_crops = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    batches = {"global": [global_crops], "local": [local_crops], "both": [global_crops, local_crops]}[crops]
+    weights = [torch.randn(len(images), trunk.embed_dim, dtype=torch.float64) for images in batches]
+
+    def loss():  # a random linear function of the features: every feature's gradient counts
+        return sum((trunk(images)[0] * weight).sum() for images, weight in zip(batches, weights))
+
+    loss().backward()
+    parameters = {"pos_embedding": trunk.pos_embedding, "block 1 positional_proj": trunk.blocks[0].attn.positional_proj,
+                  "block 2 gating": trunk.blocks[1].attn.gating}
+    step = 1e-4  # rounding error ~ 1e-16 |loss| / step, truncation error ~ step ** 2
+    for name, parameter in parameters.items():
+        parameter = parameter.weight if isinstance(parameter, torch.nn.Linear) else parameter
+        direction = torch.randn_like(parameter)
+        analytic = (parameter.grad * direction).sum().item()
+        with torch.no_grad():
+            parameter += step * direction
+            plus = loss().item()
+            parameter -= 2 * step * direction
+            minus = loss().item()
+            parameter += step * direction
+        assert analytic == pytest.approx((plus - minus) / (2 * step), rel=1e-6, abs=1e-12), name
+        assert abs(analytic) > 1e-6, name  # the direction moves the loss: the comparison is not 0 == 0
 
 
 def test_axis_offset_tables_cached_per_length_device_dtype():
@@ -173,8 +199,9 @@ def test_positional_attention_subnormals_flushed_below_rounding():
     assert (ours - reference)[~normal].abs().max() < tiny
 
 
-# the presets wider than 432 take seconds each to build and count (twice: ours and timm's)
-@pytest.mark.parametrize("arch", [pytest.param(arch, marks=pytest.mark.slow) if kwargs["embed_dim"] > 432 else arch
+# the presets wider than 192 take seconds each to build and count (twice: ours and timm's); the two tiny ones, with
+# and without GPSA, go through the same code in make test-fast
+@pytest.mark.parametrize("arch", [pytest.param(arch, marks=pytest.mark.slow) if kwargs["embed_dim"] > 192 else arch
                                   for arch, kwargs in PRESETS.items()])
 def test_preset_size_matches_timm_and_paper(arch):
     import timm

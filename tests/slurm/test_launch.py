@@ -204,6 +204,7 @@ def test_chained_evaluation_is_cancelled_with_its_pretraining(job_env):
     assert "#SBATCH --dependency=afterok:42" in script and "#SBATCH --kill-on-invalid-dep=yes" in script
 
 
+@pytest.mark.slow
 def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
     assert launch.main(["--dry-run", "--partition", "gpu", "--sweep", "model=convit_tiny,convit_small",
                         "--sweep", "config.OPTIMIZER.num_epochs=1,2", *tiny, ALL_IMAGES]) == 0
