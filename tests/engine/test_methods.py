@@ -236,6 +236,7 @@ def test_two_training_steps(method, tmp_path, monkeypatch, data_root):
     _check_health(config, steps)
 
 
+@pytest.mark.slow
 def test_dino_with_a_batch_norm_head_trains_on_cpu(tmp_path, monkeypatch, data_root):
     """VISSL turns the teacher's batch norms into SyncBatchNorm, which runs on GPUs only: on a CPU they stay
     BatchNorm1d, and the two steps are DINO's (loss, centre, teacher by hand)."""
