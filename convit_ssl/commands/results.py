@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
     parser.epilog = __doc__
     parser.add_argument("paths", nargs="+", type=Path, metavar="DIR",
                         help="folders (searched recursively) or result JSON files")
-    parser.add_argument("--kind", choices=("linear_probe", "knn", "low_data_probe", "low_data_scratch"),
+    parser.add_argument("--kind", choices=("linear_probe", "knn", "low_data_probe", "finetune"),
                         help="keep only rows of this kind")
     parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the rows as CSV (full precision)")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the Markdown table to FILE")

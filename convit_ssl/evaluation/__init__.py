@@ -9,6 +9,8 @@ Plain PyTorch and numpy (no VISSL import). Modules:
   together, the best chosen on held-out training images.
 * ``subsets``: nested per-class label subsets and the held-out split.
 * ``study``: the low-data study (ConViT vs its DeiT twin over label fractions), table and plot.
+* ``finetune``: fine-tuning of the whole trunk on a label subset, through VISSL's train engine (imported only
+  when a fine-tuning runs).
 * ``results``: result JSON with a manifest, ``gather``, Markdown and CSV.
 * ``arguments``: the command-line pieces that ``linear-probe``, ``knn`` and ``study`` share.
 """

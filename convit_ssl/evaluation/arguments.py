@@ -103,7 +103,7 @@ def parse_options(pairs: List[str]) -> Dict[str, object]:
 # Command-line numbers that are not recipe fields (those are checked with the recipe): rule and good values.
 _ARGUMENT_RANGES = {"fraction": ("(0, 1]", "0.01 for 1% of the labels"), "fractions": ("(0, 1]", "0.01 0.1 1"),
                     "ks": (">= 1", "10 20 100 200"), "temperature": ("> 0", "0.07"), "workers": (">= 0", "4"),
-                    "threads": (">= 1", "1"), "from_scratch": (">= 1", "30")}
+                    "threads": (">= 1", "1"), "finetune": (">= 1", "6")}
 
 
 def check_arguments(args: argparse.Namespace) -> None:

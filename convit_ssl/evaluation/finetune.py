@@ -47,6 +47,12 @@ RECIPE_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "grad_checkpoi
 INPUTS_FOLDER = "finetune_inputs"
 
 
+def scaled_epochs(base_epochs: int, fraction: float) -> int:
+    """Epochs for a fraction f of the labels: base / f, so every fraction sees as many images as the full set (the
+    paper's low-data protocol)."""
+    return max(1, round(base_epochs / fraction))
+
+
 def recipe_names() -> List[str]:
     return sorted(path.stem for path in RECIPE_FOLDER.glob("*.yaml") if path.stem != "base")
 
@@ -169,13 +175,25 @@ def _value(value) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def checkpoint_words(path: Path) -> List[str]:
-    """``trunk.FIELD=VALUE`` words that give the fine-tuned trunk the shape of a VISSL run's trunk (the recipe's
-    regularisers ``RECIPE_FIELDS`` excepted); none for other formats, whose shape the recipe's model and the
-    command's ``model=`` / ``trunk.`` words give."""
+def trunk_shape(trunk) -> Dict[str, object]:
+    """The keyword arguments that fix the tensor shapes of a built ``ConViT`` (its initialisation options aside)."""
+    blocks = trunk.blocks
+    attention = blocks[0].attn
+    bias = (attention.qk if hasattr(attention, "qk") else attention.qkv).bias is not None
+    return {"img_size": [side * trunk.patch_size for side in trunk.grid_size], "patch_size": trunk.patch_size,
+            "embed_dim": trunk.embed_dim, "depth": trunk.depth, "num_heads": trunk.num_heads,
+            "local_up_to_layer": trunk.local_up_to_layer, "qkv_bias": bias,
+            "mlp_ratio": blocks[0].mlp.fc1.out_features / trunk.embed_dim,
+            "pos_embed_class_token": trunk.pos_embed_class_token}
+
+
+def checkpoint_words(path: Path, trunk) -> List[str]:
+    """``trunk.FIELD=VALUE`` words that give the fine-tuned trunk the shape of the checkpoint's: a VISSL run's
+    trunk as its config describes it, any other the shape of ``trunk`` (the trunk read from it); the recipe's
+    regularisers (``RECIPE_FIELDS``) are kept."""
     from convit_ssl.checkpoint import run_trunk_kwargs
 
-    kwargs = run_trunk_kwargs(path) or {}
+    kwargs = run_trunk_kwargs(path) or trunk_shape(trunk)
     return [f"trunk.{key}={_value(value)}" for key, value in sorted(kwargs.items()) if key not in RECIPE_FIELDS]
 
 
@@ -281,9 +299,11 @@ class Prepared:
 
 
 def prepare(checkpoint: str, recipe: str, labels: Optional[str] = None, words: Sequence[str] = (), seed: int = 0,
-            arch: Optional[str] = None) -> Prepared:
+            arch: Optional[str] = None, fit_batch: bool = False, trunk_options: Optional[Mapping] = None) -> Prepared:
     """Check everything, choose the labels and write the run folder's ``finetune_inputs/`` (file lists, initial
-    trunk; named by their content, so every node of a job can prepare the same run)."""
+    trunk; named by their content, so every node of a job can prepare the same run). ``fit_batch``: a batch larger
+    than the training images shrinks to them (the low-data study's smallest subsets), with a note.
+    ``trunk_options``: the checkpoint's trunk fields its shapes leave open (``num_heads`` of a DeiT)."""
     from convit_ssl import data, engine
     from convit_ssl.checkpoint import checkpoint_file, load_trunk
 
@@ -295,10 +315,10 @@ def prepare(checkpoint: str, recipe: str, labels: Optional[str] = None, words: S
     source_file, trunk, model_info = None, None, {"source": "random", "recipe": recipe, "init_seed": seed}
     if checkpoint != "random":
         source_file = checkpoint_file(checkpoint)
-        trunk, report = load_trunk(source_file, arch=arch)
+        trunk, report = load_trunk(source_file, arch=arch, **dict(trunk_options or {}))
         model_info = {"source": "checkpoint", "checkpoint": str(source_file), "sha256": file_sha256(source_file),
                       "format": report.source_format, "arch": report.arch}
-        words = checkpoint_words(source_file) + words
+        words = checkpoint_words(source_file, trunk) + words
     probe = engine.compose([f"config={config_name}", *words])  # writes nothing: the checks below need the config
     dataset = probe.CONVIT_SSL.DATASET
     train_split = data.open_split(dataset, "train")
@@ -308,6 +328,12 @@ def prepare(checkpoint: str, recipe: str, labels: Optional[str] = None, words: S
     if trunk is not None:
         check_initial_trunk(probe, trunk)
     subset = choose_labels(labels, targets, files, train_split.classes, seed)
+    world = probe.DISTRIBUTED.NUM_NODES * probe.DISTRIBUTED.NUM_PROC_PER_NODE
+    if fit_batch and len(subset.train) < probe.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world:
+        batch = max(1, len(subset.train) // world)
+        print(f"{len(subset.train)} training images: batch {batch} per process instead of the recipe's "
+              f"{probe.DATA.TRAIN.BATCHSIZE_PER_REPLICA}", flush=True)
+        words.append(f"config.DATA.TRAIN.BATCHSIZE_PER_REPLICA={batch}")
     run_dir = next((Path(word.partition("=")[2]) for word in words if word.startswith("run_dir=")), None)
     if run_dir is None:
         run_dir = default_run_dir(recipe, "random" if source_file is None else model_info["sha256"][:8],
@@ -359,12 +385,12 @@ def write_result(prepared: Prepared, started: float, name: Optional[str] = None,
 
 def finetune(checkpoint: str, recipe: str, labels: Optional[str] = None, words: Sequence[str] = (),
              seed: int = 0, name: Optional[str] = None, arch: Optional[str] = None,
-             out: Optional[Path] = None) -> dict:
+             out: Optional[Path] = None, fit_batch: bool = False, trunk_options: Optional[Mapping] = None) -> dict:
     """Prepare, train on this machine (``engine.train``: one process per GPU) and write the result."""
     from convit_ssl import engine
 
     started = time.time()
-    prepared = prepare(checkpoint, recipe, labels, words, seed, arch)
+    prepared = prepare(checkpoint, recipe, labels, words, seed, arch, fit_batch, trunk_options)
     config = engine.compose(prepared.words)
     subset = prepared.label_subset
     print(f"fine-tuning {name or checkpoint} on {subset['labels']} of {prepared.dataset}'s labels "

@@ -8,16 +8,18 @@ on the same images. The two models are either a preset and its twin with ``local
 same seed; random init unless checkpoints are given) or two checkpoints, e.g. the ConViT and DeiT runs of
 ``convit-ssl train``. Features are extracted once per model and split, then every fraction reuses them.
 
-Optionally (``scratch_epochs``) each random-init trunk is also trained from scratch with a head on every subset,
-for ``scratch_epochs / f`` epochs, as the paper does (``scratch.train_supervised``; slow on CPU).
+Optionally (``finetune_epochs``) each trunk, random or pretrained, is also fine-tuned with a new head on every
+subset through VISSL's engine (``evaluation.finetune``, the fine-tuning recipe ``finetune_recipe``), for
+``finetune_epochs / f`` epochs as the paper does (slow on CPU); its test top-1 is that of the epoch best on the
+subset's held-out images.
 
-Output folder: one result JSON per model and fraction (``probe-<model>-f<fraction>.json``, ``scratch-...``), and
+Output folder: one result JSON per model and fraction (``probe-<model>-f<fraction>.json``, ``finetune-...``,
+the fine-tunings' run folders in ``finetune/``, the trunks they start from in ``trunks/``), and
 ``study.json`` (the comparison table, with the relative gain (a - b) / b of the first model over the second),
 ``study.md``, ``study.csv`` and ``low_data.png`` (top-1 against the fraction, log scale, gains annotated).
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,6 @@ from convit_ssl.evaluation.features import (
 from convit_ssl.evaluation.knn import TEMPERATURE, knn_classify
 from convit_ssl.evaluation.linear_probe import Recipe, probe_features
 from convit_ssl.evaluation.results import csv_text, make_manifest, markdown_table, slug, write_result
-from convit_ssl.evaluation.scratch import scaled_epochs, train_supervised
 from convit_ssl.evaluation.subsets import FRACTIONS, class_subset
 
 
@@ -60,6 +61,25 @@ def twin_models(arch: str, seed: int = 0, names: Sequence[str] = ("ConViT", "Dei
     return models
 
 
+def finetune_fraction(model: StudyModel, trunk_file: Path, recipe: str, fraction: float, base_epochs: int, seed: int,
+                      out_dir: Path, words: Sequence[str] = ()) -> dict:
+    """Fine-tune ``model``'s trunk, saved in ``trunk_file``, on ``fraction`` of the labels for ``base_epochs / fraction``
+    epochs (``evaluation.finetune``; run folder ``out_dir/finetune/<name>-f<fraction>``, result JSON in
+    ``out_dir``); returns its epochs and the test accuracy of the epoch best on the held-out images (of the final
+    epoch when the subset holds none out), with the result file's name."""
+    from convit_ssl.evaluation.finetune import finetune, scaled_epochs, trunk_shape
+
+    epochs = scaled_epochs(base_epochs, fraction)
+    run_dir = out_dir / "finetune" / f"{slug(model.name)}-f{fraction:g}"
+    result = finetune(str(trunk_file), recipe, labels=f"{100 * fraction:g}%", seed=seed, name=model.name,
+                      out=out_dir, fit_batch=True, trunk_options=trunk_shape(model.trunk),
+                      words=[*words, f"config.OPTIMIZER.num_epochs={epochs}", f"run_dir={run_dir}"])
+    selected_on = "heldout" if result["chosen"]["heldout"] is not None else "final"
+    chosen = result["chosen"][selected_on]
+    return {"epochs": epochs, "selected_on": selected_on, "epoch": chosen["epoch"], "top1": chosen["test_top1"],
+            "top5": chosen["test_top5"], "file": Path(result["file"]).name}
+
+
 def relative_gain(value: float, baseline: float) -> Optional[float]:
     """(value - baseline) / baseline in percent; None for a zero baseline."""
     return 100.0 * (value - baseline) / baseline if baseline else None
@@ -68,21 +88,27 @@ def relative_gain(value: float, baseline: float) -> Optional[float]:
 def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, dataset: Optional[str] = None,
                    fractions: Sequence[float] = FRACTIONS, subset_rule: str = "random", seed: int = 0,
                    knn_ks: Optional[Sequence[int]] = None, temperature: float = TEMPERATURE,
-                   scratch_epochs: Optional[int] = None, cache_dir: Optional[Path] = None, num_workers: int = 0,
+                   finetune_epochs: Optional[int] = None, finetune_recipe: Optional[str] = None,
+                   finetune_words: Sequence[str] = (), cache_dir: Optional[Path] = None, num_workers: int = 0,
                    args: Optional[Mapping] = None, progress: bool = False) -> dict:
     """Run the study for two models (the first is compared with the second); returns what ``study.json`` holds.
 
     ``knn_ks``: also run kNN (on ``recipe.features[0]``) with these k; k above a subset's size are skipped.
-    ``scratch_epochs``: also train a copy of each (random-init) trunk with a head from scratch on every subset,
-    for ``scratch_epochs / f`` epochs (``scratch.train_supervised``), the paper's own protocol.
+    ``finetune_epochs``: also fine-tune each trunk with a new head on every subset for ``finetune_epochs / f`` epochs
+    (``finetune_fraction``), the paper's own protocol; ``finetune_words`` are ``KEY=VALUE`` words of the runs.
     """
     if len(models) != 2:
         raise UsageError(f"the low-data study compares two models (a ConViT and its DeiT twin), got {len(models)}")
     if recipe.stream:
         raise UsageError("the low-data study probes features extracted once per model; pass --no-stream "
                          "(or a recipe with stream: false)")
-    if scratch_epochs and any(model.info.get("source") != "random" for model in models):
-        raise UsageError("training from scratch needs random-init models: drop --checkpoints, or drop --from-scratch")
+    if finetune_epochs and subset_rule != "random":
+        raise UsageError(f"fine-tuning takes the per-class subsets of the 'random' rule: drop --subset-rule "
+                         f"{subset_rule}, or drop --finetune")
+    if finetune_epochs:
+        from convit_ssl.evaluation.finetune import recipe_config
+
+        recipe_config(finetune_recipe or dataset or recipe.dataset)  # an unknown recipe fails now, not after a probe
     started = time.time()
     dataset = dataset or recipe.dataset
     out_dir = Path(out_dir)
@@ -116,6 +142,9 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
                         temperature, num_classes=len(train.classes)).items()},
                 }
         check = frozen_check(model.trunk, digest, sizes)
+        trunk_file = out_dir / "trunks" / f"{slug(model.name)}.pth"
+        if finetune_epochs:
+            atomic.torch_save(model.trunk.state_dict(), trunk_file)
         manifest = make_manifest([model.info], args, seeds, model_started)
         for fraction, body in bodies.items():
             body.update(trunk=check, manifest=manifest)
@@ -123,22 +152,10 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
                 entry["kind"] = "low_data_probe"
             path = write_result(body, out_dir / f"probe-{slug(model.name)}-f{fraction:g}.json")
             files.append(path.name)
-            if scratch_epochs:
-                scratch_started = time.time()
-                indices = class_subset(train.labels, fraction, seed, subset_rule, train.files)
-                trained = train_supervised(copy.deepcopy(model.trunk), dataset, recipe, indices,
-                                           scaled_epochs(scratch_epochs, fraction), seed, num_workers)
-                body["scratch"] = trained
-                path = write_result({
-                    "kind": "low_data_scratch", "dataset": {"name": dataset, "fraction": fraction,
-                                                            "subset_rule": subset_rule},
-                    "base_epochs": scratch_epochs, "result": trained,
-                    "manifest": make_manifest([model.info], args, seeds, scratch_started),
-                    "rows": [{"kind": "low_data_scratch", "model": model.name, "dataset": dataset,
-                              "fraction": fraction, "epochs": trained["epochs"], "top1": trained["top1"],
-                              "top5": trained["top5"]}],
-                }, out_dir / f"scratch-{slug(model.name)}-f{fraction:g}.json")
-                files.append(path.name)
+            if finetune_epochs:
+                body["finetune"] = finetune_fraction(model, trunk_file, finetune_recipe or dataset, fraction,
+                                                     finetune_epochs, seed, out_dir, finetune_words)
+                files.append(body["finetune"]["file"])
         results[model.name] = bodies
 
     first, second = (model.name for model in models)
@@ -155,10 +172,10 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
             for name in (first, second):
                 for k, value in results[name][fraction]["knn"]["accuracy"].items():
                     row[f"knn{k} top1 {name}"] = value["top1"]
-        if scratch_epochs:
-            a, b = (results[name][fraction]["scratch"]["top1"] for name in (first, second))
-            row.update({f"scratch top1 {first}": a, f"scratch top1 {second}": b,
-                        "scratch gain top1 (%)": relative_gain(a, b)})
+        if finetune_epochs:
+            a, b = (results[name][fraction]["finetune"]["top1"] for name in (first, second))
+            row.update({f"finetune top1 {first}": a, f"finetune top1 {second}": b,
+                        "finetune gain top1 (%)": relative_gain(a, b)})
         table.append(row)
     plot_path = out_dir / "low_data.png"
     plot_low_data(table, (first, second), dataset, plot_path)
@@ -186,9 +203,9 @@ def plot_low_data(table: Sequence[Mapping], names: Sequence[str], dataset: str, 
     for name, marker, color in zip(names, ("o", "s"), ("tab:blue", "tab:orange")):
         axes.plot(percent, [row[f"top1 {name}"] for row in table], marker=marker, color=color,
                   label=f"{name}, linear probe")
-        if f"scratch top1 {name}" in table[0]:
-            axes.plot(percent, [row[f"scratch top1 {name}"] for row in table], marker=marker, color=color,
-                      linestyle="--", label=f"{name}, trained from scratch")
+        if f"finetune top1 {name}" in table[0]:
+            axes.plot(percent, [row[f"finetune top1 {name}"] for row in table], marker=marker, color=color,
+                      linestyle="--", label=f"{name}, fine-tuned")
     for x, row in zip(percent, table):
         gain = row["gain top1 (%)"]
         if gain is not None:

@@ -202,7 +202,7 @@ BAD_NUMBERS = [
     ("study", ["--knn", "--ks", "0"], r"--ks 0 must be >= 1"),
     ("study", ["--lrs", "-1"], r"--lrs -1 must be > 0"),
     ("study", ["--epochs", "0"], r"--epochs 0 must be >= 1"),
-    ("study", ["--from-scratch", "0"], r"--from-scratch 0 must be >= 1"),
+    ("study", ["--finetune", "0"], r"--finetune 0 must be >= 1"),
     ("study", ["--fractions", "0.1", "0"], r"--fractions 0 must be in \(0, 1\]"),
 ]
 

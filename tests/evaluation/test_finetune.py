@@ -204,10 +204,24 @@ def test_a_trunk_that_does_not_fit_the_checkpoint_is_refused(tmp_path, data_root
     path = tmp_path / "trunk.pth"
     torch.save(create_trunk("convit_tiny", img_size=32, patch_size=4, embed_dim=48, depth=2,
                             local_up_to_layer=1).state_dict(), path)
-    code, error = _finetune(["--checkpoint", str(path), "--recipe", "digits", f"run_dir={tmp_path / 'run'}"],
-                            data_root, monkeypatch, capsys)
+    code, error = _finetune(["--checkpoint", str(path), "--recipe", "digits", "trunk.embed_dim=64",
+                             f"run_dir={tmp_path / 'run'}"], data_root, monkeypatch, capsys)
     assert code == 2 and len(error.splitlines()) == 1 and "does not fit the trunk" in error
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options", [
+    dict(img_size=32, patch_size=4, embed_dim=48, depth=3, local_up_to_layer=2, mlp_ratio=2.0),
+    dict(img_size=[32, 48], patch_size=8, embed_dim=64, depth=2, num_heads=4, local_up_to_layer=0, qkv_bias=True,
+         pos_embed_class_token=True),
+])
+def test_the_shape_of_a_trunk_rebuilds_its_tensors(options):
+    from convit_ssl.evaluation.finetune import trunk_shape
+    from convit_ssl.models import create_trunk
+
+    trunk = create_trunk("convit_tiny", **options)
+    rebuilt = create_trunk("convit_tiny", **trunk_shape(trunk))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in trunk.state_dict().items()}
 
 
 def test_an_unknown_recipe_is_refused(data_root, monkeypatch, capsys):
