@@ -229,6 +229,7 @@ def test_an_unknown_recipe_is_refused(data_root, monkeypatch, capsys):
     assert code == 2 and "unknown fine-tuning recipe 'mnist': choose from cifar10, cifar100, digits, imagenet1k" in error
 
 
+@pytest.mark.slow
 def test_every_recipe_composes_and_heads_follow_the_data_file(data_root, monkeypatch):
     """Each recipe on digits (the one dataset every test machine has): a 10-way head; the data files' class counts."""
     import yaml
