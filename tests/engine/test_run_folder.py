@@ -12,7 +12,6 @@ import yaml
 from convit_ssl import engine
 
 from tiny_training import TINY
-from tiny_training import run as _run
 from tiny_training import train_command as _train_command
 from tiny_training import wait_for as _wait_for
 
