@@ -93,7 +93,8 @@ def test_progress_and_symptoms_come_from_the_run_folder(tmp_path):
 def test_pretraining_runs_through_engine_train_and_reports_from_the_run_folder(tmp_path, data_root, monkeypatch):
     """Two tiny one-epoch trainings side by side, each `engine.train` in its own process: both finish with a final
     checkpoint and one epoch's loss in metrics.json, and their wall times are recorded; a rerun trains nothing and
-    keeps them; a finished run of another config is refused; a run whose folder another run holds fails, named."""
+    keeps them; a finished run of another config is refused; a run whose folder another run holds fails, named; an
+    interrupted demo leaves no training running."""
     from convit_ssl import run_folder
     from convit_ssl.errors import UsageError
 
@@ -124,3 +125,15 @@ def test_pretraining_runs_through_engine_train_and_reports_from_the_run_folder(t
         with pytest.raises(RuntimeError, match="pretraining of ConViT failed; end of .*convit.log") as failure:
             demo.pretrain_side_by_side({"ConViT": config}, tmp_path)
     assert f"run folder {held} is in use by pid" in str(failure.value), failure.value
+
+    def interrupt(*args):  # Ctrl-C once the training holds its run folder
+        if "pid" in (held / run_folder.LOCK_FILE).read_text():
+            raise KeyboardInterrupt
+        return "starting"
+
+    monkeypatch.setattr(demo, "POLL_S", 0.5)
+    monkeypatch.setattr(demo, "epoch_progress", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        demo.pretrain_side_by_side({"ConViT": config}, tmp_path)
+    with run_folder.owned(held):  # no training is left running in it
+        pass

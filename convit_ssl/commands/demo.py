@@ -111,14 +111,20 @@ def pretrain_side_by_side(configs: Mapping[str, object], logs: Path) -> Dict[str
         processes[label] = context.Process(target=_train_in_own_process, args=(config, threads, str(paths[label])),
                                            name=f"demo-{_slug(label)}")
         processes[label].start()
-    while len(wall) < len(processes):
-        wait([process.sentinel for label, process in processes.items() if label not in wall], timeout=POLL_S)
-        for label, process in processes.items():
-            if label not in wall and not process.is_alive():
-                wall[label] = time.time() - started
-        status = [f"{label} " + ("done" if label in wall else epoch_progress(
-            Path(config.CHECKPOINT.DIR), config.OPTIMIZER.num_epochs)) for label, config in configs.items()]
-        print(f"[demo] {time.time() - started:4.0f} s: " + ", ".join(status), flush=True)
+    try:
+        while len(wall) < len(processes):
+            wait([process.sentinel for label, process in processes.items() if label not in wall], timeout=POLL_S)
+            for label, process in processes.items():
+                if label not in wall and not process.is_alive():
+                    wall[label] = time.time() - started
+            status = [f"{label} " + ("done" if label in wall else epoch_progress(
+                Path(config.CHECKPOINT.DIR), config.OPTIMIZER.num_epochs)) for label, config in configs.items()]
+            print(f"[demo] {time.time() - started:4.0f} s: " + ", ".join(status), flush=True)
+    finally:  # interrupted (Ctrl-C): a training still running checkpoints on SIGTERM and resumes on a rerun
+        for process in processes.values():
+            if process.is_alive():
+                process.terminate()
+                process.join()
     failed = [label for label, process in processes.items()
               if process.exitcode != 0 or _final_checkpoint(configs[label]) is None]
     if failed:
