@@ -55,8 +55,8 @@ def add_arguments(parser) -> None:
                        help="k for --knn; k above a subset's size are skipped and listed")
     study.add_argument("--finetune", type=int, metavar="EPOCHS",
                        help="also fine-tune each trunk with a new head on every subset, EPOCHS / f epochs (the "
-                            "paper's protocol): each run sees EPOCHS x the training set, so EPOCHS=6 on digits takes "
-                            "about an hour on a CPU core for the two trunks and 6 fractions")
+                            "paper's protocol): each run sees EPOCHS x the training set, so EPOCHS=6 on digits took "
+                            "20 minutes on a loaded CPU for two trunks and 5 fractions")
     study.add_argument("--finetune-recipe", metavar="NAME",
                        help="fine-tuning recipe (convit-ssl finetune --recipe; default: the one named like the dataset)")
     study.add_argument("--finetune-option", action="append", default=[], metavar="KEY=VALUE",
