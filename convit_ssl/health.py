@@ -7,7 +7,7 @@ them during training and writes:
 
       {"iteration": 200, "epoch": 1, "method": "dino_loss", "loss": 9.7, "loss_steps": 20,
        "feature_std": 0.081, "feature_std_healthy": 0.102, "effective_rank": 41.3, "embedding_dim": 96,
-       "teacher_entropy": 6.2, "max_entropy": 6.93, "symptoms": []}
+       "teacher_entropy": 6.2, "max_entropy": 6.93, "symptoms": {}}
 
   ``loss`` is the mean per-step loss since the previous record (``loss_steps`` steps); ``feature_std`` and
   ``effective_rank`` are measured on the trunk's features of a fixed probe batch (the first images of the first
@@ -18,6 +18,9 @@ them during training and writes:
   loss per sample averaged over the epoch's steps (each step's loss, as the method defines it, is already a mean
   over the batch's samples and crop pairs; VISSL's ``task.losses`` multiplies it by the batch's target count).
   After a resume inside an epoch, the mean covers the steps after the resume (``train_loss_steps`` says how many).
+
+  ``symptoms`` maps each symptom found at that record to the sentence naming it (``symptoms`` below gives the
+  kinds); ``symptom_lines`` sums a run's records up, one line per kind.
 
 Each symptom found is logged once as a warning naming it. The thresholds are the checks DINO's and solo-learn's
 users make: the per-dimension std of L2-normalised features is about 1/sqrt(D) for spread-out features and 0 when
@@ -30,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -50,6 +54,7 @@ COLLAPSED_RANK = 2.0  # effective rank below it: the features lie on a line
 UNIFORM_FRACTION = 0.98  # DINO: loss and teacher entropy above this fraction of ln(K): a uniform teacher
 RISE_FRACTION = 0.1  # a loss that ends this fraction above where its window started, on a rising trend
 RISING_LOSSES = ("barlow_twins_loss", "swav_loss")  # methods whose rising loss is a symptom
+_NUMBER = re.compile(r"\d+(\.\d+)?")
 
 
 # ---------------------------------------------------------------- measures
@@ -123,6 +128,23 @@ def symptoms(method: str, losses: Sequence[float], std: float, rank: float, embe
         found["rising_loss"] = (f"{method} rose over the last {window} records, from {losses[-window]:.4g} to "
                                 f"{losses[-1]:.4g}")
     return found
+
+
+def symptom_lines(records: Sequence[Mapping]) -> List[str]:
+    """One line per symptom kind that health records (``health.jsonl``'s, in order) report, in order of first
+    report: the latest record's sentence, how many records reported it and at which updates, e.g. ``effective rank
+    1.71 of 1024 dimensions: the features lie on a line (latest of 15 records, updates 20 to 580)``. A record
+    written before symptoms had kinds lists sentences: each counts under its wording with its numbers masked."""
+    kinds: Dict[str, dict] = {}
+    for record in records:
+        found = record.get("symptoms") or {}
+        if isinstance(found, list):
+            found = {_NUMBER.sub("#", sentence): sentence for sentence in found}
+        for kind, sentence in found.items():
+            seen = kinds.setdefault(kind, {"count": 0, "first": record["iteration"]})
+            seen.update(sentence=sentence, count=seen["count"] + 1, last=record["iteration"])
+    return [f"{seen['sentence']} (latest of {seen['count']} records, updates {seen['first']} to {seen['last']})"
+            if seen["count"] > 1 else f"{seen['sentence']} (update {seen['first']})" for seen in kinds.values()]
 
 
 # ---------------------------------------------------------------- the hook
@@ -276,7 +298,7 @@ class TrainingHealthHook(SelectiveHook):
             record.update(teacher_entropy=entropy, max_entropy=max_entropy)
         self.first = self.first or (std, rank)
         found = symptoms(method, self.losses, std, rank, width, self.loss_window, entropy, max_entropy, self.first)
-        record["symptoms"] = list(found.values())
+        record["symptoms"] = found
         self._since_record = []
         folder = self._folder(task)
         folder.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from convit_ssl.diagnostics import (CONVOLUTIONAL_GATE, DISTANCE_KINDS, INITIAL_
 from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.features import IMAGENET_MEAN, IMAGENET_STD
 from convit_ssl.evaluation.results import gather, markdown_table, read_result
+from convit_ssl.health import symptom_lines
 from convit_ssl.images import IMAGE_EXTENSIONS
 from convit_ssl.models.convit import ConViT
 from convit_ssl.report_figures import (plot_attention_distances, plot_attention_maps, plot_gate_heatmap,
@@ -423,7 +424,7 @@ def _health_lines(epochs: Sequence[dict], health: Sequence[dict]) -> List[str]:
                   f"{last['trunk_effective_rank']:.1f} of {last['trunk_dim']}"
                   + (f"; teacher entropy {last['teacher_entropy']:.3f} of at most {last['max_entropy']:.3f}"
                      if "teacher_entropy" in last else "") + "."]
-        seen = list(dict.fromkeys(symptom for r in health for symptom in r.get("symptoms", [])))
+        seen = symptom_lines(health)
         lines += ["", "**Collapse symptoms reported:** " + ("; ".join(seen) if seen else "none") + "."]
     return lines
 

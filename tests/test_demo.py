@@ -83,10 +83,37 @@ def test_progress_and_symptoms_come_from_the_run_folder(tmp_path):
     (tmp_path / "metrics.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert demo.epoch_progress(tmp_path, 30) == "epoch 2/30, loss 4.2500"
     assert demo.run_symptoms(tmp_path) == []
-    health = [{"iteration": 20, "symptoms": ["feature std near 0"]}, {"iteration": 40, "symptoms": []},
-              {"iteration": 60, "symptoms": ["teacher is uniform", "feature std near 0"]}]
+    health = [{"iteration": 20, "symptoms": {"feature_std": "feature std near 0"}}, {"iteration": 40, "symptoms": {}},
+              {"iteration": 60, "symptoms": {"uniform_teacher": "teacher is uniform", "feature_std": "feature std near 0"}}]
     (tmp_path / "health.jsonl").write_text("".join(json.dumps(record) + "\n" for record in health))
-    assert demo.run_symptoms(tmp_path) == ["feature std near 0", "teacher is uniform"]
+    assert demo.run_symptoms(tmp_path) == ["feature std near 0 (latest of 2 records, updates 20 to 60)",
+                                           "teacher is uniform (update 60)"]
+
+
+def _dino_collapse_records(legacy: bool):
+    """Health records of a DINO run that logs its uniform teacher at 30 updates and a low rank at every other one,
+    the numbers in each sentence changing; ``legacy``: symptoms as a list of sentences (health.jsonl before
+    symptoms had kinds)."""
+    records = []
+    for i in range(1, 31):
+        found = {"uniform_teacher": f"DINO loss {6.900 + i / 1000:.3f} is at ln(output_dim) = 6.931: uniform"}
+        if i % 2:
+            found["rank"] = f"effective rank {2 - i / 100:.2f} of 1024 dimensions: the features lie on a line"
+        records.append({"iteration": 20 * i, "symptoms": list(found.values()) if legacy else found})
+    return records
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_symptom_logged_at_many_updates_is_one_line_per_kind_with_its_latest_sentence(tmp_path, legacy):
+    records = _dino_collapse_records(legacy)
+    (tmp_path / "health.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    expected = ["DINO loss 6.930 is at ln(output_dim) = 6.931: uniform (latest of 30 records, updates 20 to 600)",
+                "effective rank 1.71 of 1024 dimensions: the features lie on a line (latest of 15 records, updates "
+                "20 to 580)"]
+    assert demo.run_symptoms(tmp_path) == expected
+    random, dino = _rows()[0], {**_rows()[4], "symptoms": expected}
+    table = demo.write_tables([random, dino], tmp_path, "demo_results", {}).splitlines()
+    assert table[3].endswith(" | " + "; ".join(expected) + " |")
 
 
 @pytest.mark.slow

@@ -172,13 +172,14 @@ def _final_checkpoint(config) -> Optional[Path]:
 
 
 def run_symptoms(run_dir: Path) -> List[str]:
-    """Every collapse symptom the health hook recorded in the run's ``health.jsonl``, in order, each once."""
+    """The collapse symptoms the health hook recorded in the run's ``health.jsonl``: one line per kind, its latest
+    sentence and how often (``health.symptom_lines``)."""
+    from convit_ssl.health import symptom_lines
     from convit_ssl.report import load_gating_metrics
     from convit_ssl.run_folder import HEALTH_FILE
 
     path = run_dir / HEALTH_FILE
-    records = load_gating_metrics(path, "health record") if path.is_file() else []
-    return list(dict.fromkeys(symptom for record in records for symptom in record.get("symptoms", [])))
+    return symptom_lines(load_gating_metrics(path, "health record") if path.is_file() else [])
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

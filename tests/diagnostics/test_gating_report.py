@@ -203,7 +203,8 @@ def test_run_report_shows_training_health_and_the_runs_results_in_runs_eval(trun
     health = [{"iteration": i, "epoch": i // 22, "method": "barlow_twins_loss", "loss": loss, "loss_steps": 20,
                "feature_std": std, "feature_std_healthy": 0.0625, "effective_rank": rank, "embedding_dim": 256,
                "trunk_feature_std": 0.01, "trunk_effective_rank": 3.0, "trunk_dim": 96, "symptoms": symptoms}
-              for i, loss, std, rank, symptoms in [(20, 500.0, 0.05, 40.0, []), (40, 300.0, 0.001, 1.5, ["std low"])]]
+              for i, loss, std, rank, symptoms in [(20, 500.0, 0.05, 40.0, {}),
+                                                   (40, 300.0, 0.001, 1.5, {"feature_std": "std low"})]]
     (run / "health.jsonl").write_text("".join(json.dumps(record) + "\n" for record in health))
     checkpoint = run / "model_final_checkpoint_phase2.torch"
     row = {"kind": "knn", "model": "run/model_final_checkpoint_phase2", "dataset": "digits_val", "fraction": 1.0,
@@ -219,7 +220,7 @@ def test_run_report_shows_training_health_and_the_runs_results_in_runs_eval(trun
     assert "| 0 | 22 | 4.5000 |" in text and "| 1 | 44 | 3.2500 |" in text
     assert ("Health after 40 updates (barlow_twins_loss): embedding feature std 0.0010 (spread out: 0.0625; "
             "first record 0.0500), effective rank 1.5 of 256") in text
-    assert "**Collapse symptoms reported:** std low." in text
+    assert "**Collapse symptoms reported:** std low (update 40)." in text
     assert "| knn | run/model_final_checkpoint_phase2 | digits_val | 1 | lastCLS | 20 | 71.25 | 95.50 | knn-run.json |" \
         in text
     assert "12.00" not in text  # the other run's result is not this run's

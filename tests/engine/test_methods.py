@@ -197,6 +197,9 @@ def _check_barlow_twins(config, steps):
         assert math.isclose(step["loss"], expected.item(), rel_tol=1e-4)
 
 
+SYMPTOM_KINDS = {"feature_std", "rank", "uniform_teacher", "uniform_assignment", "uniform_contrast", "rising_loss"}
+
+
 def _check_health(config, steps):
     """health.jsonl holds one record per step with that step's loss (and DINO's teacher entropy, from the
     recorded teacher output and centre); metrics.json's epoch line holds the mean loss of the epoch's steps."""
@@ -211,6 +214,7 @@ def _check_health(config, steps):
         assert math.isclose(record["feature_std"], feature_std(embedding), rel_tol=1e-4)
         assert math.isclose(record["effective_rank"], effective_rank(embedding), rel_tol=1e-4)
         assert record["trunk_dim"] == WIDTH and 0 < record["trunk_feature_std"] < 1
+        assert isinstance(record["symptoms"], dict) and set(record["symptoms"]) <= SYMPTOM_KINDS  # {kind: sentence}
         if config.LOSS.name == "dino_loss":
             teacher = F.softmax((step["teacher_output"] - step["center_before"]) / step["teacher_temp"], dim=-1)
             assert math.isclose(record["teacher_entropy"], mean_entropy(teacher), rel_tol=1e-4)
