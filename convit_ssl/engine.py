@@ -139,26 +139,18 @@ def register_resolvers() -> None:
 
 def compose(args: Sequence[str], run_dir: Optional[str] = None):
     """Validated VISSL config (AttrDict) for command-line words (see the module docstring)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     parsed = expand_arguments(args)
     run_dir = run_dir or parsed["run_dir"] or default_run_dir(parsed["recipe"], parsed["choices"], parsed["overrides"])
     run_dir = Path(run_dir).resolve()
-    overrides = [
-        f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]",
-        f"config={parsed['recipe']}",
-        *parsed["overrides"],
-    ]
+    overrides = [f"config={parsed['recipe']}", *parsed["overrides"]]
     if parsed["continue_with_changes"] is not None:  # not part of the default run folder's hash
         overrides.append(f"++config.CONVIT_SSL.CONTINUE_WITH_CHANGES={parsed['continue_with_changes']}")
-    register_resolvers()
     try:
-        with initialize_config_module(config_module="vissl.config", version_base=None):
-            cfg = hydra_compose("defaults", overrides=overrides)
-            recipe = _recipe_without_settings(hydra_compose, overrides)
+        cfg = hydra_config(overrides)
+        recipe = _recipe_without_settings(overrides)
         OmegaConf.resolve(cfg)  # our recipes interpolate crop sizes, statistics and head widths
         given = OmegaConf.to_container(cfg.config)
         config_checks.check_override_types(given, parsed["overrides"], [config_checks.vissl_defaults(), recipe])
@@ -175,27 +167,73 @@ def compose(args: Sequence[str], run_dir: Optional[str] = None):
     return config
 
 
-def _recipe_without_settings(hydra_compose, overrides: Sequence[str]) -> Dict[str, Any]:
+def hydra_config(overrides: Sequence[str]):
+    """VISSL's ``defaults`` composed by Hydra with ``overrides`` (``config=NAME``, ...), our configs on the search
+    path: the raw DictConfig, unresolved and unchecked (``compose`` resolves, checks and converts it). Each config
+    file is parsed once per process (``_config_files_parsed_once``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_resolvers()
+    with initialize_config_module(config_module="vissl.config", version_base=None), _config_files_parsed_once():
+        return hydra_compose("defaults", overrides=[f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]", *overrides])
+
+
+def _recipe_without_settings(overrides: Sequence[str]) -> Dict[str, Any]:
     """The ``config`` section of the recipe and its files without any ``config.KEY=VALUE`` setting: the types
     that the settings must keep ({} when it does not compose on its own)."""
     files = tuple(o for o in overrides if not o.lstrip("+").startswith("config."))
     if len(files) == len(overrides):
         return {}
-    return copy.deepcopy(_composed_files(hydra_compose, files))
+    return copy.deepcopy(_composed_files(files))
 
 
 @functools.lru_cache(maxsize=16)
-def _composed_files(hydra_compose, files: Tuple[str, ...]) -> Dict[str, Any]:
+def _composed_files(files: Tuple[str, ...]) -> Dict[str, Any]:
     """``_recipe_without_settings``, composed once per process for each choice of files: the files are package
-    data that do not change while it runs, and a second Hydra compose costs as much as the first."""
+    data that do not change while it runs."""
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return OmegaConf.to_container(hydra_compose("defaults", overrides=list(files)).config, resolve=True)
+        return OmegaConf.to_container(hydra_config(files).config, resolve=True)
     except (HydraException, OmegaConfBaseException):
         return {}
+
+
+_PARSED_CONFIG_FILES: Dict[Tuple[str, int, int], Any] = {}
+
+
+@contextlib.contextmanager
+def _config_files_parsed_once():
+    """Within the block, a config file that Hydra loads comes from the first parse of the file in this process.
+
+    Hydra reads every file of a config at each compose, VISSL's 1,400-line ``defaults.yaml`` first, and loading
+    them (pure-Python YAML, then OmegaConf's nodes) is over half of a compose. ``OmegaConf.load`` (which Hydra's config sources call) is
+    wrapped here: a file known by its real path, size and modification time is parsed once and handed out as a
+    deep copy (Hydra edits what it loads); anything else is loaded as before.
+    """
+    from omegaconf import OmegaConf
+
+    original = OmegaConf.__dict__["load"]
+    load = OmegaConf.load
+
+    def load_once(file_):
+        name = getattr(file_, "name", file_)
+        if not isinstance(name, (str, os.PathLike)) or not os.path.isfile(name):
+            return load(file_)
+        status = os.stat(name)
+        key = (os.path.realpath(name), status.st_size, status.st_mtime_ns)
+        if key not in _PARSED_CONFIG_FILES:
+            _PARSED_CONFIG_FILES[key] = load(file_)
+        return copy.deepcopy(_PARSED_CONFIG_FILES[key])
+
+    OmegaConf.load = staticmethod(load_once)
+    try:
+        yield
+    finally:
+        OmegaConf.load = original
 
 
 @contextlib.contextmanager

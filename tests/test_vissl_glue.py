@@ -11,12 +11,10 @@ VISSL_CONVIT = "pretrain/vision_transformer/supervised/1gpu_convit_s_example"
 
 
 def _compose_vissl(tmp_path, *extra):
-    from hydra import compose, initialize_config_module
     from vissl.utils.hydra_config import convert_to_attrdict
 
-    with initialize_config_module(config_module="vissl.config", version_base=None):
-        cfg = compose("defaults", overrides=[f"config={VISSL_CONVIT}", "config.MODEL.TRUNK.NAME=convit_ssl",
-                                             f"config.CHECKPOINT.DIR={tmp_path}", *extra])
+    cfg = engine.hydra_config([f"config={VISSL_CONVIT}", "config.MODEL.TRUNK.NAME=convit_ssl",
+                               f"config.CHECKPOINT.DIR={tmp_path}", *extra])
     return convert_to_attrdict(cfg)[1]
 
 

@@ -65,21 +65,14 @@ def test_every_model_file_composes_with_its_width(model, tmp_path, data_root, mo
 
 @pytest.mark.parametrize("data", DATA)
 def test_every_data_file_composes(data, tmp_path):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="vissl.config", version_base=None):
-        cfg = compose("defaults", overrides=[f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]", "config=convit_ssl/pretrain/dino",
-                                             f"config/convit_ssl/data={data}"])
+    cfg = engine.hydra_config(["config=convit_ssl/pretrain/dino", f"config/convit_ssl/data={data}"])
     assert cfg.config.CONVIT_SSL.DATASET == data
 
 
 def test_cluster_defaults_of_the_imagenet_recipes(tmp_path, data_root, monkeypatch):
-    from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    with initialize_config_module(config_module="vissl.config", version_base=None):
-        cfg = compose("defaults", overrides=[f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]",
-                                             "config=convit_ssl/pretrain/dino"])
+    cfg = engine.hydra_config(["config=convit_ssl/pretrain/dino"])
     OmegaConf.resolve(cfg)
     dino = cfg.config
     assert dino.DISTRIBUTED.NUM_PROC_PER_NODE == "auto" and dino.MODEL.AMP_PARAMS.USE_AMP
@@ -183,3 +176,38 @@ def test_digits_recipes_are_at_digits_scale(recipe, tmp_path, data_root, monkeyp
     loss = config.LOSS[config.LOSS.name]
     if "queue_size" in loss:
         assert loss.queue_size <= 1024 and loss.queue_size % config.DATA.TRAIN.BATCHSIZE_PER_REPLICA == 0
+
+
+def test_hydra_config_equals_hydras_own_compose():
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    words = ["config=convit_ssl/pretrain/dino", "config/convit_ssl/model=deit_tiny"]
+    with initialize_config_module(config_module="vissl.config", version_base=None):
+        plain = compose("defaults", overrides=[f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]", *words])
+    for _ in range(2):  # the second time from the files parsed the first time
+        assert OmegaConf.to_container(engine.hydra_config(words)) == OmegaConf.to_container(plain)
+
+
+def test_a_config_file_is_parsed_once_per_version_and_handed_out_as_copies(tmp_path, monkeypatch):
+    import io
+
+    from omegaconf import OmegaConf
+
+    parsed = []
+    load = OmegaConf.load
+    monkeypatch.setattr(OmegaConf, "load", staticmethod(lambda file_: parsed.append(file_) or load(file_)))
+    path = tmp_path / "a.yaml"
+    path.write_text("a: {b: 1}\n")
+    with engine._config_files_parsed_once():
+        with open(path) as stream:
+            first = OmegaConf.load(stream)
+        first.a.b = 5  # Hydra edits what it loads
+        with open(path) as stream:
+            assert OmegaConf.load(stream).a.b == 1 and len(parsed) == 1
+        path.write_text("a: {b: 22}\n")  # another version of the file
+        with open(path) as stream:
+            assert OmegaConf.load(stream).a.b == 22 and len(parsed) == 2
+        assert OmegaConf.load(io.StringIO("c: 3")).c == 3 and len(parsed) == 3  # not a file: loaded as before
+    with open(path) as stream:
+        assert OmegaConf.load(stream).a.b == 22 and len(parsed) == 4  # outside the block, Hydra's load again
