@@ -26,7 +26,7 @@ import torch.distributed as dist
 from classy_vision.generic.distributed_util import is_primary
 from torch.utils.data import DataLoader, Subset
 
-from convit_ssl.hooks import SelectiveHook, truncate_json_lines
+from convit_ssl.hooks import SelectiveHook, resumed_checkpoint, truncate_json_lines
 from convit_ssl.models.modes import eval_mode
 
 EVAL_FILE = "finetune_eval.jsonl"
@@ -68,10 +68,9 @@ class FinetuneEvaluationHook(SelectiveHook):
         return Path(self.output_dir or task.checkpoint_folder) / EVAL_FILE
 
     def on_start(self, task) -> None:
-        checkpoint = getattr(task, "checkpoint", None)
-        if checkpoint is not None and is_primary():
-            done = checkpoint["train_phase_idx"]
-            truncate_json_lines(self._path(task), lambda record: record["epoch"] <= done)
+        resumed = resumed_checkpoint(task)
+        if resumed is not None:
+            truncate_json_lines(self._path(task), lambda record: record["epoch"] <= resumed.last_epoch)
 
     def _build_datasets(self) -> Dict[str, object]:
         from convit_ssl import vissl_glue

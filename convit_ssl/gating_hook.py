@@ -30,7 +30,7 @@ from classy_vision.generic.distributed_util import is_primary
 
 from convit_ssl.diagnostics import DISTANCE_KINDS, diagnostics_record, gating_diagnostics
 from convit_ssl.errors import UsageError
-from convit_ssl.hooks import SelectiveHook, first_images, resumed_iteration, trunk_of, truncate_json_lines
+from convit_ssl.hooks import SelectiveHook, first_images, resumed_checkpoint, trunk_of, truncate_json_lines
 from convit_ssl.models.convit import ConViT
 from convit_ssl.run_folder import METRICS_FILE, TENSORBOARD_DIR
 
@@ -66,9 +66,10 @@ class GatingDiagnosticsHook(SelectiveHook):
     def on_start(self, task) -> None:
         """On resume, drop the records after the checkpoint (the killed run wrote them; they come again)
         and do not record the checkpoint's iteration twice."""
-        iteration = resumed_iteration(task)
-        if iteration is None:
+        resumed = resumed_checkpoint(task)
+        if resumed is None:
             return
+        iteration = resumed.iteration
         path = Path(self.output_dir or task.checkpoint_folder) / METRICS_FILE
         truncate_json_lines(path, lambda record: record["iteration"] <= iteration)
         records = path.read_text().splitlines() if path.is_file() else []

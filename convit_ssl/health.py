@@ -43,7 +43,7 @@ from classy_vision.generic.distributed_util import is_primary
 
 from convit_ssl.atomic import write_text
 from convit_ssl.errors import UsageError
-from convit_ssl.hooks import SelectiveHook, first_images, resumed_iteration, trunk_of, truncate_json_lines
+from convit_ssl.hooks import SelectiveHook, first_images, resumed_checkpoint, trunk_of, truncate_json_lines
 from convit_ssl.resume_hooks import preserved_random_state
 from convit_ssl.run_folder import EPOCH_LOG, HEALTH_FILE
 
@@ -220,9 +220,10 @@ class TrainingHealthHook(SelectiveHook):
 
     def on_start(self, task) -> None:
         """On resume, keep the records up to the checkpoint and read their losses back."""
-        iteration = resumed_iteration(task)
-        if iteration is None:
+        resumed = resumed_checkpoint(task)
+        if resumed is None:
             return
+        iteration = resumed.iteration
         path = self._folder(task) / HEALTH_FILE
         truncate_json_lines(path, lambda record: record["iteration"] <= iteration)
         records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

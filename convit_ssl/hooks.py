@@ -1,5 +1,6 @@
 """What our training hooks share: a hook that ignores the events it does not need, the trunk of a task, the
-first images of a batch, the iteration a resumed run starts from, and cutting a JSON-lines log back. The hooks
+first images of a batch, where a resumed run starts from (``resumed_checkpoint``: every hook asks it), and cutting
+a JSON-lines log back. The hooks
 themselves: ``gating_hook`` (what the gates learn), ``resume_hooks`` (checkpoints on signals, resumed runs that are
 the same run), ``health``.
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -27,13 +29,23 @@ def first_images(inputs: Any) -> torch.Tensor:
     return inputs
 
 
-def resumed_iteration(task) -> Optional[int]:
-    """The iteration of the checkpoint a resumed run starts from, in the primary process (the one that writes
-    the logs); None in a fresh run and in the other processes. A killed run's logs go past it: cut them back."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where the checkpoint of a resumed run left off: ``iteration``, the updates it holds, and ``last_epoch``, the
+    index of the last training epoch it completed (-1 for a checkpoint saved within the first epoch)."""
+
+    iteration: int
+    last_epoch: int
+
+
+def resumed_checkpoint(task) -> Optional[ResumePoint]:
+    """Where a resumed run starts from (VISSL's ``task.checkpoint``, loaded before the hooks start), in the primary
+    process (the one that writes the logs); None in a fresh run and in the other processes. A killed run's logs go
+    past it: cut them back."""
     checkpoint = getattr(task, "checkpoint", None)
     if checkpoint is None or not is_primary():
         return None
-    return checkpoint["iteration"]
+    return ResumePoint(iteration=checkpoint["iteration"], last_epoch=checkpoint["train_phase_idx"])
 
 
 def truncate_json_lines(path: Path, keep) -> int:

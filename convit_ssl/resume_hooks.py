@@ -20,7 +20,7 @@ import torch
 from classy_vision.generic.distributed_util import is_primary
 
 from convit_ssl import atomic
-from convit_ssl.hooks import SelectiveHook, resumed_iteration, truncate_json_lines
+from convit_ssl.hooks import SelectiveHook, resumed_checkpoint, truncate_json_lines
 from convit_ssl.run_folder import EPOCH_LOG, PREEMPTION_MARKER, STEP_LOG
 
 _log = logging.getLogger(__name__)
@@ -147,9 +147,10 @@ class SameRunHook(SelectiveHook):
     """
 
     def on_start(self, task) -> None:
-        iteration = resumed_iteration(task)
-        if iteration is None:
+        resumed = resumed_checkpoint(task)
+        if resumed is None:
             return
+        iteration = resumed.iteration
         folder = Path(task.checkpoint_folder)
         dropped = truncate_json_lines(folder / STEP_LOG, lambda record: record["iter"] < iteration)
         dropped += truncate_json_lines(folder / EPOCH_LOG, lambda record: record["iteration"] <= iteration)

@@ -121,7 +121,7 @@ def test_a_resume_drops_the_records_after_the_checkpoint(trunk, images, tmp_path
     lines = [json.dumps({"iteration": iteration, "layers": []}) + "\n" for iteration in (0, 3, 6)]
     (tmp_path / METRICS_FILE).write_text("".join(lines) + '{"iteration": 9, "lay')
     task = fake_task(trunk, images, tmp_path)
-    task.checkpoint = {"iteration": 3}
+    task.checkpoint = {"iteration": 3, "train_phase_idx": 0}
     hook = GatingDiagnosticsHook(frequency=3, probe_batch=2)
     hook.on_start(task)
     assert [record["iteration"] for record in read_records(tmp_path)] == [0, 3]

@@ -358,3 +358,20 @@ def test_the_deit_recipe_with_layer_decay_trains_through_vissl(tmp_path, train_e
     rates = re.findall(r"lr: \[([^\]]+)\]", (run_dir / "log.txt").read_text())
     factors = [float(value) / float(rates[-1].split(",")[-1]) for value in rates[-1].split(",")]
     assert factors == pytest.approx([0.75 ** 3, 0.75 ** 2, 0.75, 1.0])  # depth 2: embeddings, blocks 0, 1, rest
+
+
+def test_a_resume_drops_the_evaluations_of_the_epochs_after_the_checkpoint(tmp_path):
+    """The killed run scored epochs 0, 1 and 2 and half of 3; it resumes from a checkpoint within epoch 2 (epochs 0
+    and 1 complete): epoch 2 is scored again, so its line goes."""
+    from types import SimpleNamespace
+
+    from convit_ssl.finetune_hook import EVAL_FILE, FinetuneEvaluationHook
+    from convit_ssl.hooks import ResumePoint, resumed_checkpoint
+
+    lines = [json.dumps({"epoch": epoch, "test_top1": 10.0 * epoch}) + "\n" for epoch in (0, 1, 2)]
+    (tmp_path / EVAL_FILE).write_text("".join(lines) + '{"epoch": 3, "te')
+    task = SimpleNamespace(checkpoint={"iteration": 25, "train_phase_idx": 1}, checkpoint_folder=str(tmp_path))
+    assert resumed_checkpoint(task) == ResumePoint(iteration=25, last_epoch=1)
+    FinetuneEvaluationHook(config={}).on_start(task)
+    assert (tmp_path / EVAL_FILE).read_text() == "".join(lines[:2])
+    assert resumed_checkpoint(SimpleNamespace(checkpoint=None)) is None  # a fresh run
