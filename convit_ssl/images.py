@@ -54,14 +54,16 @@ class UnreadableImage(UsageError):
         return super().__str__().strip().splitlines()[-1].rpartition("UnreadableImage: ")[2]
 
 
-def read_image(path: str) -> Image.Image:
-    """The image at ``path`` as RGB; ``UnreadableImage`` naming the file when PIL cannot read it."""
+DATASET_IMAGE_FIX = "delete or replace it, then run convit-ssl prepare-data again"
+
+
+def read_image(path: str | os.PathLike, fix: str = DATASET_IMAGE_FIX) -> Image.Image:
+    """The image at ``path`` as RGB; ``UnreadableImage`` naming the file and ``fix`` when PIL cannot read it."""
     try:
         with open(path, "rb") as stream:
             return Image.open(stream).convert("RGB")
     except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
-        raise UnreadableImage(f"cannot read image {path} ({type(error).__name__}: {error}); delete or replace it, "
-                              f"then run convit-ssl prepare-data again") from None
+        raise UnreadableImage(f"cannot read image {path} ({type(error).__name__}: {error}); {fix}") from None
 
 
 class CheckedImageFolder(ImageFolder):

@@ -40,7 +40,7 @@ from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.features import IMAGENET_MEAN, IMAGENET_STD
 from convit_ssl.evaluation.results import gather, markdown_table, read_result
 from convit_ssl.health import symptom_lines
-from convit_ssl.images import IMAGE_EXTENSIONS
+from convit_ssl.images import DATASET_IMAGE_FIX, IMAGE_EXTENSIONS, read_image
 from convit_ssl.models.convit import ConViT
 from convit_ssl.report_figures import (plot_attention_distances, plot_attention_maps, plot_gate_heatmap,
                                        plot_gate_trajectories, plot_training_health)
@@ -143,13 +143,13 @@ def synthetic_image(size: Tuple[int, int]) -> torch.Tensor:
     return torch.stack([red, green, blue]).clamp(0, 1)
 
 
-def read_image(path: str | os.PathLike, size: Tuple[int, int]) -> torch.Tensor:
-    """An image file, centre-cropped and resized to ``size`` (height, width): (3, height, width) in [0, 1]."""
-    from PIL import Image, ImageOps
+def fitted_image(path: str | os.PathLike, size: Tuple[int, int], fix: str = DATASET_IMAGE_FIX) -> torch.Tensor:
+    """An image file (read by ``convit_ssl.images.read_image``: one line naming it and ``fix`` when unreadable),
+    centre-cropped and resized to ``size`` (height, width): (3, height, width) in [0, 1]."""
+    from PIL import ImageOps
 
-    with Image.open(path) as image:
-        image = ImageOps.fit(image.convert("RGB"), (size[1], size[0]))
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    image = ImageOps.fit(read_image(path, fix), (size[1], size[0]))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return data.view(size[0], size[1], 3).permute(2, 0, 1).float() / 255
 
 
@@ -292,10 +292,11 @@ def _sample_image(trunk: ConViT, image_path: Optional[str], config: Mapping) -> 
     if image_path is not None:
         if not Path(image_path).is_file():
             raise UsageError(f"image {image_path} does not exist: pass an image file with --image")
-        return read_image(image_path, size), f"`{Path(image_path).name}`"
+        return fitted_image(image_path, size, fix="pass an image file PIL can read with --image"), \
+            f"`{Path(image_path).name}`"
     found = dataset_image_file(config)
     if found is not None:
-        return read_image(found, size), f"`{found.name}` (from the run's dataset)"
+        return fitted_image(found, size), f"`{found.name}` (from the run's dataset)"
     return synthetic_image(size), "a synthetic pattern (pass --image for a real image)"
 
 

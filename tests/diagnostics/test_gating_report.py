@@ -173,7 +173,7 @@ def test_attention_maps_use_an_image_of_the_runs_dataset(trunk, images, tmp_path
     config = report.run_config(run)
     assert report.dataset_image_file(config) == val / "img_001.png"
     assert report.normalisation(config) == ([0.5] * 3, [0.5] * 3)
-    image = report.read_image(val / "img_001.png", (32, 32))
+    image = report.fitted_image(val / "img_001.png", (32, 32))
     torch.testing.assert_close(image[:, 5, 5], torch.tensor([200, 30, 30]) / 255)
     torch.testing.assert_close(report.normalise(image, report.normalisation(config))[:, 5, 5],
                                torch.tensor([200, 30, 30]) / 127.5 - 1)
@@ -192,6 +192,16 @@ def test_usage_errors(tmp_path, capsys):
     assert "is not a folder: pass folders of linear-probe/knn results" in capsys.readouterr().err
     assert main(["report", "--compare", str(tmp_path), str(tmp_path), "--out", "x", "--results", str(tmp_path)]) == 2
     assert "--image and --results are for the report of one run" in capsys.readouterr().err
+
+
+def test_an_image_that_cannot_be_read_is_named_in_one_line(trunk, images, tmp_path, capsys):
+    run = make_run(tmp_path / "run", trunk, images)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert main(["report", str(run), "--image", str(broken)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"cannot read image {broken}" in error[0], error
+    assert "pass an image file PIL can read with --image" in error[0], error
 
 
 def test_run_report_shows_training_health_and_the_runs_results_in_runs_eval(trunk, images, tmp_path):
