@@ -8,8 +8,8 @@ touches no process group.
 
 Shards follow ``torch.utils.data.DistributedSampler(shuffle=False, drop_last=False)``: rank r of W reads samples
 r, r + W, r + 2W, ...; the sampler pads the last round with samples from the start so that every rank has
-ceil(N / W), and those padded duplicates are dropped here (``shard_indices``) before anything is computed, so no
-sample is counted twice and none is missed. ``gather_rows`` puts the rows of every rank back in dataset order by
+ceil(N / W), and ``shard_indices`` leaves those padded duplicates out, so no sample is counted twice and none is
+missed. ``gather_rows`` puts the rows of every rank back in dataset order by
 the dataset indices they carry.
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
 
 from convit_ssl.errors import UsageError
 
@@ -100,19 +99,15 @@ def broadcast(value):
 
 
 def shard_indices(num_samples: int, rank_: Optional[int] = None, world: Optional[int] = None) -> np.ndarray:
-    """Dataset indices of this rank's shard, (n_r,) int64 in sampler order, padded duplicates removed.
+    """Dataset indices of this rank's shard, (n_r,) int64 in sampler order, without the sampler's padding.
 
-    ``DistributedSampler`` pads its index list to a multiple of the world size by repeating the first samples;
-    the padded entries are those at positions >= ``num_samples`` of that list, and each rank drops its own.
+    ``DistributedSampler(shuffle=False)`` gives rank r of W the entries r, r + W, r + 2W, ... of the index list
+    ``arange(W * ceil(N / W)) % N``: the dataset padded to a multiple of W by wrapping round to its first samples.
+    The padded entries (positions >= N) are duplicates, left out here: ``arange(r, N, W)``.
     """
     world = world_size() if world is None else world
     rank_ = rank() if rank_ is None else rank_
-    if world == 1:
-        return np.arange(num_samples, dtype=np.int64)
-    sampler = DistributedSampler(range(num_samples), num_replicas=world, rank=rank_, shuffle=False, drop_last=False)
-    positions = range(rank_, sampler.total_size, world)  # where this rank's entries sit in the padded list
-    return np.asarray([index for position, index in zip(positions, sampler) if position < num_samples],
-                      dtype=np.int64)
+    return np.arange(rank_, num_samples, world, dtype=np.int64)
 
 
 def _tensor_device() -> torch.device:

@@ -45,16 +45,23 @@ def only_result(folder):
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("num_samples, world", [(7, 3), (6, 3), (2, 4), (5, 1)])
-def test_shards_cover_every_sample_once_and_follow_the_sampler(num_samples, world):
+@pytest.mark.parametrize("num_samples, world", [(7, 3), (6, 3), (2, 4), (5, 1), (0, 2), (1, 4), (10, 4), (13, 5),
+                                                (1437, 8), (360, 7)])
+def test_shards_are_the_samplers_lists_without_its_padding(num_samples, world):
+    """``DistributedSampler`` is the oracle: each rank's shard is its list with the padded entries (those at
+    positions >= num_samples of the padded index list) left out, and the shards cover every sample once."""
     shards = [distributed.shard_indices(num_samples, r, world) for r in range(world)]
-    assert sorted(np.concatenate(shards).tolist()) == list(range(num_samples))
     for r, shard in enumerate(shards):
-        sampler = list(DistributedSampler(range(num_samples), num_replicas=world, rank=r, shuffle=False))
-        assert shard.tolist() == sampler[:len(shard)] == list(range(r, num_samples, world))
-    if (num_samples, world) == (7, 3):  # the sampler pads with samples 0 and 1, which ranks 1 and 2 drop
+        sampler = DistributedSampler(range(num_samples), num_replicas=world, rank=r, shuffle=False, drop_last=False)
+        listed = list(sampler)
+        positions = range(r, sampler.total_size, world)  # where the rank's entries sit in the padded list
+        assert shard.dtype == np.int64
+        assert shard.tolist() == [index for position, index in zip(positions, listed) if position < num_samples]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(num_samples))
+    if (num_samples, world) == (7, 3):  # the sampler pads with samples 0 and 1, which ranks 1 and 2 leave out
         assert [list(DistributedSampler(range(7), num_replicas=3, rank=r, shuffle=False)) for r in range(3)] == [
             [0, 3, 6], [1, 4, 0], [2, 5, 1]]
+        assert [shard.tolist() for shard in shards] == [[0, 3, 6], [1, 4], [2, 5]]
 
 
 def test_one_process_touches_no_process_group(monkeypatch):
