@@ -210,9 +210,9 @@ def _config_files_parsed_once():
     """Within the block, a config file that Hydra loads comes from the first parse of the file in this process.
 
     Hydra reads every file of a config at each compose, VISSL's 1,400-line ``defaults.yaml`` first, and loading
-    them (pure-Python YAML, then OmegaConf's nodes) is over half of a compose. ``OmegaConf.load`` (which Hydra's config sources call) is
-    wrapped here: a file known by its real path, size and modification time is parsed once and handed out as a
-    deep copy (Hydra edits what it loads); anything else is loaded as before.
+    them (pure-Python YAML, then OmegaConf's nodes) is over half of a compose. ``OmegaConf.load``, which Hydra's
+    config sources call, is wrapped here: a file known by its real path, size and modification time is parsed once
+    and handed out as a deep copy (Hydra edits what it loads); anything else is loaded as before.
     """
     from omegaconf import OmegaConf
 
