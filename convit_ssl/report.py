@@ -37,7 +37,7 @@ from convit_ssl.data import read_catalog
 from convit_ssl.diagnostics import (CONVOLUTIONAL_GATE, DISTANCE_KINDS, INITIAL_GATE, attention_maps,
                                     diagnostics_from_record, gating_diagnostics)
 from convit_ssl.errors import UsageError
-from convit_ssl.evaluation.features import IMAGENET_MEAN, IMAGENET_STD
+from convit_ssl.evaluation.features import imagenet_statistics
 from convit_ssl.evaluation.results import gather, markdown_table, read_result
 from convit_ssl.health import symptom_lines
 from convit_ssl.images import DATASET_IMAGE_FIX, IMAGE_EXTENSIONS, read_image
@@ -52,7 +52,6 @@ DEFAULT_RESULTS_DIR = Path("runs") / "eval"  # linear-probe's and knn's default 
 RESULT_COLUMNS = ["kind", "model", "dataset", "fraction", "feature", "k", "top1", "top5", "file"]
 GATE_RESOLUTION = 0.0005  # mean-gate changes below the summary's three decimals count as no change
 MeanStd = Tuple[Sequence[float], Sequence[float]]
-IMAGENET_MEAN_STD: MeanStd = (IMAGENET_MEAN, IMAGENET_STD)  # when the run's config does not say
 PAPER_FINDING = (
     "Paper (ConViT-S, supervised ImageNet training): the head-averaged gate falls from 0.73 in every GPSA "
     "layer, to about 0 in layers 6-10, while layers 1-5 keep some heads with a high gate (layer 4: 0.82, "
@@ -198,12 +197,13 @@ def normalisation(config: Mapping) -> MeanStd:
     for transform in transforms:
         if isinstance(transform, Mapping) and transform.get("name", None) == "Normalize":
             return transform["mean"], transform["std"]
-    return IMAGENET_MEAN_STD
+    return imagenet_statistics()
 
 
-def normalise(image: torch.Tensor, mean_std: MeanStd = IMAGENET_MEAN_STD) -> torch.Tensor:
-    """A (3, H, W) image in [0, 1] normalised as the training transforms do: (image - mean) / std."""
-    mean, std = (torch.tensor(values, dtype=image.dtype).view(3, 1, 1) for values in mean_std)
+def normalise(image: torch.Tensor, mean_std: Optional[MeanStd] = None) -> torch.Tensor:
+    """A (3, H, W) image in [0, 1] normalised as the training transforms do: (image - mean) / std (ImageNet's
+    when ``mean_std`` is None)."""
+    mean, std = (torch.tensor(values, dtype=image.dtype).view(3, 1, 1) for values in mean_std or imagenet_statistics())
     return (image - mean) / std
 
 # ---------------------------------------------------------------- numbers

@@ -23,6 +23,7 @@ when the files have changed. A killed writer's temporary arrays are deleted by t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -59,7 +60,12 @@ def data_statistics(name: str) -> Dict[str, List[float]]:
     return {"mean": section["MEAN"], "std": section["STD"]}
 
 
-IMAGENET_MEAN, IMAGENET_STD = (tuple(values) for values in data_statistics("imagenet1k").values())
+@functools.lru_cache(maxsize=None)
+def imagenet_statistics() -> Tuple[Tuple[float, float, float], Tuple[float, float, float]]:
+    """ImageNet's (mean, std) from ``data/imagenet1k.yaml``, read at the first call (importing reads no file): the
+    normalisation of trunks and runs that do not say theirs."""
+    statistics = data_statistics("imagenet1k")
+    return tuple(statistics["mean"]), tuple(statistics["std"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,8 +82,8 @@ class Preprocess:
 
     image_size: int
     crop_ratio: float = 0.875
-    mean: Tuple[float, float, float] = IMAGENET_MEAN
-    std: Tuple[float, float, float] = IMAGENET_STD
+    mean: Tuple[float, float, float] = field(default_factory=lambda: imagenet_statistics()[0])
+    std: Tuple[float, float, float] = field(default_factory=lambda: imagenet_statistics()[1])
 
     def eval_transform(self):
         from torchvision import transforms as T

@@ -152,6 +152,32 @@ def test_dataset_statistics_are_the_published_ones(data, data_root):
     assert np.allclose(section["MEAN"], mean, atol=5e-5) and np.allclose(section["STD"], std, atol=5e-5), data
 
 
+
+@pytest.mark.parametrize("module", ["convit_ssl.evaluation.features", "convit_ssl.report"])
+def test_importing_reads_no_data_file_and_the_default_normalisation_is_imagenets(module, monkeypatch):
+    import builtins
+    import importlib
+    import importlib.util
+    import pathlib
+
+    import numpy as np
+
+    from convit_ssl.evaluation.features import Preprocess, imagenet_statistics
+
+    importlib.import_module(module)  # what it imports, imported; then a fresh copy of it runs, the imported one stays
+    read, read_text, open_ = [], pathlib.Path.read_text, builtins.open
+    monkeypatch.setattr(pathlib.Path, "read_text",
+                        lambda path, *a, **k: read.append(str(path)) or read_text(path, *a, **k))
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: read.append(str(file)) or open_(file, *a, **k))
+    spec = importlib.util.find_spec(module)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert [path for path in read if path.endswith(".yaml")] == []
+    monkeypatch.undo()
+    mean, std = PUBLISHED_STATISTICS["imagenet1k"]
+    assert np.allclose(imagenet_statistics(), (mean, std), atol=5e-5)
+    assert (Preprocess(224).mean, Preprocess(224).std) == imagenet_statistics()
+
+
 DIGITS_RECIPES = [recipe for recipe in RECIPES if recipe.startswith("digits_")]
 IMAGENET_ONLY_TRANSFORMS = {"RandomHorizontalFlip", "ImgPilColorDistortion", "ImgPilRandomSolarize"}
 
