@@ -5,6 +5,7 @@ import pytest
 
 from convit_ssl import cli, engine
 from convit_ssl.commands import demo
+from convit_ssl.errors import UsageError
 from tiny_training import TINY
 
 
@@ -69,6 +70,32 @@ def test_the_table_says_each_number_and_whether_it_beats_random_init_and_the_twi
     assert json.loads((tmp_path / "demo_methods.json").read_text()) == {"dataset": "digits", "rows": rows}
 
 
+def test_the_table_of_methods_merges_the_methods_measured_in_separate_runs_into_one_out(tmp_path):
+    """Two single-method demos (SimCLR, DINO) on the test split and one on digits_val into the same --out: the
+    table of methods holds SimCLR's and DINO's rows, random init once per trunk, and names what is not measured."""
+    rows = _rows()
+    demo.write_tables(rows[:4], tmp_path / "simclr", "demo_results", {"dataset": "digits", "method": "simclr"})
+    demo.write_tables([rows[0], rows[4], rows[2], rows[5]], tmp_path / "dino", "demo_results",
+                      {"dataset": "digits", "method": "dino"})
+    demo.write_tables(rows[:4], tmp_path / "moco", "demo_results", {"dataset": "digits_val", "method": "moco"})
+    text = demo.write_method_tables(tmp_path, "digits")
+    assert text == demo.write_tables(rows, tmp_path / "expected", "demo_methods", {})
+    assert (tmp_path / "demo_methods.md").read_text() == text
+    about = json.loads((tmp_path / "demo_methods.json").read_text())
+    assert about["rows"] == rows and about["dataset"] == "digits"
+    assert about["methods"] == {"simclr": "digits_simclr", "dino": "digits_dino"}
+    assert about["not_measured"] == ["moco", "swav", "barlow_twins"]
+    assert demo.write_method_tables(tmp_path, "cifar10") is None and (tmp_path / "demo_methods.md").read_text() == text
+
+
+def test_a_damaged_method_result_is_one_line_naming_the_file(tmp_path):
+    (tmp_path / "swav").mkdir()
+    (tmp_path / "swav" / "demo_results.json").write_text('{"dataset": "digits", "rows": [')
+    with pytest.raises(UsageError, match=r"swav/demo_results.json is not a demo result .*: delete it and rerun "
+                                         r"`convit-ssl demo --method swav`"):
+        demo.write_method_tables(tmp_path, "digits")
+
+
 def test_beats_needs_both_measures():
     baseline = {"linear_top1": 80.0, "knn_top1": 40.0}
     assert demo.beats({"linear_top1": 80.1, "knn_top1": 40.1}, baseline)
@@ -123,7 +150,6 @@ def test_pretraining_runs_through_engine_train_and_reports_from_the_run_folder(t
     keeps them; a finished run of another config is refused; a run whose folder another run holds fails, named; an
     interrupted demo leaves no training running."""
     from convit_ssl import run_folder
-    from convit_ssl.errors import UsageError
 
     monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
     monkeypatch.setattr(demo, "POLL_S", 0.5)

@@ -13,7 +13,8 @@ Rerunning resumes the runs (finished ones are not trained again).
 Layout of ``--out`` (default ``runs/demo``): ``<method>/convit`` and ``<method>/deit_twin`` (run folders, with
 the evaluation results in ``eval/``), ``<method>/demo_results.{md,json}``, ``<method>/pretraining_wall_s.json``
 (the pretrainings' wall times, kept when a rerun finds them finished), ``random_init/<trunk>/`` (the random
-trunks' results, measured once for all methods), and with ``--method all`` ``demo_methods.{md,json}``.
+trunks' results, measured once for all methods), and ``demo_methods.{md,json}``: the rows of every method
+demonstrated into ``--out`` on that dataset, by one ``--method all`` or by single-method runs.
 """
 from __future__ import annotations
 
@@ -113,9 +114,11 @@ def pretrain_side_by_side(configs: Mapping[str, object], logs: Path) -> Dict[str
         processes[label].start()
     try:
         while len(wall) < len(processes):
-            wait([process.sentinel for label, process in processes.items() if label not in wall], timeout=POLL_S)
+            ended = wait([process.sentinel for label, process in processes.items() if label not in wall],
+                         timeout=POLL_S)
             for label, process in processes.items():
-                if label not in wall and not process.is_alive():
+                if label not in wall and (process.sentinel in ended or not process.is_alive()):
+                    process.join()  # its sentinel is ready a moment (seconds, under load) before it has exited
                     wall[label] = time.time() - started
             status = [f"{label} " + ("done" if label in wall else epoch_progress(
                 Path(config.CHECKPOINT.DIR), config.OPTIMIZER.num_epochs)) for label, config in configs.items()]
@@ -252,10 +255,41 @@ def write_tables(rows: Sequence[Mapping], out: Path, stem: str, about: Mapping) 
     return text
 
 
+def write_method_tables(out: Path, dataset: str) -> Optional[str]:
+    """``demo_methods.{md,json}`` in ``out``: the rows of every method whose last demo into ``out`` measured
+    ``dataset`` (``<method>/demo_results.json``, each method's demo run on its own or by ``--method all``), in
+    ``METHODS`` order, random init once per trunk, and the verdicts; the JSON names the methods not measured.
+    Returns the Markdown, or None (and writes nothing) when no method measured ``dataset`` there."""
+    rows: List[dict] = []
+    measured = {}
+    for method in METHODS:
+        path = out / method / "demo_results.json"
+        if not path.is_file():
+            continue
+        try:
+            result = json.loads(path.read_text())
+            if result["dataset"] != dataset:
+                continue
+            method_rows = result["rows"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UsageError(f"{path} is not a demo result ({error}): delete it and rerun "
+                             f"`convit-ssl demo --method {method}`")
+        measured[method] = METHODS[method][1]
+        shown = {(row["method"], row["trunk"]) for row in rows}
+        rows += [row for row in method_rows if (row["method"], row["trunk"]) not in shown]
+    if not rows:
+        return None
+    about = {"dataset": dataset, "methods": measured, "not_measured": [m for m in METHODS if m not in measured],
+             "pretraining": "per method, both trunks side by side, one process each; each method's rows from its "
+                            "last demo into this folder"}
+    return write_tables(rows, out, "demo_methods", about)
+
+
 # ---------------------------------------------------------------------------------------------- the command
 def _demonstrate(method: str, configs: Mapping[str, object], dataset: str, out: Path,
-                 random_rows: Dict[str, dict]) -> List[dict]:
-    """Pretrain and measure one method (both trunks); returns its rows, random init first."""
+                 random_rows: Dict[str, dict]) -> None:
+    """Pretrain and measure one method (both trunks); its rows, random init first, go to
+    ``<method>/demo_results.{md,json}``."""
     from convit_ssl.checkpoint import load_trunk
     from convit_ssl.report import write_report
 
@@ -280,7 +314,6 @@ def _demonstrate(method: str, configs: Mapping[str, object], dataset: str, out: 
     print("\n" + write_tables(rows, out / method, "demo_results", about), flush=True)
     print(f"gate report of the ConViT run (training loss and health too): "
           f"{write_report(configs['ConViT'].CHECKPOINT.DIR)}", flush=True)
-    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -299,21 +332,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"[demo] {METHODS[method][0]}, {label}: convit-ssl train {' '.join(w)}", flush=True)
     for method in methods:
         (out / method).mkdir(parents=True, exist_ok=True)
-    rows: List[dict] = []
     random_rows: Dict[str, dict] = {}
-    started = time.time()
     try:
         for method in methods:
-            rows += [row for row in _demonstrate(method, configs[method], args.dataset, out, random_rows)
-                     if row not in rows]
+            _demonstrate(method, configs[method], args.dataset, out, random_rows)
     except RuntimeError as error:
         print(f"convit-ssl demo: {error}", file=sys.stderr)
         return 1
+    table = write_method_tables(out, args.dataset)
     if args.method == "all":
-        about = {"dataset": args.dataset, "methods": {m: METHODS[m][1] for m in methods},
-                 "wall_s": round(time.time() - started, 1),
-                 "pretraining": "per method, both trunks side by side, one process each; methods one after another"}
-        print("\nall methods:\n" + write_tables(rows, out, "demo_methods", about), flush=True)
+        print("\nall methods:\n" + table, flush=True)
+    print(f"every method demonstrated on {args.dataset} in this folder, one table: {out / 'demo_methods.md'}")
     print(f"runs, checkpoints, metrics.json, health.jsonl, TensorBoard logs: {out}")
     convit_dir = configs[methods[0]]["ConViT"].CHECKPOINT.DIR
     print("\nthe same, one override away:\n"
