@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 from classy_vision.generic.distributed_util import is_primary
 from torch.utils.data import DataLoader, Subset
 
+from convit_ssl.evaluation import distributed
+from convit_ssl.evaluation.accuracy import score_hits
 from convit_ssl.hooks import SelectiveHook, resumed_checkpoint, truncate_json_lines
 from convit_ssl.models.modes import eval_mode
 
@@ -37,21 +38,20 @@ def _collate(items):
 
 
 def _shard(dataset, batch_size: int) -> DataLoader:
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    return DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, collate_fn=_collate)
+    """This process's share of ``dataset`` (``distributed.shard_indices``: every image in one process)."""
+    return DataLoader(Subset(dataset, distributed.shard_indices(len(dataset)).tolist()), batch_size=batch_size,
+                      collate_fn=_collate)
 
 
-def _hits(model, loader: DataLoader, device) -> torch.Tensor:
-    """[images, top-1 hits, top-5 hits] of ``model`` on ``loader``, summed over the processes."""
+def _hits(model, loader, device) -> torch.Tensor:
+    """[images, top-1 hits, top-5 hits] of ``model`` on ``loader`` (batches of images and labels), summed over the
+    processes (``convit_ssl.evaluation.accuracy``'s definition of a hit)."""
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels in loader:
         logits = model(images.to(device))[0]
-        labels = labels.to(device)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        counts += torch.stack([torch.tensor(len(labels), device=device, dtype=torch.float64),
-                               (top[:, 0] == labels).sum().double(), (top == labels[:, None]).any(1).sum().double()])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
+        counts[0] += len(labels)
+        counts[1:] += score_hits(logits, labels.to(device)).double()
+    distributed.all_reduce_sum_([counts])
     return counts
 
 

@@ -375,3 +375,15 @@ def test_a_resume_drops_the_evaluations_of_the_epochs_after_the_checkpoint(tmp_p
     FinetuneEvaluationHook(config={}).on_start(task)
     assert (tmp_path / EVAL_FILE).read_text() == "".join(lines[:2])
     assert resumed_checkpoint(SimpleNamespace(checkpoint=None)) is None  # a fresh run
+
+
+def test_the_evaluation_hook_counts_images_and_top1_top5_hits_by_hand():
+    from convit_ssl.finetune_hook import _hits
+
+    scores = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 1: first, a top-1 hit
+                           [0.9, 0.1, 0.5, 0.4, 0.3, 0.2, 0.0],  # label 4: fourth, a top-5 hit only
+                           [0.9, 0.1, 0.5, 0.4, 0.3, 0.2, 0.0]])  # label 1: sixth, no hit
+    labels = torch.tensor([1, 4, 1])
+    batches = [(scores[:2], labels[:2]), (scores[2:], labels[2:])]
+    counts = _hits(lambda images: [images], batches, torch.device("cpu"))  # the "model" passes its input on
+    assert counts.tolist() == [3.0, 1.0, 2.0]
