@@ -27,7 +27,7 @@ import torch
 from convit_ssl import atomic
 from convit_ssl.errors import UsageError
 from convit_ssl.models.convit import PRESETS, ConViT, create_trunk
-from convit_ssl.run_folder import CONFIG_FILE, LATEST_LINK, latest_checkpoint, recorded_config
+from convit_ssl.run_folder import CONFIG_FILE, LATEST_LINK, LATEST_RULE, recorded_config, run_checkpoint
 from convit_ssl.trunk_config import trunk_kwargs
 
 _TIMM_TO_OURS = [
@@ -48,7 +48,6 @@ _WRAPPER_PREFIXES = ("module.", "backbone.", "trunk.", "encoder.", "model.")
 # What real checkpoints hold besides tensors and plain containers, admitted by torch.load(weights_only=True):
 # official ConViT/DeiT (main.py) and DINO training checkpoints pickle the run's argparse.Namespace.
 CHECKPOINT_GLOBALS = (argparse.Namespace,)
-LATEST_RULE = f"{LATEST_LINK} if present, else the final checkpoint, else the newest model_*.torch"
 
 
 class CheckpointError(UsageError):
@@ -239,21 +238,6 @@ def _one_line(error: Exception) -> str:
     text = str(error)
     reason = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", text, re.DOTALL)
     return f"{type(error).__name__}: {' '.join((reason.group(1) if reason else text).split())}"
-
-
-def run_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
-    """The checkpoint that stands for a VISSL run folder in evaluations (``LATEST_RULE``), or None when it holds none.
-
-    ``checkpoint.torch`` (VISSL's link to the latest) when it points at a file, else the checkpoint a resume would
-    start from (``run_folder.latest_checkpoint``: the final one, else the one written last).
-    """
-    link = Path(run_dir) / LATEST_LINK
-    return link if link.is_file() else latest_checkpoint(run_dir)
-
-
-def is_run_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is a VISSL run folder: it holds ``train_config.yaml`` or a checkpoint of VISSL's names."""
-    return (Path(folder) / CONFIG_FILE).is_file() or run_checkpoint(folder) is not None
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:

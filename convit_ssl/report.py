@@ -32,7 +32,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from convit_ssl import atomic
-from convit_ssl.checkpoint import LoadReport, checkpoint_file, load_trunk, run_checkpoint
+from convit_ssl.checkpoint import LoadReport, checkpoint_file, load_trunk
 from convit_ssl.data import read_catalog
 from convit_ssl.diagnostics import (CONVOLUTIONAL_GATE, DISTANCE_KINDS, INITIAL_GATE, attention_maps,
                                     diagnostics_from_record, gating_diagnostics)
@@ -44,7 +44,7 @@ from convit_ssl.images import DATASET_IMAGE_FIX, IMAGE_EXTENSIONS, read_image
 from convit_ssl.models.convit import ConViT
 from convit_ssl.report_figures import (plot_attention_distances, plot_attention_maps, plot_gate_heatmap,
                                        plot_gate_trajectories, plot_training_health)
-from convit_ssl.run_folder import EPOCH_LOG, HEALTH_FILE, METRICS_FILE, recorded_config
+from convit_ssl.run_folder import EPOCH_LOG, HEALTH_FILE, METRICS_FILE, recorded_config, run_checkpoint
 
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.md"

@@ -17,7 +17,8 @@ A run folder (VISSL's checkpoint folder, ``config.CHECKPOINT.DIR``) holds one ru
 
 Guarantees (each function says which it keeps): one run at a time (``owned``); the recorded config never
 changes under its checkpoints unless the user continues with changes explicitly (``record_config``);
-``latest_checkpoint`` is the one rule for "the newest checkpoint"; ``prune_checkpoints`` deletes only
+``latest_checkpoint`` is the one rule for "the newest checkpoint" (``run_checkpoint``, the one evaluations read, is
+VISSL's link to the latest, else that one); ``prune_checkpoints`` deletes only
 this run's superseded checkpoint files, never the newest, the linked one, the final one or a milestone.
 """
 from __future__ import annotations
@@ -82,6 +83,22 @@ def latest_checkpoint(run_dir, skip_final: bool = False, nth: int = 1) -> Option
     if not others:
         return None
     return others[min(len(others), max(1, nth)) - 1]
+
+
+LATEST_RULE = f"{LATEST_LINK} if present, else the final checkpoint, else the newest model_*.torch"
+
+
+def run_checkpoint(run_dir) -> Optional[Path]:
+    """The checkpoint that stands for a run folder in evaluations and reports (``LATEST_RULE``), or None when it
+    holds none: ``checkpoint.torch`` (VISSL's link to the latest) when it points at a file, else the checkpoint a
+    resume would start from (``latest_checkpoint``: the final one, else the one written last)."""
+    link = Path(run_dir) / LATEST_LINK
+    return link if link.is_file() else latest_checkpoint(run_dir)
+
+
+def is_run_folder(folder) -> bool:
+    """Whether ``folder`` is a VISSL run folder: it holds ``train_config.yaml`` or a checkpoint of VISSL's names."""
+    return (Path(folder) / CONFIG_FILE).is_file() or run_checkpoint(folder) is not None
 
 
 def prune_checkpoints(run_dir, keep_last: int, keep_every_epochs: int) -> List[Path]:

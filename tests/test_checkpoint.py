@@ -135,7 +135,7 @@ def _vissl_checkpoint(path, trunk):
 
 def test_the_checkpoint_of_a_run_folder(tmp_path):
     """One rule: VISSL's link checkpoint.torch, else the final checkpoint, else the newest file."""
-    from convit_ssl.checkpoint import run_checkpoint
+    from convit_ssl.run_folder import run_checkpoint
 
     assert run_checkpoint(tmp_path) is None
     for age, name in enumerate(("model_phase10.torch", "model_iteration50.torch", "model_phase2.torch")):

@@ -148,7 +148,7 @@ def cache_from_args(args: argparse.Namespace) -> Optional[Path]:
 def checkpoint_label(file: Path) -> str:
     """How results name a checkpoint file: ``<run folder>/<file stem>`` with links resolved
     (``runs/dino/checkpoint.torch`` -> ``dino/model_final_checkpoint_phase29``), or the file stem outside a run."""
-    from convit_ssl.checkpoint import is_run_folder
+    from convit_ssl.run_folder import is_run_folder
 
     resolved = Path(file).resolve()
     return f"{resolved.parent.name}/{resolved.stem}" if is_run_folder(resolved.parent) else resolved.stem
@@ -161,7 +161,8 @@ def checkpoint_model(path: Path, name: Optional[str] = None, arch: Optional[str]
     The description holds the path given, the file read (links resolved), its run folder's name, the sha256 of
     the file, the format and the arch; ``name`` defaults to ``checkpoint_label``.
     """
-    from convit_ssl.checkpoint import checkpoint_file, is_run_folder, load_trunk, run_folder_note
+    from convit_ssl.checkpoint import checkpoint_file, load_trunk, run_folder_note
+    from convit_ssl.run_folder import is_run_folder
 
     file = checkpoint_file(path)
     note = run_folder_note(path, file)

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 from convit_ssl import report, report_figures
-from convit_ssl.checkpoint import run_checkpoint, to_timm_state_dict
+from convit_ssl.checkpoint import to_timm_state_dict
 from convit_ssl.cli import main
 from convit_ssl.diagnostics import diagnostics_record, gating_diagnostics
 from convit_ssl.evaluation.results import write_result
+from convit_ssl.run_folder import run_checkpoint
 
 INIT = 1 / (1 + math.exp(-1))
 
