@@ -29,21 +29,23 @@ import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from convit_ssl import config_checks, vissl_glue
 from convit_ssl.errors import UsageError
 from convit_ssl.shipped_configs import PACKAGE_CONFIGS, RECIPE_GROUP, SHORTHAND_GROUPS, group_options
 
 
-def config_names() -> List[str]:
-    """Every config name that ``config=`` accepts: ours (short and long form) and VISSL's."""
+@functools.lru_cache(maxsize=1)
+def config_names() -> Tuple[str, ...]:
+    """Every config name that ``config=`` accepts: ours (short and long form) and VISSL's (package data, listed
+    once per process: VISSL ships 557 files)."""
     names = []
     for root in (PACKAGE_CONFIGS / "config", _vissl_config_root()):
         if root is not None and root.is_dir():
             names += [str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")]
     names += [p.stem for p in (PACKAGE_CONFIGS / "config" / RECIPE_GROUP).glob("*.yaml")]
-    return sorted(set(names))
+    return tuple(sorted(set(names)))
 
 
 def _vissl_config_root() -> Optional[Path]:
