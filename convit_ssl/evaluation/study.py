@@ -7,15 +7,18 @@ nested across fractions for one seed), a linear-probe grid (``linear_probe.probe
 on the same images. The two models are either a preset and its twin with ``local_up_to_layer=0`` (same size,
 same seed; random init unless checkpoints are given) or two checkpoints, e.g. the ConViT and DeiT runs of
 ``convit-ssl train``. Features are extracted once per model and split, then every fraction reuses them.
+Several pairs can share one table, one row per pair and fraction: e.g. two SSL checkpoints and random-init trunks
+of their shapes (``random_twins``), the "SSL vs random init" half of the question.
 
 Optionally (``finetune_epochs``) each trunk, random or pretrained, is also fine-tuned with a new head on every
 subset through VISSL's engine (``evaluation.finetune``, the fine-tuning recipe ``finetune_recipe``), for
 ``finetune_epochs / f`` epochs as the paper does (slow on CPU); its test top-1 is that of the epoch best on the
 subset's held-out images.
 
-Output folder: one result JSON per model and fraction (``probe-<model>-f<fraction>.json``, ``finetune-...``,
-the fine-tunings' run folders in ``finetune/``, the trunks they start from in ``trunks/``), and
-``study.json`` (the comparison table, with the relative gain (a - b) / b of the first model over the second),
+Output folder: one result JSON per model and fraction (``probe-<model>-<init>-f<fraction>.json``, with init
+``random`` or ``checkpoint``; ``finetune-...``, the fine-tunings' run folders in ``finetune/``, the trunks they
+start from in ``trunks/``), and ``study.json`` (the comparison table, with the relative gain (a - b) / b of the
+first model of each pair over the second),
 ``study.md``, ``study.csv`` and ``low_data.png`` (top-1 against the fraction, log scale, gains annotated).
 """
 from __future__ import annotations
@@ -47,6 +50,16 @@ class StudyModel:
     trunk: nn.Module
     info: dict
 
+    @property
+    def init(self) -> str:
+        """``random`` or ``checkpoint``: where the trunk's weights come from."""
+        return self.info["source"]
+
+    @property
+    def label(self) -> str:
+        """Name and init (``ConViT random``): what its result rows and files are called."""
+        return f"{self.name} {self.init}"
+
 
 def twin_models(arch: str, seed: int = 0, names: Sequence[str] = ("ConViT", "DeiT"), **options) -> List[StudyModel]:
     """A random-init preset and its DeiT twin (``local_up_to_layer=0``), each built after ``manual_seed(seed)``."""
@@ -61,6 +74,21 @@ def twin_models(arch: str, seed: int = 0, names: Sequence[str] = ("ConViT", "Dei
     return models
 
 
+def random_twins(models: Sequence[StudyModel], arch: str = "convit_tiny", seed: int = 0) -> List[StudyModel]:
+    """Random-init trunks of preset ``arch`` with the shapes of ``models``' trunks (``finetune.trunk_shape``), same
+    names, each built after ``manual_seed(seed)`` (so a twin of ``twin_models``' trunk is that very trunk)."""
+    from convit_ssl.evaluation.finetune import trunk_shape
+    from convit_ssl.models import create_trunk
+
+    twins = []
+    for model in models:
+        shape = trunk_shape(model.trunk)
+        torch.manual_seed(seed)
+        info = {"name": model.name, "source": "random", "arch": arch, "options": shape, "init_seed": seed}
+        twins.append(StudyModel(model.name, create_trunk(arch, **shape), info))
+    return twins
+
+
 def finetune_fraction(model: StudyModel, trunk_file: Path, recipe: str, fraction: float, base_epochs: int, seed: int,
                       out_dir: Path, words: Sequence[str] = ()) -> dict:
     """Fine-tune ``model``'s trunk, saved in ``trunk_file``, on ``fraction`` of the labels for ``base_epochs / fraction``
@@ -70,8 +98,8 @@ def finetune_fraction(model: StudyModel, trunk_file: Path, recipe: str, fraction
     from convit_ssl.evaluation.finetune import finetune, scaled_epochs, trunk_shape
 
     epochs = scaled_epochs(base_epochs, fraction)
-    run_dir = out_dir / "finetune" / f"{slug(model.name)}-f{fraction:g}"
-    result = finetune(str(trunk_file), recipe, labels=f"{100 * fraction:g}%", seed=seed, name=model.name,
+    run_dir = out_dir / "finetune" / f"{slug(model.label)}-f{fraction:g}"
+    result = finetune(str(trunk_file), recipe, labels=f"{100 * fraction:g}%", seed=seed, name=model.label,
                       out=out_dir, fit_batch=True, trunk_options=trunk_shape(model.trunk),
                       words=[*words, f"config.OPTIMIZER.num_epochs={epochs}", f"run_dir={run_dir}"])
     selected_on = "heldout" if result["chosen"]["heldout"] is not None else "final"
@@ -91,14 +119,23 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
                    finetune_epochs: Optional[int] = None, finetune_recipe: Optional[str] = None,
                    finetune_words: Sequence[str] = (), cache_dir: Optional[Path] = None, num_workers: int = 0,
                    args: Optional[Mapping] = None, progress: bool = False) -> dict:
-    """Run the study for two models (the first is compared with the second); returns what ``study.json`` holds.
+    """Run the study for pairs of models (``models`` in order: the first of each pair is compared with the second,
+    every pair named like the first, e.g. ConViT and DeiT, and differing in init); returns what ``study.json`` holds.
 
     ``knn_ks``: also run kNN (on ``recipe.features[0]``) with these k; k above a subset's size are skipped.
     ``finetune_epochs``: also fine-tune each trunk with a new head on every subset for ``finetune_epochs / f`` epochs
     (``finetune_fraction``), the paper's own protocol; ``finetune_words`` are ``KEY=VALUE`` words of the runs.
     """
-    if len(models) != 2:
-        raise UsageError(f"the low-data study compares two models (a ConViT and its DeiT twin), got {len(models)}")
+    if len(models) < 2 or len(models) % 2:
+        raise UsageError(f"the low-data study compares pairs of models (a ConViT and its DeiT twin), "
+                         f"got {len(models)}")
+    pairs = [models[start:start + 2] for start in range(0, len(models), 2)]
+    names = [model.name for model in pairs[0]]
+    inits = [pair[0].init for pair in pairs]
+    if (any([model.name for model in pair] != names or pair[1].init != pair[0].init for pair in pairs)
+            or len(set(inits)) < len(inits)):
+        raise UsageError(f"the study's pairs share the names {' and '.join(names)} and differ in init, got "
+                         f"{', '.join(model.label for model in models)}")
     if recipe.stream:
         raise UsageError("the low-data study probes features extracted once per model; pass --no-stream "
                          "(or a recipe with stream: false)")
@@ -129,7 +166,7 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
         device = next(model.trunk.parameters()).device
         bodies = {}
         for fraction in fractions:
-            bodies[fraction] = probe_features(train, test, recipe, fraction, subset_rule, seed, dataset, model.name,
+            bodies[fraction] = probe_features(train, test, recipe, fraction, subset_rule, seed, dataset, model.label,
                                               device=device)
             if knn_ks:
                 memory = class_subset(train.labels, fraction, seed, subset_rule, train.files)
@@ -142,7 +179,7 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
                         temperature, num_classes=len(train.classes)).items()},
                 }
         check = frozen_check(model.trunk, digest, sizes)
-        trunk_file = out_dir / "trunks" / f"{slug(model.name)}.pth"
+        trunk_file = out_dir / "trunks" / f"{slug(model.label)}.pth"
         if finetune_epochs:
             atomic.torch_save(model.trunk.state_dict(), trunk_file)
         manifest = make_manifest([model.info], args, seeds, model_started)
@@ -150,40 +187,26 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
             body.update(trunk=check, manifest=manifest)
             for entry in body["rows"]:
                 entry["kind"] = "low_data_probe"
-            path = write_result(body, out_dir / f"probe-{slug(model.name)}-f{fraction:g}.json")
+            path = write_result(body, out_dir / f"probe-{slug(model.label)}-f{fraction:g}.json")
             files.append(path.name)
             if finetune_epochs:
                 body["finetune"] = finetune_fraction(model, trunk_file, finetune_recipe or dataset, fraction,
                                                      finetune_epochs, seed, out_dir, finetune_words)
                 files.append(body["finetune"]["file"])
-        results[model.name] = bodies
+        results[model.label] = bodies
 
-    first, second = (model.name for model in models)
     table = []
-    for fraction in fractions:
-        a, b = (results[name][fraction]["chosen"] for name in (first, second))
-        row = {"fraction": fraction, f"top1 {first}": a["test_top1"], f"top1 {second}": b["test_top1"],
-               "gain top1 (%)": relative_gain(a["test_top1"], b["test_top1"]),
-               f"top5 {first}": a["test_top5"], f"top5 {second}": b["test_top5"],
-               "gain top5 (%)": relative_gain(a["test_top5"], b["test_top5"]),
-               "train images": results[first][fraction]["dataset"]["train"]
-               + results[first][fraction]["dataset"]["heldout"]}
-        if knn_ks:
-            for name in (first, second):
-                for k, value in results[name][fraction]["knn"]["accuracy"].items():
-                    row[f"knn{k} top1 {name}"] = value["top1"]
-        if finetune_epochs:
-            a, b = (results[name][fraction]["finetune"]["top1"] for name in (first, second))
-            row.update({f"finetune top1 {first}": a, f"finetune top1 {second}": b,
-                        "finetune gain top1 (%)": relative_gain(a, b)})
-        table.append(row)
+    for pair in pairs:
+        for fraction in fractions:
+            bodies = [results[model.label][fraction] for model in pair]
+            table.append(_table_row(pair[0].init, fraction, names, bodies))
     plot_path = out_dir / "low_data.png"
-    plot_low_data(table, (first, second), dataset, plot_path)
+    plot_low_data(table, names, dataset, plot_path)
     atomic.write_text(markdown_table(table), out_dir / "study.md")
     atomic.write_text(csv_text(table), out_dir / "study.csv")
     study = {
         "kind": "low_data_study", "dataset": dataset, "fractions": fractions, "subset_rule": subset_rule,
-        "models": [first, second], "table": table, "files": files, "plot": plot_path.name,
+        "models": [model.label for model in models], "table": table, "files": files, "plot": plot_path.name,
         "manifest": make_manifest([model.info for model in models], args, seeds, started),
         "rows": [],  # the per-model, per-fraction rows are in the probe files beside it
     }
@@ -191,34 +214,59 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
     return study
 
 
+def _table_row(init: str, fraction: float, names: Sequence[str], bodies: Sequence[Mapping]) -> dict:
+    """The study table's row of a pair of models (``names``, their probe result ``bodies``) at ``fraction``."""
+    a, b = (body["chosen"] for body in bodies)
+    row = {"fraction": fraction, "init": init, f"top1 {names[0]}": a["test_top1"], f"top1 {names[1]}": b["test_top1"],
+           "gain top1 (%)": relative_gain(a["test_top1"], b["test_top1"]),
+           f"top5 {names[0]}": a["test_top5"], f"top5 {names[1]}": b["test_top5"],
+           "gain top5 (%)": relative_gain(a["test_top5"], b["test_top5"]),
+           "train images": bodies[0]["dataset"]["train"] + bodies[0]["dataset"]["heldout"]}
+    for name, body in zip(names, bodies):
+        for k, value in body.get("knn", {}).get("accuracy", {}).items():
+            row[f"knn{k} top1 {name}"] = value["top1"]
+    if "finetune" in bodies[0]:
+        a, b = (body["finetune"]["top1"] for body in bodies)
+        row.update({f"finetune top1 {names[0]}": a, f"finetune top1 {names[1]}": b,
+                    "finetune gain top1 (%)": relative_gain(a, b)})
+    return row
+
+
 def plot_low_data(table: Sequence[Mapping], names: Sequence[str], dataset: str, path: Path) -> Path:
-    """PNG of top-1 against the label fraction for both models, the first one's relative gain annotated."""
+    """PNG of top-1 against the label fraction for both models of each init (one marker per init), the first
+    model's relative gain annotated: that of fine-tuning when the table has it, else that of the linear probe."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 4), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    percent = [100 * row["fraction"] for row in table]
-    for name, marker, color in zip(names, ("o", "s"), ("tab:blue", "tab:orange")):
-        axes.plot(percent, [row[f"top1 {name}"] for row in table], marker=marker, color=color,
-                  label=f"{name}, linear probe")
-        if f"finetune top1 {name}" in table[0]:
-            axes.plot(percent, [row[f"finetune top1 {name}"] for row in table], marker=marker, color=color,
-                      linestyle="--", label=f"{name}, fine-tuned")
-    for x, row in zip(percent, table):
-        gain = row["gain top1 (%)"]
-        if gain is not None:
-            axes.annotate(f"{gain:+.0f}%", (x, row[f"top1 {names[0]}"]), textcoords="offset points", xytext=(0, 7),
-                          ha="center", fontsize=8)
+    finetuned = f"finetune top1 {names[0]}" in table[0]
+    annotated, gain_key = ("finetune top1", "finetune gain top1 (%)") if finetuned else ("top1", "gain top1 (%)")
+    inits = list(dict.fromkeys(row["init"] for row in table))
+    for init, marker in zip(inits, ("o", "s", "^", "v")):
+        rows = [row for row in table if row["init"] == init]
+        percent = [100 * row["fraction"] for row in rows]
+        for name, color in zip(names, ("tab:blue", "tab:orange")):
+            axes.plot(percent, [row[f"top1 {name}"] for row in rows], marker=marker, color=color,
+                      label=f"{name} {init}, linear probe")
+            if finetuned:
+                axes.plot(percent, [row[f"finetune top1 {name}"] for row in rows], marker=marker, color=color,
+                          linestyle="--", label=f"{name} {init}, fine-tuned")
+        for x, row in zip(percent, rows):
+            if row[gain_key] is not None:
+                axes.annotate(f"{row[gain_key]:+.0f}%", (x, row[f"{annotated} {names[0]}"]), textcoords="offset points",
+                              xytext=(0, 7), ha="center", fontsize=8)
+    percent = sorted({100 * row["fraction"] for row in table})
     axes.margins(y=0.12)  # room for the gain labels
     axes.set_xscale("log")
     axes.set_xticks(percent, [f"{value:g}%" for value in percent])
     axes.set_xlabel("labelled training images kept per class")
     axes.set_ylabel("top-1 (%)")
-    axes.set_title(f"{dataset}: {names[0]} vs {names[1]} (relative gain of the linear probe annotated)", fontsize=9)
+    evaluation = "fine-tuning" if finetuned else "the linear probe"
+    axes.set_title(f"{dataset}: {names[0]} vs {names[1]} (relative gain of {evaluation} annotated)", fontsize=9)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=7 if len(inits) > 1 else None)
     figure.tight_layout()
     with atomic.open_atomic(path, "wb") as stream:
         figure.savefig(stream, format="png")

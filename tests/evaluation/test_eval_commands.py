@@ -65,12 +65,12 @@ def test_study_command(digits_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(time, "strftime", lambda fmt, *when: "20261201-120000")  # both studies in the same second
     assert main(["study", "low-data", *TINY_OPTIONS, "--fractions", "0.1", "1", "--out", str(tmp_path), *QUICK]) == 0
     (folder,) = tmp_path.iterdir()
-    assert {"study.md", "study.csv", "low_data.png", "probe-ConViT-f0.1.json", "probe-DeiT-f1.json"} <= {
+    assert {"study.md", "study.csv", "low_data.png", "probe-ConViT-random-f0.1.json", "probe-DeiT-random-f1.json"} <= {
         path.name for path in folder.iterdir()}
-    assert "| fraction | top1 ConViT | top1 DeiT | gain top1 (%) |" in capsys.readouterr().out
+    assert "| fraction | init | top1 ConViT | top1 DeiT | gain top1 (%) |" in capsys.readouterr().out
     assert main(["study", "low-data", *TINY_OPTIONS, "--fractions", "1", "--out", str(tmp_path), *QUICK]) == 0
     assert sorted(path.name for path in tmp_path.iterdir()) == [folder.name, f"{folder.name}-2"]
-    assert (folder / "probe-ConViT-f0.1.json").is_file()  # the first study's results are still there
+    assert (folder / "probe-ConViT-random-f0.1.json").is_file()  # the first study's results are still there
 
 
 def one_line_error(capsys, command):
@@ -141,6 +141,20 @@ def test_study_of_two_checkpoints(digits_data, make_trunk, tmp_path, capsys):
     models = json.loads((folder / "study.json").read_text())["manifest"]["models"]
     assert [(m["name"], m["sha256"]) for m in models] == [("ConViT", file_sha256(paths[0])),
                                                          ("DeiT", file_sha256(paths[1]))]
+
+    assert main([*base, "--trunk-option", "num_heads=4", "--random-init"]) == 0  # the same table, random init added
+    (folder,) = [path for path in tmp_path.iterdir() if path.is_dir() and path != folder]
+    study = json.loads((folder / "study.json").read_text())
+    assert [row["init"] for row in study["table"]] == ["checkpoint", "random"]
+    random_models = study["manifest"]["models"][2:]
+    assert [(m["source"], m["options"]["local_up_to_layer"], m["options"]["num_heads"]) for m in random_models] == [
+        ("random", 2, 4), ("random", 0, 4)]
+
+
+def test_random_init_needs_checkpoints(empty_data, tmp_path, capsys):
+    assert main(["study", "low-data", "--random-init", "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "--random-init adds random trunks beside --checkpoints" in one_line_error(capsys, "study")
+    assert not empty_data.exists() and not (tmp_path / "out").exists()
 
 
 def _vissl_run(folder, trunk):
