@@ -285,6 +285,11 @@ def validate(config) -> None:
                 f"{kwargs['embed_dim']} wide but the heads expect EMBED_DIM={expected}; leave EMBED_DIM unset (it "
                 f"follows model=PRESET and trunk.embed_dim)"
             )
+    weights = config.MODEL.WEIGHTS_INIT.get("PARAMS_FILE", "")
+    if weights and not Path(weights).is_file():  # VISSL asserts it on every node, after the run folder is taken
+        raise UsageError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {weights!r} is not a file: pass "
+                         f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE=CHECKPOINT (the weights to start from), or '' for "
+                         f"random init")
     keep_last = config.CHECKPOINT.get("KEEP_LAST_N", -1)
     keep_every = config.CHECKPOINT.get("KEEP_EVERY_N_EPOCHS", 0)
     if type(keep_last) is not int or not (keep_last >= 1 or keep_last == -1):

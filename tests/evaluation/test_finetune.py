@@ -229,6 +229,31 @@ def test_an_unknown_recipe_is_refused(data_root, monkeypatch, capsys):
     assert code == 2 and "unknown fine-tuning recipe 'mnist': choose from cifar10, cifar100, digits, imagenet1k" in error
 
 
+# VISSL's own fine-tuning configs with our trunk, described by VISSL's VISION_TRANSFORMERS / CONVIT keys as a user of
+# them would (width 48, 2 blocks, 1 GPSA, 4 heads), on 32 px digits: the issue asks that they run with NAME: convit_ssl
+SEMI_SUPERVISED = "benchmark/semi_supervised/imagenet1k/eval_resnet_8gpu_transfer_in1k_semi_sup_fulltune"
+FULLTUNE = "benchmark/fulltune/imagenet1k/eval_vit_8gpu_transfer_in1k_finetune"
+_VIT = "config.MODEL.TRUNK.VISION_TRANSFORMERS"
+VISSL_TINY = ["config.MODEL.TRUNK.NAME=convit_ssl", f"{_VIT}.IMAGE_SIZE=32", f"{_VIT}.PATCH_SIZE=8",
+              f"{_VIT}.HIDDEN_DIM=48", f"{_VIT}.NUM_LAYERS=2", f"{_VIT}.NUM_HEADS=4", f"{_VIT}.MLP_DIM=192",
+              "config.MODEL.TRUNK.CONVIT.N_GPSA_LAYERS=1", "config.MODEL.HEAD.PARAMS=[[mlp,{dims:[48,10]}]]",
+              "config.MACHINE.DEVICE=cpu", "config.DISTRIBUTED.NUM_PROC_PER_NODE=1", "config.DISTRIBUTED.BACKEND=gloo",
+              "config.DATA.NUM_DATALOADER_WORKERS=0", "config.DATA.TRAIN.DATASET_NAMES=[digits]",
+              "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=10", "config.DATA.TRAIN.TRANSFORMS.0.size=32",
+              "config.DATA.TRAIN.MMAP_MODE=False", "config.DATA.TEST.DATASET_NAMES=[digits]",
+              "config.DATA.TEST.BATCHSIZE_PER_REPLICA=10", "config.DATA.TEST.DATA_LIMIT=20",
+              "config.DATA.TEST.TRANSFORMS.0.size=32", "config.DATA.TEST.TRANSFORMS.1.size=32",
+              "config.DATA.TEST.MMAP_MODE=False", "config.OPTIMIZER.num_epochs=2", "config.LOG_FREQUENCY=1"]
+
+
+def test_vissls_semi_supervised_config_without_weights_is_refused_in_one_line(data_root, monkeypatch):
+    """Its PARAMS_FILE is the placeholder "specify model": refused at compose, not by an assert on the node."""
+    with pytest.raises(UsageError, match="config.MODEL.WEIGHTS_INIT.PARAMS_FILE 'specify model' is not a file: "
+                                         "pass config.MODEL.WEIGHTS_INIT.PARAMS_FILE=CHECKPOINT") as error:
+        _compose([f"config={SEMI_SUPERVISED}", *VISSL_TINY], data_root, monkeypatch)
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.slow
 def test_every_recipe_composes_and_heads_follow_the_data_file(data_root, monkeypatch):
     """Each recipe on digits (the one dataset every test machine has): a 10-way head; the data files' class counts."""
@@ -342,6 +367,54 @@ def test_randaugment_posterize_at_the_top_level_gives_a_black_image_as_before_pi
     assert list(op(image).getdata()) == [(0, 0, 0)] * 64
     # level 5 keeps 4 - 2 = 2 bits: 200, 120, 40 -> 192, 64, 0
     assert list(AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(image).getdata())[0] == (192, 64, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_name, words", [
+    # semi-supervised: a file list of 2 images per class (its 1% / 10% lists are such lists); its multistep schedule
+    # drops the lr after epoch 1 of 2 instead of 30 of 70
+    (SEMI_SUPERVISED, ["config.DATA.TRAIN.COPY_TO_LOCAL_DISK=False",
+                       "config.OPTIMIZER.param_schedulers.lr.milestones=[1]"]),
+    # fulltune: the whole training split cut to 20 images
+    (FULLTUNE, ["config.DATA.TRAIN.DATA_LIMIT=20"]),
+], ids=["semi_supervised", "fulltune"])
+def test_vissls_own_finetuning_configs_train_our_trunk(tmp_path, data_root, train_env, config_name, words):
+    """Two epochs of 2 steps of 10 images through `convit-ssl train`: the trunk VISSL builds is the one the ViT/ConViT
+    keys describe, every trunk tensor starts from the checkpoint (an SSL run's layout, its projection head of
+    another shape not loaded), the loss is finite and the test split is scored each epoch."""
+    from tiny_training import run
+
+    from convit_ssl.models import create_trunk
+    from convit_ssl.trunk_config import trunk_kwargs
+
+    shape = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0, local_up_to_layer=1)
+    trunk = create_trunk("convit_tiny", **shape).state_dict()
+    checkpoint = tmp_path / "pretrained.torch"
+    torch.save({"classy_state_dict": {"base_model": {"model": {
+        "trunk": trunk, "heads": {"0.clf.0.weight": torch.zeros(128, 48)}}}}}, checkpoint)
+    if config_name == SEMI_SUPERVISED:
+        train = data_root / "digits" / "train"
+        files = [sorted(folder.iterdir())[:2] for folder in sorted(train.iterdir())]
+        np.save(tmp_path / "images.npy", np.array([str(file) for pair in files for file in pair]))
+        np.save(tmp_path / "labels.npy", np.repeat(np.arange(10), 2))
+        words = [*words, "config.DATA.TRAIN.DATA_SOURCES=[disk_filelist]",
+                 "config.DATA.TRAIN.LABEL_SOURCES=[disk_filelist]",
+                 f"config.DATA.TRAIN.DATA_PATHS=[{tmp_path / 'images.npy'}]",
+                 f"config.DATA.TRAIN.LABEL_PATHS=[{tmp_path / 'labels.npy'}]"]
+    run_dir = tmp_path / "run"
+    run([sys.executable, "-m", "convit_ssl", "train", f"config={config_name}", *VISSL_TINY, *words,
+         f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}", "config.MODEL.WEIGHTS_INIT.SKIP_LAYERS=[heads]",
+         f"run_dir={run_dir}"], train_env)
+    losses = _losses(run_dir)
+    assert len(losses) == 4 and np.isfinite(losses).all()
+    config = yaml.safe_load((run_dir / "train_config.yaml").read_text())
+    assert {key: trunk_kwargs(config["MODEL"])[key] for key in shape} == shape
+    log = (run_dir / "log.txt").read_text()
+    assert {f"trunk.{key}" for key in trunk} == set(re.findall(r"Loaded: (trunk\.\S+)\s+of shape", log))
+    assert not re.findall(r"Loaded: heads", log)
+    scored = [json.loads(line) for line in (run_dir / "metrics.json").read_text().splitlines()]
+    meters = [key for record in scored for key in record if key.endswith("_accuracy_list_meter")]
+    assert meters == ["train_accuracy_list_meter", "test_accuracy_list_meter"] * 2
 
 
 @pytest.mark.slow
