@@ -644,7 +644,8 @@ class FinetuneJob:
         argv = self._argv()
         given = check_evaluation_args("finetune", argv, "finetune")
         words = [*given.overrides, f"run_dir={self._run_folder(folder, given.overrides)}", *self.launcher_words]
-        prepared = finetune.prepare(given.checkpoint, given.recipe, given.labels, words, given.seed, given.arch)
+        prepared = finetune.prepare(given.checkpoint, given.recipe, given.labels, words, given.seed, given.arch,
+                                    heldout_fraction=given.heldout_fraction)
         config = engine.compose(prepared.words)
         config.CHECKPOINT.APPEND_DISTR_RUN_ID = False  # the port changes on requeue, the folder must not
         config.DISTRIBUTED.RUN_ID = rendezvous_address(env, prepared.run_dir, self.attempt)

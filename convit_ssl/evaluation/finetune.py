@@ -5,8 +5,8 @@
 1. **Labels** (``choose_labels``): the training images kept (``--labels``): all, a per-class fraction (``10%``,
    nested per seed as in ``subsets.class_subset``), ``N-per-class`` (the first N of the same per-class order, so
    nested too), or a file list in the 1% / 10% ImageNet format (one image file name per line, matched against the
-   training split's file names). A held-out part of them (``HELDOUT_FRACTION`` per class, never the test split)
-   scores every epoch for choosing the best one.
+   training split's file names). A held-out part of them (``heldout_fraction`` of each class, default
+   ``HELDOUT_FRACTION``; never the test split) scores every epoch for choosing the best one.
 2. **Start**: ``random`` (the recipe's model, randomly initialised) or a checkpoint read by
    ``convit_ssl.checkpoint.load_trunk`` (a run folder, VISSL, timm, official, DINO); a VISSL run's trunk shape
    comes from its config. The trunk is written as VISSL weights (``MODEL.WEIGHTS_INIT``) into the run folder's ``finetune_inputs/``.
@@ -276,6 +276,12 @@ def result_rows(name: str, dataset: str, labels: str, chosen: Mapping[str, Optio
 # ---------------------------------------------------------------------------------------------------------------
 # The whole command
 # ---------------------------------------------------------------------------------------------------------------
+def _heldout_part(heldout_fraction: float) -> List[str]:
+    """What a held-out fraction adds to the default run folder's hash: nothing for the default (so the folders of
+    runs made before the option existed still resume)."""
+    return [] if heldout_fraction == HELDOUT_FRACTION else [f"heldout_fraction={heldout_fraction!r}"]
+
+
 def default_run_dir(recipe: str, source: str, labels: str, digest_parts: Sequence[str]) -> Path:
     """``runs/finetune-<recipe>-<source>-<labels>-<hash>``: the same command, the same folder (a rerun resumes)."""
     digest = hashlib.sha1("\n".join(digest_parts).encode()).hexdigest()[:8]
@@ -299,13 +305,19 @@ class Prepared:
 
 
 def prepare(checkpoint: str, recipe: str, labels: Optional[str] = None, words: Sequence[str] = (), seed: int = 0,
-            arch: Optional[str] = None, fit_batch: bool = False, trunk_options: Optional[Mapping] = None) -> Prepared:
+            arch: Optional[str] = None, fit_batch: bool = False, trunk_options: Optional[Mapping] = None,
+            heldout_fraction: float = HELDOUT_FRACTION) -> Prepared:
     """Check everything, choose the labels and write the run folder's ``finetune_inputs/`` (file lists, initial
     trunk; named by their content, so every node of a job can prepare the same run). ``fit_batch``: a batch larger
     than the training images shrinks to them (the low-data study's smallest subsets), with a note.
-    ``trunk_options``: the checkpoint's trunk fields its shapes leave open (``num_heads`` of a DeiT)."""
+    ``trunk_options``: the checkpoint's trunk fields its shapes leave open (``num_heads`` of a DeiT).
+    ``heldout_fraction``: the share of each class's kept images held out (``subsets.heldout_split``)."""
     from convit_ssl import data, engine
     from convit_ssl.checkpoint import checkpoint_file, load_trunk
+
+    if not 0 <= heldout_fraction < 1:
+        raise UsageError(f"--heldout-fraction {heldout_fraction:g} is outside [0, 1): pass e.g. 0.1 (0: nothing held "
+                         f"out, the final epoch counts)")
 
     config_name = recipe_config(recipe)
     words = list(words)
@@ -327,7 +339,7 @@ def prepare(checkpoint: str, recipe: str, labels: Optional[str] = None, words: S
     check_head(probe, train_split.classes, dataset)
     if trunk is not None:
         check_initial_trunk(probe, trunk)
-    subset = choose_labels(labels, targets, files, train_split.classes, seed)
+    subset = choose_labels(labels, targets, files, train_split.classes, seed, heldout_fraction)
     world = probe.DISTRIBUTED.NUM_NODES * probe.DISTRIBUTED.NUM_PROC_PER_NODE
     if fit_batch and len(subset.train) < probe.DATA.TRAIN.BATCHSIZE_PER_REPLICA * world:
         batch = max(1, len(subset.train) // world)
@@ -338,7 +350,7 @@ def prepare(checkpoint: str, recipe: str, labels: Optional[str] = None, words: S
     if run_dir is None:
         run_dir = default_run_dir(recipe, "random" if source_file is None else model_info["sha256"][:8],
                                   subset.spec, [config_name, model_info.get("sha256", "random"), subset.spec,
-                                                str(seed), *sorted(words)])
+                                                str(seed), *sorted(words), *_heldout_part(heldout_fraction)])
         words.append(f"run_dir={run_dir}")
     run_dir = Path(run_dir).resolve()
     folder = run_dir / INPUTS_FOLDER
@@ -356,7 +368,7 @@ def prepare(checkpoint: str, recipe: str, labels: Optional[str] = None, words: S
     if trunk is not None:
         words.append(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE='{write_initial_trunk(trunk.state_dict(), folder)}'")
     label_subset = {**subset.describe(targets, train_split.classes), "seed": seed,
-                    "heldout_fraction": HELDOUT_FRACTION, "train_list": str(train_images),
+                    "heldout_fraction": heldout_fraction, "train_list": str(train_images),
                     "heldout_list": str(heldout_images)}
     return Prepared(words, run_dir, recipe, dataset, model_info, label_subset, seed, checkpoint)
 
@@ -385,12 +397,13 @@ def write_result(prepared: Prepared, started: float, name: Optional[str] = None,
 
 def finetune(checkpoint: str, recipe: str, labels: Optional[str] = None, words: Sequence[str] = (),
              seed: int = 0, name: Optional[str] = None, arch: Optional[str] = None,
-             out: Optional[Path] = None, fit_batch: bool = False, trunk_options: Optional[Mapping] = None) -> dict:
+             out: Optional[Path] = None, fit_batch: bool = False, trunk_options: Optional[Mapping] = None,
+             heldout_fraction: float = HELDOUT_FRACTION) -> dict:
     """Prepare, train on this machine (``engine.train``: one process per GPU) and write the result."""
     from convit_ssl import engine
 
     started = time.time()
-    prepared = prepare(checkpoint, recipe, labels, words, seed, arch, fit_batch, trunk_options)
+    prepared = prepare(checkpoint, recipe, labels, words, seed, arch, fit_batch, trunk_options, heldout_fraction)
     config = engine.compose(prepared.words)
     subset = prepared.label_subset
     print(f"fine-tuning {name or checkpoint} on {subset['labels']} of {prepared.dataset}'s labels "

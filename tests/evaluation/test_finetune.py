@@ -44,6 +44,15 @@ def test_labels_per_class_take_the_same_order_as_fractions():
     assert {i for i in _kept(five) if LABELS[i] == 2} == set(np.flatnonzero(LABELS == 2))
 
 
+def test_a_larger_heldout_fraction_holds_out_more_of_each_class_but_never_its_last_image():
+    """20% of 20, 10, 5 images keeps 4, 2, 1; half of each held out, rounded half up: 2, 1 and (a class keeps its
+    last image) 0."""
+    subset = choose_labels("20%", LABELS, FILES, CLASSES, seed=3, heldout_fraction=0.5)
+    assert _kept(subset) == _kept(choose_labels("20%", LABELS, FILES, CLASSES, seed=3))  # the same labels
+    assert np.bincount(LABELS[subset.heldout], minlength=3).tolist() == [2, 1, 0]
+    assert np.bincount(LABELS[subset.train], minlength=3).tolist() == [2, 1, 1]
+
+
 def test_labels_from_a_file_list_of_file_names(tmp_path):
     listing = tmp_path / "subset.txt"
     listing.write_text("img000.png\nimg025.png\n\nimg031.png\nimg001.png\n")
@@ -207,6 +216,28 @@ def test_a_trunk_that_does_not_fit_the_checkpoint_is_refused(tmp_path, data_root
     code, error = _finetune(["--checkpoint", str(path), "--recipe", "digits", "trunk.embed_dim=64",
                              f"run_dir={tmp_path / 'run'}"], data_root, monkeypatch, capsys)
     assert code == 2 and len(error.splitlines()) == 1 and "does not fit the trunk" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_heldout_fraction_is_recorded_and_names_its_own_run_folder(tmp_path, data_root, monkeypatch):
+    from convit_ssl.evaluation.finetune import prepare
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    monkeypatch.setenv("CONVIT_SSL_RUNS", str(tmp_path / "runs"))
+    default, half = (prepare("random", "digits", "5-per-class", heldout_fraction=fraction) for fraction in (0.1, 0.4))
+    assert default.label_subset["heldout_fraction"] == 0.1 and half.label_subset["heldout_fraction"] == 0.4
+    # 5 per class: 10% holds out 1 (at least one), 40% holds out 2 (rounded half up)
+    assert (default.label_subset["heldout_images"], half.label_subset["heldout_images"]) == (10, 20)
+    assert len(np.load(half.label_subset["heldout_list"])) == 20
+    assert default.run_dir != half.run_dir  # a rerun with another held-out part is another run
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "1.5"])
+def test_a_heldout_fraction_outside_0_1_is_refused_in_one_line(tmp_path, data_root, monkeypatch, capsys, value):
+    code, error = _finetune(["--checkpoint", "random", "--recipe", "digits", "--heldout-fraction", value,
+                             f"run_dir={tmp_path / 'run'}"], data_root, monkeypatch, capsys)
+    assert code == 2 and len(error.splitlines()) == 1
+    assert f"--heldout-fraction {value} is outside [0, 1): pass e.g. 0.1" in error
     assert not (tmp_path / "run").exists()
 
 
