@@ -350,7 +350,7 @@ def hook_generator(config):
     VISSL reads the datasets, it registers them from the catalog on disk. A fine-tuning's evaluation hook comes
     first; ``SameRunHook`` comes last: it seeds the next step after every other hook has run."""
     from convit_ssl.finetune_hook import build_finetune_hook
-    from convit_ssl.health import build_health_hook
+    from convit_ssl.health_hook import build_health_hook
     from convit_ssl.gating_hook import build_gating_hook
     from convit_ssl.resume_hooks import PreemptionCheckpointHook, SameRunHook
 

@@ -1,8 +1,7 @@
 """What our training hooks share: a hook that ignores the events it does not need, the trunk of a task, the
 first images of a batch, where a resumed run starts from (``resumed_checkpoint``: every hook asks it), and cutting
-a JSON-lines log back. The hooks
-themselves: ``gating_hook`` (what the gates learn), ``resume_hooks`` (checkpoints on signals, resumed runs that are
-the same run), ``health``.
+a JSON-lines log back. The hooks themselves: ``gating_hook`` (what the gates learn), ``resume_hooks`` (checkpoints
+on signals, resumed runs that are the same run), ``health_hook`` (training health), ``finetune_hook``.
 
 This module and the hooks import classy_vision (the hook class VISSL's trainer calls), not VISSL.
 """

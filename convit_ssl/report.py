@@ -113,7 +113,7 @@ def run_results(run_dir: str | os.PathLike, folders: Sequence[str | os.PathLike]
 
 
 def load_epoch_losses(run_dir: str | os.PathLike) -> List[dict]:
-    """``metrics.json`` lines that hold a ``train_loss`` (written by ``convit_ssl.health``), in order."""
+    """``metrics.json`` lines that hold a ``train_loss`` (written by ``convit_ssl.health_hook``), in order."""
     path = Path(run_dir) / EPOCH_LOG
     if not path.is_file():
         return []

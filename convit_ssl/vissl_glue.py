@@ -1,7 +1,7 @@
 """Everything that touches VISSL: compatibility patches, trunk registration, the dataset catalog, the launcher.
 
 This is the only module of the package that imports VISSL (the model itself is plain PyTorch; ``hooks`` and
-``health`` import classy-vision, whose hook class VISSL's trainer calls). Importing it sets VISSL up (``setup``:
+the ``*_hook`` modules import classy-vision, whose hook class VISSL's trainer calls). Importing it sets VISSL up (``setup``:
 the patches and the ``convit_ssl`` trunk in VISSL's registry), so it is imported only where VISSL is used:
 ``convit_ssl.engine`` imports it, and so does every process that VISSL starts, each with its own registry:
 a training process unpickles ``engine.hook_generator``, a data-loader worker (forkserver) unpickles the dataset,

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from convit_ssl.health import add_to_last_line, build_health_hook, dino_teacher_entropy, effective_rank, \
-    feature_std, is_rising, mean_entropy, symptoms
+from convit_ssl.health import effective_rank, feature_std, is_rising, mean_entropy, symptoms
+from convit_ssl.health_hook import add_to_last_line, build_health_hook, dino_teacher_entropy
 
 ORTHOGONAL = torch.eye(4) * torch.tensor([[1.0], [2.0], [3.0], [4.0]])  # 4 images on 4 different axes
 COLLAPSED = torch.tensor([[1.0, 2.0, 0.0, 0.0]]).repeat(4, 1) * torch.tensor([[1.0], [2.0], [3.0], [4.0]])

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from classy_vision.hooks import ClassyHook
 
 from convit_ssl import engine
-from convit_ssl.health import HEALTH_FILE, effective_rank, feature_std, mean_entropy
+from convit_ssl.health import effective_rank, feature_std, mean_entropy
+from convit_ssl.run_folder import HEALTH_FILE
 
 WIDTH = 32
 TINY = [

@@ -82,3 +82,48 @@ def test_vissl_is_set_up_where_it_is_used_and_reads_the_catalog_on_disk(tmp_path
     assert json.loads(reports["run"]) == {"vissl_at_import": [], "vissl_after_prepare_data": [],
                                           "train_images": 1437}  # digits' training split
     assert json.loads(reports["worker"]) == {"trunk": True, "seeded_samples": True}
+
+
+def _imported_at_import(module: str) -> set:
+    """The top-level packages that importing ``module`` imports, following the module-level imports in our modules'
+    source (an import inside a function runs later, where it is used) and the packages above each module."""
+    import ast
+    import importlib.util
+
+    seen, outside, pending = set(), set(), [module]
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if "." in name:
+            pending.append(name.rpartition(".")[0])
+        for node in ast.parse(open(importlib.util.find_spec(name).origin).read()).body:
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for imported in names:
+                if not imported.startswith("convit_ssl"):
+                    outside.add(imported.split(".")[0])
+                elif _is_module(imported):
+                    pending.append(imported)
+    return outside
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a name defined in a module, not a module
+        return False
+
+
+@pytest.mark.parametrize("module", ["convit_ssl.report", "convit_ssl.health", "convit_ssl.commands.demo"])
+def test_what_reads_health_records_loads_neither_vissl_nor_classy_vision(module):
+    outside = _imported_at_import(module)
+    assert "torch" in outside  # the walk follows our modules down to what they use
+    assert not {"vissl", "classy_vision"} & outside, outside
