@@ -69,18 +69,6 @@ def test_every_data_file_composes(data, tmp_path):
     assert cfg.config.CONVIT_SSL.DATASET == data
 
 
-def test_cluster_defaults_of_the_imagenet_recipes(tmp_path, data_root, monkeypatch):
-    from omegaconf import OmegaConf
-
-    cfg = engine.hydra_config(["config=convit_ssl/pretrain/dino"])
-    OmegaConf.resolve(cfg)
-    dino = cfg.config
-    assert dino.DISTRIBUTED.NUM_PROC_PER_NODE == "auto" and dino.MODEL.AMP_PARAMS.USE_AMP
-    assert dino.DATA.TRAIN.TRANSFORMS[0].size_crops == [224, 96] and dino.DATA.TRAIN.TRANSFORMS[0].num_crops == [2, 10]
-    assert dino.MODEL.TRUNK.CONVIT_SSL.PRESET == "convit_small" and dino.OPTIMIZER.num_epochs == 300
-    assert list(dino.OPTIMIZER.non_regularized_parameters) == ["pos_embedding", "class_token"]
-
-
 def test_configs_found_from_any_working_directory(tmp_path, data_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
@@ -204,15 +192,22 @@ def test_digits_recipes_are_at_digits_scale(recipe, tmp_path, data_root, monkeyp
         assert loss.queue_size <= 1024 and loss.queue_size % config.DATA.TRAIN.BATCHSIZE_PER_REPLICA == 0
 
 
-def test_hydra_config_equals_hydras_own_compose():
+def test_hydra_config_equals_hydras_own_compose_and_keeps_the_cluster_defaults():
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    words = ["config=convit_ssl/pretrain/dino", "config/convit_ssl/model=deit_tiny"]
+    words = ["config=convit_ssl/pretrain/dino"]
     with initialize_config_module(config_module="vissl.config", version_base=None):
         plain = compose("defaults", overrides=[f"hydra.searchpath=[file://{PACKAGE_CONFIGS}]", *words])
     for _ in range(2):  # the second time from the files parsed the first time
-        assert OmegaConf.to_container(engine.hydra_config(words)) == OmegaConf.to_container(plain)
+        cfg = engine.hydra_config(words)
+        assert OmegaConf.to_container(cfg) == OmegaConf.to_container(plain)
+    OmegaConf.resolve(cfg)
+    dino = cfg.config  # the ImageNet recipe as shipped: cluster settings
+    assert dino.DISTRIBUTED.NUM_PROC_PER_NODE == "auto" and dino.MODEL.AMP_PARAMS.USE_AMP
+    assert dino.DATA.TRAIN.TRANSFORMS[0].size_crops == [224, 96] and dino.DATA.TRAIN.TRANSFORMS[0].num_crops == [2, 10]
+    assert dino.MODEL.TRUNK.CONVIT_SSL.PRESET == "convit_small" and dino.OPTIMIZER.num_epochs == 300
+    assert list(dino.OPTIMIZER.non_regularized_parameters) == ["pos_embedding", "class_token"]
 
 
 def test_a_config_file_is_parsed_once_per_version_and_handed_out_as_copies(tmp_path, monkeypatch):
