@@ -81,6 +81,9 @@ class PreemptionCheckpointHook(SelectiveHook):
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
+        if self._group is not None:  # ours: released here, not by the interpreter's exit (gloo aborts there)
+            torch.distributed.destroy_process_group(self._group)
+            self._group = None
 
     def _agreed(self) -> bool:
         """Whether any rank had a signal by the previous step (every rank gets the same answer)."""
