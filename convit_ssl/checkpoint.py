@@ -201,6 +201,15 @@ def vissl_trunk_state(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     return _strip_prefixes(node)
 
 
+def vissl_head_shapes(path: str | os.PathLike) -> Dict[str, Tuple[int, ...]]:
+    """``{name: shape}`` of the head tensors in the VISSL checkpoint file ``path`` (``classy_state_dict``), named
+    as VISSL's loader names them for the model (``heads.0.clf.0.weight``); {} for a checkpoint without heads."""
+    node = load_checkpoint_file(path)
+    for key in ("classy_state_dict", "base_model", "model", "heads"):
+        node = node.get(key, {}) if isinstance(node, Mapping) else {}
+    return {f"heads.{name}": tuple(value.shape) for name, value in node.items() if isinstance(value, torch.Tensor)}
+
+
 def _unsafe_globals(path: Path, error: Exception) -> List[str]:
     """The globals of a checkpoint that ``weights_only`` loading refused, read without running the pickle."""
     allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in CHECKPOINT_GLOBALS}

@@ -9,6 +9,8 @@ launcher, ``--dry-run`` included):
 * ``check_no_dropped_overrides``: an override that VISSL's inference replaces (``LOSS.dino_loss.output_dim``
   comes from the head) or that has no effect on this device (AMP on a CPU) is refused, never dropped.
 * ``check_head_consistency``: the losses' embedding widths that VISSL does not derive match the head.
+* ``check_head_weights``: the head tensors VISSL copies from ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` have the model's
+  shapes (an SSL projection head cannot start a classifier: ``SKIP_LAYERS=[heads]``).
 * ``check_amounts``: epochs, batch sizes and learning rates are positive; one batch fits the dataset.
 
 No VISSL import: the configs are plain mappings (VISSL's AttrDict, or containers from OmegaConf).
@@ -193,6 +195,28 @@ def check_head_consistency(config: Mapping) -> None:
         if value is not _MISSING and value != width:
             raise UsageError(f"LOSS.{key}={value} but the head (MODEL.HEAD.PARAMS) outputs {width} dims: set "
                              f"config.LOSS.{key}={width}, or change the head")
+
+
+def heads_loaded_from_weights(model: Mapping) -> bool:
+    """Whether VISSL starts the heads from ``MODEL.WEIGHTS_INIT.PARAMS_FILE``: a VISSL checkpoint
+    (``classy_state_dict``), outside feature evaluation or evaluating trunk and head (its rule in
+    ``init_model_from_consolidated_weights``)."""
+    weights, evaluation = model["WEIGHTS_INIT"], model["FEATURE_EVAL_SETTINGS"]
+    return (bool(weights.get("PARAMS_FILE")) and weights.get("STATE_DICT_KEY_NAME") == "classy_state_dict"
+            and (not evaluation["EVAL_MODE_ON"] or evaluation["EVAL_TRUNK_AND_HEAD"]))
+
+
+def check_head_weights(model: Mapping, model_heads: Mapping[str, tuple], checkpoint_heads: Mapping[str, tuple]) -> None:
+    """Each head tensor that VISSL copies from the checkpoint (same name, not in ``WEIGHTS_INIT.SKIP_LAYERS``) has
+    the model's shape; ``model_heads`` / ``checkpoint_heads``: ``{name: shape}`` (``heads.0.clf.0.weight``)."""
+    skipped = list(model["WEIGHTS_INIT"].get("SKIP_LAYERS", []))
+    for name, shape in model_heads.items():
+        if any(item in name for item in skipped) or checkpoint_heads.get(name, shape) == shape:
+            continue
+        raise UsageError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {model['WEIGHTS_INIT']['PARAMS_FILE']}: its {name} "
+                         f"is {list(checkpoint_heads[name])} but the model's (MODEL.HEAD.PARAMS) is {list(shape)}; "
+                         f"start the heads from random init with config.MODEL.WEIGHTS_INIT.SKIP_LAYERS="
+                         f"[{','.join([*skipped, 'heads'])}]")
 
 
 # ---------------------------------------------------------------------------------------------- amounts

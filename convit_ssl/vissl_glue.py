@@ -399,6 +399,23 @@ def _posterize_to_zero_bits(posterize):
     return posterize_any_bits
 
 
+def head_shapes(model_config) -> Dict[str, tuple]:
+    """``{name: shape}`` of the tensors of the heads VISSL builds for ``model_config`` (``MODEL.HEAD.PARAMS``, as
+    ``BaseSSLMultiInputOutputModel._get_heads`` does), named as in the model (``heads.0.clf.0.weight``). Built on
+    the meta device: nothing is allocated or initialised."""
+    import torch
+    from torch import nn
+    from vissl.models.heads import get_model_head
+
+    def module(name, options):
+        return get_model_head(name)(model_config, **options)
+
+    with torch.device("meta"):
+        heads = nn.ModuleList(nn.Sequential(*(module(*part) for part in head)) if isinstance(head[0], list)
+                              else module(*head) for head in model_config["HEAD"]["PARAMS"])
+    return {f"heads.{name}": tuple(value.shape) for name, value in heads.state_dict().items()}
+
+
 def evaluation_dataset(config, images: str = "", labels: str = ""):
     """VISSL's dataset of ``config``'s TEST section (its transforms, the test split), or of the image and label
     file lists ``images`` and ``labels`` (.npy) read with the same transforms. Items: ``{"data": [image],
@@ -424,6 +441,8 @@ def _patch_vissl() -> None:
     warnings.filterwarnings("ignore", message="provider=vissl, path=configs is not available")
     # classy-vision scripts a helper with torch.jit.script at import time.
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    # VISSL's DINO head builds its prototypes with torch.nn.utils.weight_norm.
+    warnings.filterwarnings("ignore", message="`torch.nn.utils.weight_norm` is deprecated", category=FutureWarning)
     import vissl.data.disk_dataset as vissl_disk_dataset
     import vissl.engines.extract_cluster as vissl_extract_cluster
     import vissl.engines.extract_features as vissl_extract_features

@@ -285,6 +285,46 @@ def test_vissls_semi_supervised_config_without_weights_is_refused_in_one_line(da
     assert "\n" not in str(error.value)
 
 
+# The trunk VISSL_TINY describes, as create_trunk's keywords
+VISSL_TINY_TRUNK = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0,
+                        local_up_to_layer=1)
+
+
+def _ssl_checkpoint(path, heads):
+    """A VISSL checkpoint at ``path`` of the VISSL_TINY trunk and the SSL heads ``heads`` ({name: tensor})."""
+    from convit_ssl.models import create_trunk
+
+    trunk = create_trunk("convit_tiny", **VISSL_TINY_TRUNK).state_dict()
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk, "heads": heads}}}}, path)
+    return path
+
+
+def test_an_ssl_checkpoint_whose_head_differs_from_the_classifier_is_refused_in_one_line(tmp_path, data_root,
+                                                                                          monkeypatch):
+    """VISSL loads every head tensor of the checkpoint that the model has by name and asserts on the node that the
+    shapes agree: an SSL projection head (128 x 48) cannot start the 10-way classifier (10 x 48)."""
+    checkpoint = _ssl_checkpoint(tmp_path / "ssl.torch", {"0.clf.0.weight": torch.zeros(128, 48)})
+    with pytest.raises(UsageError, match=re.escape(
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {checkpoint}: its heads.0.clf.0.weight is [128, 48] but the "
+            f"model's (MODEL.HEAD.PARAMS) is [10, 48]; start the heads from random init with "
+            f"config.MODEL.WEIGHTS_INIT.SKIP_LAYERS=[num_batches_tracked,heads]")) as error:
+        _compose([f"config={SEMI_SUPERVISED}", *VISSL_TINY, "config.OPTIMIZER.param_schedulers.lr.milestones=[1]",
+                  f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}"], data_root, monkeypatch)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("heads, words", [
+    ({"0.clf.0.weight": torch.zeros(128, 48)}, ["config.MODEL.WEIGHTS_INIT.SKIP_LAYERS=[num_batches_tracked,heads]"]),
+    ({"0.clf.0.weight": torch.zeros(10, 48), "0.clf.0.bias": torch.zeros(10)}, []),  # a classifier's: loaded
+    ({"0.projection.weight": torch.zeros(128, 48)}, []),  # no head tensor of the model's names: none loaded
+], ids=["skipped", "same-shapes", "other-names"])
+def test_a_checkpoint_whose_heads_vissl_can_load_or_skips_composes(tmp_path, data_root, monkeypatch, heads, words):
+    checkpoint = _ssl_checkpoint(tmp_path / "ssl.torch", heads)
+    config = _compose([f"config={SEMI_SUPERVISED}", *VISSL_TINY, "config.OPTIMIZER.param_schedulers.lr.milestones=[1]",
+                       f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}", *words], data_root, monkeypatch)
+    assert config.MODEL.WEIGHTS_INIT.PARAMS_FILE == str(checkpoint)
+
+
 @pytest.mark.slow
 def test_every_recipe_composes_and_heads_follow_the_data_file(data_root, monkeypatch):
     """Each recipe on digits (the one dataset every test machine has): a 10-way head; the data files' class counts."""
@@ -415,14 +455,9 @@ def test_vissls_own_finetuning_configs_train_our_trunk(tmp_path, data_root, trai
     another shape not loaded), the loss is finite and the test split is scored each epoch."""
     from tiny_training import run
 
-    from convit_ssl.models import create_trunk
     from convit_ssl.trunk_config import trunk_kwargs
 
-    shape = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0, local_up_to_layer=1)
-    trunk = create_trunk("convit_tiny", **shape).state_dict()
-    checkpoint = tmp_path / "pretrained.torch"
-    torch.save({"classy_state_dict": {"base_model": {"model": {
-        "trunk": trunk, "heads": {"0.clf.0.weight": torch.zeros(128, 48)}}}}}, checkpoint)
+    checkpoint = _ssl_checkpoint(tmp_path / "pretrained.torch", {"0.clf.0.weight": torch.zeros(128, 48)})
     if config_name == SEMI_SUPERVISED:
         train = data_root / "digits" / "train"
         files = [sorted(folder.iterdir())[:2] for folder in sorted(train.iterdir())]
@@ -439,7 +474,8 @@ def test_vissls_own_finetuning_configs_train_our_trunk(tmp_path, data_root, trai
     losses = _losses(run_dir)
     assert len(losses) == 4 and np.isfinite(losses).all()
     config = yaml.safe_load((run_dir / "train_config.yaml").read_text())
-    assert {key: trunk_kwargs(config["MODEL"])[key] for key in shape} == shape
+    assert {key: trunk_kwargs(config["MODEL"])[key] for key in VISSL_TINY_TRUNK} == VISSL_TINY_TRUNK
+    trunk = torch.load(checkpoint, weights_only=True)["classy_state_dict"]["base_model"]["model"]["trunk"]
     log = (run_dir / "log.txt").read_text()
     assert {f"trunk.{key}" for key in trunk} == set(re.findall(r"Loaded: (trunk\.\S+)\s+of shape", log))
     assert not re.findall(r"Loaded: heads", log)
