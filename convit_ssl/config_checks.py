@@ -11,7 +11,8 @@ launcher, ``--dry-run`` included):
 * ``check_head_consistency``: the losses' embedding widths that VISSL does not derive match the head.
 * ``check_head_weights``: the head tensors VISSL copies from ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` have the model's
   shapes (an SSL projection head cannot start a classifier: ``SKIP_LAYERS=[heads]``).
-* ``check_amounts``: epochs, batch sizes and learning rates are positive; one batch fits the dataset.
+* ``check_amounts``: epochs, batch sizes and learning rates are positive; one batch fits the dataset; a
+  multistep schedule's milestones fit the epochs (``check_schedules``).
 
 No VISSL import: the configs are plain mappings (VISSL's AttrDict, or containers from OmegaConf).
 """
@@ -243,14 +244,56 @@ def _learning_rates(schedule: Mapping, path: str) -> Dict[str, float]:
     return rates
 
 
+def _check_multistep(schedule: Mapping, epochs: int, where: str) -> None:
+    """What classy-vision's MultiStepParamScheduler refuses (built with num_updates = ``epochs``): one milestone
+    fewer than values, rising from above 0 to below ``epochs``; without milestones, at least one epoch per value."""
+    values, milestones = schedule.get("values"), schedule.get("milestones")
+    if not isinstance(values, list) or not isinstance(milestones, (list, type(None))):
+        return  # a wrong type is check_override_types' to name
+    place = f"OPTIMIZER.param_schedulers.{where}"
+    if milestones is None:
+        if epochs < len(values):
+            raise UsageError(f"{place} has {len(values)} values but OPTIMIZER.num_epochs={epochs}: give at least as "
+                             f"many epochs as values, or fewer values")
+        return
+    if len(milestones) != len(values) - 1:
+        raise UsageError(f"{place} has {len(values)} values and {len(milestones)} milestones: give one milestone fewer "
+                         f"than values (the epochs where the next value starts)")
+    if any(low >= high for low, high in zip([0, *milestones], milestones)):
+        raise UsageError(f"{place}.milestones={milestones}: the learning rate drops at each milestone epoch, so each "
+                         f"milestone must be above the one before, the first above 0; fix config.{place}.milestones")
+    if milestones and milestones[-1] >= epochs:
+        raise UsageError(f"{place}.milestones={milestones} with OPTIMIZER.num_epochs={epochs}: the learning rate drops "
+                         f"at each milestone epoch, so each must be below num_epochs; lower config.{place}.milestones, "
+                         f"or raise config.OPTIMIZER.num_epochs to at least {milestones[-1] + 1}")
+
+
+def _check_schedule(schedule: Mapping, epochs: int, where: str) -> None:
+    if schedule.get("name") == "composite":  # classy-vision builds its parts with the same num_epochs
+        for index, part in enumerate(schedule.get("schedulers", [])):
+            _check_schedule(part, epochs, f"{where}.schedulers.{index}")
+    elif schedule.get("name") == "multistep":
+        _check_multistep(schedule, epochs, where)
+
+
+def check_schedules(optimizer: Mapping) -> None:
+    """Every multistep schedule of ``OPTIMIZER.param_schedulers`` (composite parts too) fits
+    ``OPTIMIZER.num_epochs`` as classy-vision requires (``_check_multistep``)."""
+    for name, schedule in optimizer.get("param_schedulers", {}).items():
+        if isinstance(schedule, Mapping):
+            _check_schedule(schedule, optimizer["num_epochs"], name)
+
+
 def check_amounts(config: Mapping, images: Dict[str, int]) -> None:
-    """Positive epochs, batch size and learning rate; with DROP_LAST, at least one batch of the training set.
+    """Positive epochs, batch size and learning rate; milestones that fit the epochs (``check_schedules``); with
+    DROP_LAST, at least one batch of the training set.
 
     ``images``: the training images of each dataset (recorded at prepare-data), for the batch check.
     """
     epochs = config["OPTIMIZER"]["num_epochs"]
     if epochs < 1:
         raise UsageError(f"OPTIMIZER.num_epochs={epochs}: train at least 1 epoch (config.OPTIMIZER.num_epochs=N)")
+    check_schedules(config["OPTIMIZER"])
     train = config["DATA"]["TRAIN"]
     batch = train["BATCHSIZE_PER_REPLICA"]
     if batch < 1:

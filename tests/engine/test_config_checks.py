@@ -38,6 +38,11 @@ REFUSED = [
      "LOSS.simclr_info_nce_loss.buffer_params.embedding_dim=64 but the head (MODEL.HEAD.PARAMS) outputs 128 dims"),
     (["config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MACHINE.DEVICE=cpu"],
      "config.MODEL.AMP_PARAMS.USE_AMP=true has no effect on a CPU"),
+    # VISSL's multistep schedule (its defaults: values [0.1, 0.01, 0.001], milestones [30, 60]) over 2 epochs
+    (["config.OPTIMIZER.param_schedulers.lr.name=multistep", "config.OPTIMIZER.num_epochs=2"],
+     "OPTIMIZER.param_schedulers.lr.milestones=[30, 60] with OPTIMIZER.num_epochs=2: the learning rate drops at "
+     "each milestone epoch, so each must be below num_epochs; lower config.OPTIMIZER.param_schedulers.lr.milestones, "
+     "or raise config.OPTIMIZER.num_epochs to at least 61"),
 ]
 
 
@@ -51,7 +56,7 @@ def digits(data_root, monkeypatch):
 FAST = {"config.OPTIMIZER.num_epochs=abc", "trunk.depth=abc", "trunk.depth=-2", "config.OPTIMIZER.num_epochs=0",
         "config.OPTIMIZER.param_schedulers.lr.schedulers.1.start_value=-0.001",
         "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=1500", "config.LOSS.simclr_info_nce_loss.buffer_params.world_size=4",
-        "config.MODEL.AMP_PARAMS.USE_AMP=true"}
+        "config.MODEL.AMP_PARAMS.USE_AMP=true", "config.OPTIMIZER.param_schedulers.lr.name=multistep"}
 
 
 @pytest.mark.parametrize("words,message", [
@@ -100,3 +105,54 @@ def test_the_launcher_refuses_before_printing_or_submitting(tmp_path, digits, ca
     captured = capsys.readouterr()
     assert "config.OPTIMIZER.num_epochs=abc: expected int" in captured.err and "#SBATCH" not in captured.out
     assert not (tmp_path / "runs").exists()
+
+
+# (schedule, num_epochs, what the line must say, {where}: its place in OPTIMIZER.param_schedulers; None: accepted).
+# VISSL builds a multistep schedule with classy-vision's MultiStepParamScheduler (fvcore's) and num_updates =
+# OPTIMIZER.num_epochs; a composite schedule passes num_epochs on to its parts.
+_MILESTONES_OUT_OF_RANGE = ("OPTIMIZER.param_schedulers.{where}.milestones=%s with OPTIMIZER.num_epochs=%d: the "
+                            "learning rate drops at each milestone epoch, so each must be below num_epochs; lower "
+                            "config.OPTIMIZER.param_schedulers.{where}.milestones, or raise "
+                            "config.OPTIMIZER.num_epochs to at least %d")
+_MILESTONES_NOT_RISING = ("OPTIMIZER.param_schedulers.{where}.milestones=%s: the learning rate drops at each milestone "
+                          "epoch, so each milestone must be above the one before, the first above 0; fix "
+                          "config.OPTIMIZER.param_schedulers.{where}.milestones")
+MULTISTEP = [
+    ({"values": [0.1, 0.01], "milestones": [1]}, 2, None),
+    ({"values": [0.1, 0.01, 0.001], "milestones": [3, 6]}, 7, None),
+    ({"values": [0.1], "milestones": []}, 1, None),
+    ({"values": [0.1, 0.01, 0.001]}, 3, None),  # no milestones: classy spreads num_epochs evenly
+    ({"values": [0.1, 0.01], "milestones": [30]}, 2, _MILESTONES_OUT_OF_RANGE % ([30], 2, 31)),
+    ({"values": [0.1, 0.01], "milestones": [2]}, 2, _MILESTONES_OUT_OF_RANGE % ([2], 2, 3)),
+    ({"values": [0.1, 0.01, 0.001], "milestones": [4, 3]}, 7, _MILESTONES_NOT_RISING % [4, 3]),
+    ({"values": [0.1, 0.01, 0.001], "milestones": [3, 3]}, 7, _MILESTONES_NOT_RISING % [3, 3]),
+    ({"values": [0.1, 0.01], "milestones": [0]}, 7, _MILESTONES_NOT_RISING % [0]),
+    ({"values": [0.1, 0.01, 0.001], "milestones": [3]}, 7, "OPTIMIZER.param_schedulers.{where} has 3 values and 1 "
+     "milestones: give one milestone fewer than values (the epochs where the next value starts)"),
+    ({"values": [0.1, 0.01, 0.001]}, 2, "OPTIMIZER.param_schedulers.{where} has 3 values but OPTIMIZER.num_epochs=2: "
+     "give at least as many epochs as values, or fewer values"),
+]
+
+
+@pytest.mark.parametrize("schedule, epochs, message", MULTISTEP)
+def test_a_multistep_schedule_is_refused_exactly_when_classy_vision_refuses_it(schedule, epochs, message):
+    """Alone and as a part of a composite schedule; classy-vision builds the schedules of the same optimizer
+    settings as VISSL does (build_optimizer_schedulers) and refuses them exactly then."""
+    from classy_vision.optim import build_optimizer_schedulers
+
+    from convit_ssl.config_checks import check_schedules
+
+    lr = {"name": "multistep", **schedule}
+    composite = {"name": "composite", "schedulers": [{"name": "constant", "value": 0.1}, lr], "lengths": [0.5, 0.5]}
+    for where, schedules in (("lr", {"lr": lr}), ("lr.schedulers.1", {"lr": composite})):
+        optimizer = {"num_epochs": epochs, "param_schedulers": schedules}
+        try:
+            build_optimizer_schedulers(optimizer)
+        except ValueError:
+            assert message is not None, where
+            with pytest.raises(UsageError) as error:
+                check_schedules(optimizer)
+            assert str(error.value) == message.format(where=where)
+        else:
+            assert message is None, where
+            check_schedules(optimizer)
