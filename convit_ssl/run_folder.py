@@ -10,7 +10,7 @@ A run folder (VISSL's checkpoint folder, ``config.CHECKPOINT.DIR``) holds one ru
     model_final_checkpoint_phase<N>.torch
     checkpoint.torch               link to the newest checkpoint
     metrics.json, stdout.json      VISSL's per-epoch and per-iteration logs (EPOCH_LOG, STEP_LOG); log.txt
-    tb_logs/                       TensorBoard events (TENSORBOARD_DIR)
+    tb_logs/                       TensorBoard events (TENSORBOARD_DIR), with TensorBoard on
     gating_metrics.jsonl           the gating hook's records (METRICS_FILE)
     health.jsonl                   the training-health hook's records (HEALTH_FILE)
     preemption_checkpoint.json     the checkpoint the preemption hook saved on a signal (PREEMPTION_MARKER)
@@ -61,6 +61,15 @@ def checkpoint_files(run_dir) -> List[Path]:
     """Every complete checkpoint of the run (atomic saves: a file under its final name is complete), no shards."""
     folder = Path(run_dir)
     return [p for p in folder.glob("model_*.torch") if "_shard" not in p.name and p.is_file()]
+
+
+def outputs(run_dir) -> List[str]:
+    """What the run folder holds for its user, as ``convit-ssl train``'s last line names it: checkpoints, the epoch
+    log, TensorBoard's folder (only with TensorBoard on), those present."""
+    folder = Path(run_dir)
+    held = [("checkpoints", bool(checkpoint_files(folder))), (EPOCH_LOG, (folder / EPOCH_LOG).is_file()),
+            (f"TensorBoard logs ({TENSORBOARD_DIR}/)", (folder / TENSORBOARD_DIR).is_dir())]
+    return [name for name, present in held if present]
 
 
 def final_checkpoint(run_dir) -> Optional[Path]:

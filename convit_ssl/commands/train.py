@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convit_ssl import engine
+    from convit_ssl import engine, run_folder
 
     words = args.overrides + (["continue_with_changes=true"] if args.continue_with_changes else [])
     config = engine.compose(words)
@@ -41,5 +41,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"run folder: {config.CHECKPOINT.DIR}")
     run_dir = engine.train(config)
-    print(f"done: checkpoints, metrics.json and TensorBoard logs (tb_logs/) in {run_dir}")
+    written = run_folder.outputs(run_dir)
+    listed = " and ".join([", ".join(written[:-1]), written[-1]] if len(written) > 1 else written) or "nothing written"
+    print(f"done: {listed} in {run_dir}")
     return 0

@@ -19,9 +19,11 @@ def test_pretrain_then_probe_above_chance(tmp_path, train_env):
 
     run_dir = tmp_path / "run"
     # the DeiT twin: its head count cannot be read from shapes, so loading must use the run's config
-    _run(_train_command(run_dir, "config.OPTIMIZER.num_epochs=2", "trunk.local_up_to_layer=0"), train_env)
+    result = _run(_train_command(run_dir, "config.OPTIMIZER.num_epochs=2", "trunk.local_up_to_layer=0"), train_env)
     assert (run_dir / "model_final_checkpoint_phase1.torch").is_file()
     assert (run_dir / "metrics.json").is_file() and list((run_dir / "tb_logs").iterdir())
+    last_line = result.stdout.splitlines()[-1]
+    assert last_line == f"done: checkpoints, metrics.json and TensorBoard logs (tb_logs/) in {run_dir}"
     trunk, report = convit_ssl.load_trunk(run_dir / "checkpoint.torch")
     assert report.source_format == "vissl" and trunk.embed_dim == 32 and trunk.local_up_to_layer == 0
     _run([sys.executable, "-m", "convit_ssl", "linear-probe", "--checkpoint", str(run_dir / "checkpoint.torch"),
@@ -30,6 +32,43 @@ def test_pretrain_then_probe_above_chance(tmp_path, train_env):
     result = json.loads(result_file.read_text())
     assert result["trunk"]["unchanged"]
     assert result["chosen"]["test_top1"] > 30.0, result["chosen"]  # chance is 10%; two epochs of a 2-block trunk
+
+
+@pytest.mark.slow
+def test_without_tensorboard_the_last_line_names_no_tensorboard_logs(tmp_path, train_env):
+    run_dir = tmp_path / "run"
+    result = _run(_train_command(run_dir, "config.OPTIMIZER.num_epochs=1", "config.DATA.TRAIN.DATA_LIMIT=128",
+                                 "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=false"), train_env)
+    assert not (run_dir / "tb_logs").exists()
+    assert result.stdout.splitlines()[-1] == f"done: checkpoints and metrics.json in {run_dir}"
+
+
+@pytest.mark.parametrize("written, line", [
+    (["model_final_checkpoint_phase0.torch", "metrics.json", "tb_logs/"],
+     "done: checkpoints, metrics.json and TensorBoard logs (tb_logs/) in {}"),
+    (["model_final_checkpoint_phase0.torch", "metrics.json"], "done: checkpoints and metrics.json in {}"),
+    (["metrics.json"], "done: metrics.json in {}"),
+    ([], "done: nothing written in {}"),
+])
+def test_the_last_line_names_what_the_run_folder_holds(written, line, tmp_path, data_root, monkeypatch, capsys):
+    """The training itself is replaced by one that leaves ``written`` in the run folder."""
+    from pathlib import Path
+
+    from convit_ssl import cli, engine
+    from tiny_training import TINY
+
+    def train(config):
+        run_dir = Path(config.CHECKPOINT.DIR)
+        run_dir.mkdir()
+        for name in written:
+            (run_dir / name).mkdir() if name.endswith("/") else (run_dir / name).write_text("")
+        return run_dir
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    monkeypatch.setattr(engine, "train", train)
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", *TINY, f"run_dir={run_dir}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == line.format(run_dir)
 
 
 @pytest.mark.slow
