@@ -58,10 +58,13 @@ DATASET_IMAGE_FIX = "delete or replace it, then run convit-ssl prepare-data agai
 
 
 def read_image(path: str | os.PathLike, fix: str = DATASET_IMAGE_FIX) -> Image.Image:
-    """The image at ``path`` as RGB; ``UnreadableImage`` naming the file and ``fix`` when PIL cannot read it."""
+    """The image at ``path`` as RGB; ``UnreadableImage`` naming the file and ``fix`` when it is missing or PIL cannot
+    read it."""
     try:
         with open(path, "rb") as stream:
             return Image.open(stream).convert("RGB")
+    except FileNotFoundError:
+        raise UnreadableImage(f"image {path} does not exist; {fix}") from None
     except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         raise UnreadableImage(f"cannot read image {path} ({type(error).__name__}: {error}); {fix}") from None
 

@@ -290,8 +290,6 @@ def _sample_image(trunk: ConViT, image_path: Optional[str], config: Mapping) -> 
     """The image for attention maps, (3, H, W) in [0, 1] at the trunk's size, and where it came from."""
     size = (trunk.grid_size[0] * trunk.patch_size, trunk.grid_size[1] * trunk.patch_size)
     if image_path is not None:
-        if not Path(image_path).is_file():
-            raise UsageError(f"image {image_path} does not exist: pass an image file with --image")
         return fitted_image(image_path, size, fix="pass an image file PIL can read with --image"), \
             f"`{Path(image_path).name}`"
     found = dataset_image_file(config)

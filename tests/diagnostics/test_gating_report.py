@@ -195,13 +195,16 @@ def test_usage_errors(tmp_path, capsys):
     assert "--image and --results are for the report of one run" in capsys.readouterr().err
 
 
-def test_an_image_that_cannot_be_read_is_named_in_one_line(trunk, images, tmp_path, capsys):
+@pytest.mark.parametrize("content, problem", [(b"not a png", "cannot read image {}"), (None, "image {} does not exist")],
+                         ids=["unreadable", "missing"])
+def test_an_image_that_cannot_be_read_is_named_in_one_line(trunk, images, tmp_path, capsys, content, problem):
     run = make_run(tmp_path / "run", trunk, images)
     broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not a png")
+    if content is not None:
+        broken.write_bytes(content)
     assert main(["report", str(run), "--image", str(broken)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and f"cannot read image {broken}" in error[0], error
+    assert len(error) == 1 and problem.format(broken) in error[0], error
     assert "pass an image file PIL can read with --image" in error[0], error
 
 
