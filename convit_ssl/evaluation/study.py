@@ -129,11 +129,12 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
     if len(models) < 2 or len(models) % 2:
         raise UsageError(f"the low-data study compares pairs of models (a ConViT and its DeiT twin), "
                          f"got {len(models)}")
-    pairs = [models[start:start + 2] for start in range(0, len(models), 2)]
+    pairs = [(models[start], models[start + 1]) for start in range(0, len(models), 2)]
     names = [model.name for model in pairs[0]]
-    inits = [pair[0].init for pair in pairs]
-    if (any([model.name for model in pair] != names or pair[1].init != pair[0].init for pair in pairs)
-            or len(set(inits)) < len(inits)):
+    named_alike = all([first.name, second.name] == names for first, second in pairs)
+    one_init_per_pair = all(first.init == second.init for first, second in pairs)
+    inits = [first.init for first, _ in pairs]
+    if not (named_alike and one_init_per_pair and len(set(inits)) == len(inits)):
         raise UsageError(f"the study's pairs share the names {' and '.join(names)} and differ in init, got "
                          f"{', '.join(model.label for model in models)}")
     if recipe.stream:
