@@ -21,13 +21,17 @@ and differs in how it computes it:
   ``((1 - g) * softmax(q k^T / sqrt(d)) + g * P) v`` because both softmaxes sum to one (the
   reference's renormalisation is an identity up to rounding). The content term then runs through
   ``scaled_dot_product_attention`` (fused kernels, no B x H x N x N tensor kept for backward).
+  The mix itself is written as ``(1 - g) * (content + odds * P v)`` with odds = g / (1 - g) =
+  e^gating: the odds scale Py and (1 - g) scales the output projection's input columns, both small
+  tensors, so mixing is one addition whose backward pass costs nothing. The odds stop growing at
+  gating 30 (g = 1 - 1e-13). float16 has no range for them and mixes with one lerp instead.
   With attention dropout the reference's order is kept, on the dense P = kron(Py, Px).
-* Positional attention values below the smallest normal float are set to zero, in Px and Py (and in
-  the dense P where it is formed). With local init the logits span hundreds of units, so a few
+* Positional attention values below the smallest normal float are set to zero, in Px and Py, in
+  odds * Py (and in the dense P where it is formed). With local init the logits span hundreds of units, so a few
   percent of the softmax's entries are subnormal, and every matrix product that touches subnormals
   is many times slower on some CPUs. Each entry of the P applied differs from the reference's by
   float rounding (relative) plus less than ``torch.finfo(dtype).tiny`` (absolute): a flushed factor
-  is below tiny and the other factor at most 1. The product of two normal factors can itself be
+  is below tiny and the other factor at most 1 (odds * Py enters weighted by 1 - g). The product of two normal factors can itself be
   subnormal; the separable filter keeps it (it never forms the product), the dense P flushes it.
 * Relative positions come from the real grid (H x W, non-square allowed), not from sqrt(N), and
   the offset tables are built once per axis length, device and dtype.
@@ -52,6 +56,9 @@ from torch.utils.checkpoint import checkpoint
 from convit_ssl.errors import UsageError
 
 GridSize = Tuple[int, int]
+# Above this gating (g = 1 - 1e-13) the mix's odds e^gating stop growing: float32's sigmoid is 1 from 17 on,
+# and e^30 = 1e13 stays far from float32's and bfloat16's largest value.
+_MAX_LOG_ODDS = 30.0
 
 
 @lru_cache(maxsize=64)
@@ -215,20 +222,15 @@ class GatedPositionalSelfAttention(nn.Module):
 
     def content_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Content attention softmax(q k^T / sqrt(D)) of every head, (B, H, N, N)."""
-        q, k = self._queries_keys(x)
+        q, k = _split_heads(self.qk(x), self.num_heads, self.head_dim)
         return ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-
-    def _queries_keys(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        B, N, C = x.shape
-        qk = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qk[0], qk[1]
 
     def forward(self, x: torch.Tensor, grid_size: GridSize) -> torch.Tensor:
         B, N, C = x.shape
         if self.training and self.attn_drop_rate > 0:
             # Dropout acts on the mixed, renormalised attention matrix: keep the reference's order.
-            q, k = self._queries_keys(x)
-            v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+            q, k = _split_heads(self.qk(x), self.num_heads, self.head_dim)
+            (v,) = _split_heads(self.v(x), self.num_heads, self.head_dim)
             positional, gate = self.positional_attention(grid_size, dtype=v.dtype), self.gate().to(v.dtype)
             content = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
             attn = torch.lerp(content, positional.expand(B, -1, -1, -1), gate.view(1, -1, 1, 1))
@@ -236,13 +238,24 @@ class GatedPositionalSelfAttention(nn.Module):
         else:
             # One matrix product for q, k and v (the parameters stay qk and v, as in the reference).
             qkv = F.linear(x, torch.cat([self.qk.weight, self.v.weight]), _cat_bias(self.qk.bias, self.v.bias))
-            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            rows, cols = self.positional_factors(grid_size, dtype=v.dtype)
-            content_out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
-            positional_out = _separable_filter(rows, cols, v, grid_size)  # (H, N, B, D)
-            # (1 - g) * content + g * positional in one pass, written in (B, N, H, D) order for the projection.
-            gate = self.gate().to(v.dtype)
-            out = torch.lerp(content_out.transpose(1, 2), positional_out.permute(2, 1, 0, 3), gate.view(1, 1, -1, 1))
+            q, k, v = _split_heads(qkv, self.num_heads, self.head_dim)
+            rows, cols = self.positional_factors(grid_size)
+            content_out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, N, H, D)
+            if v.dtype == torch.float16:
+                # float16 cannot hold the gate's odds: (1 - g) * content + g * positional in one pass
+                positional_out = _separable_filter(rows.to(v.dtype), cols.to(v.dtype), v, grid_size)
+                gate = self.gate().to(v.dtype).view(1, 1, -1, 1)
+                out = torch.lerp(content_out, positional_out.permute(2, 1, 0, 3), gate)
+            else:
+                # (1 - g) * content + g * positional = (1 - g) * (content + odds * positional), odds = g / (1 - g)
+                # = e^gating: odds scale the row factor and (1 - g) the projection's input columns, so the mix
+                # is one addition, and its backward pass is free (the gate's gradient comes from the small factors)
+                log_odds = self.gating.clamp(max=_MAX_LOG_ODDS)
+                odds_rows = _flush_subnormals(rows * log_odds.exp().view(-1, 1, 1))
+                positional_out = _separable_filter(odds_rows.to(v.dtype), cols.to(v.dtype), v, grid_size)
+                out = (content_out + positional_out.permute(2, 1, 0, 3)).reshape(B, N, C)
+                keep = torch.sigmoid(-log_odds).repeat_interleave(self.head_dim)  # 1 - g of each input column
+                return self.proj_drop(F.linear(out, self.proj.weight * keep, self.proj.bias))
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
 
@@ -258,6 +271,20 @@ def _separable_filter(rows: torch.Tensor, cols: torch.Tensor, v: torch.Tensor, g
     filtered = (cols @ by_column).reshape(H, GW, B, GH, D)
     by_row = filtered.permute(0, 3, 1, 2, 4).reshape(H, GH, GW * B * D)
     return (rows @ by_row).reshape(H, N, B, D)
+
+
+def _split_heads(projections: torch.Tensor, num_heads: int, head_dim: int) -> Tuple[torch.Tensor, ...]:
+    """(B, N, K * H * D) stacked projections (q, k, v, ...) -> K per-head views, each (B, H, N, D).
+
+    Split along the channels rather than unbound from a permuted (K, B, H, N, D) view (timm's way): the
+    backward pass then concatenates the K gradients straight into the (B, N, K * H * D) layout that the
+    projection's backward reads, where unbind's stack also needs a permuting copy of all of them.
+    """
+    B, N, _ = projections.shape
+    return tuple(
+        part.view(B, N, num_heads, head_dim).transpose(1, 2)
+        for part in projections.split(num_heads * head_dim, dim=-1)
+    )
 
 
 def _cat_bias(qk_bias: Optional[torch.Tensor], v_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -278,17 +305,12 @@ class MultiHeadSelfAttention(nn.Module):
 
     def content_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention matrices softmax(q k^T / sqrt(D)), (B, H, N, N)."""
-        q, k, _ = self._qkv(x)
+        q, k, _ = _split_heads(self.qkv(x), self.num_heads, self.head_dim)
         return ((q @ k.transpose(-2, -1)) * self.head_dim**-0.5).softmax(dim=-1)
-
-    def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)
 
     def forward(self, x: torch.Tensor, grid_size: Optional[GridSize] = None) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self._qkv(x)
+        q, k, v = _split_heads(self.qkv(x), self.num_heads, self.head_dim)
         dropout = self.attn_drop_rate if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))

@@ -1,4 +1,5 @@
 """The ConViT trunk against timm (the reference port of the official code) and against the definition."""
+import copy
 import math
 
 import pytest
@@ -154,7 +155,7 @@ def test_positional_attention_is_the_kronecker_product_of_its_factors(grid):
 def _naive_gpsa(attn, x, grid):
     """The reference GPSA (timm's order: mix, renormalise, then @ v) with the definition's P, (B, N, C)."""
     B, N, C = x.shape
-    q, k = attn._queries_keys(x)
+    q, k = attn.qk(x).reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     v = attn.v(x).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
     content = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
     gate = attn.gate().view(1, -1, 1, 1)
@@ -176,6 +177,30 @@ def test_gpsa_on_non_square_grids_matches_the_definition_in_float64(grid):
     for name, a, b in zip(["x"] + [n for n, _ in attn.named_parameters()], ours_grads, theirs_grads):
         tolerance = 1e-12 * b.abs().max() + (1e-14 if name == "positional_proj.bias" else 0.0)
         assert (a - b).abs().max() <= tolerance, name
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_gpsa_matches_the_definition_at_extreme_gates(dtype, tolerance):
+    """The mix runs as (1 - g) * (content + e^gating * positional): from gates that are all content to
+    gates past float32's overflow of e^gating (88.7), output and gradients stay the definition's."""
+    torch.manual_seed(0)
+    attn = GatedPositionalSelfAttention(dim=36, num_heads=9)
+    _random_positional_weights(attn)
+    with torch.no_grad():
+        attn.gating.copy_(torch.tensor([-40.0, -12.0, -3.0, 0.0, 1.0, 5.0, 17.0, 30.0, 100.0]))
+    reference = copy.deepcopy(attn).double()
+    grid = (4, 5)
+    x = torch.randn(2, 20, 36, dtype=torch.float64)
+    ours = attn.to(dtype)(x.to(dtype).requires_grad_(), grid)
+    theirs = _naive_gpsa(reference, x.requires_grad_(), grid)
+    assert _relative_error(ours.double(), theirs) < tolerance
+    weights = torch.randn_like(theirs)
+    ours_grads = torch.autograd.grad((ours * weights.to(dtype)).sum(), list(attn.parameters()))
+    theirs_grads = torch.autograd.grad((theirs * weights).sum(), list(reference.parameters()))
+    for (name, _), a, b in zip(attn.named_parameters(), ours_grads, theirs_grads):
+        assert torch.isfinite(a).all(), name
+        # positional_proj.bias: zero in exact arithmetic (a softmax ignores a shift), rounding noise here
+        assert (a.double() - b).abs().max() <= 10 * tolerance * b.abs().max() + 10 * tolerance, name
 
 
 def test_positional_attention_subnormals_flushed_below_rounding():
