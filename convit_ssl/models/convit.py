@@ -24,7 +24,8 @@ and differs in how it computes it:
   The mix itself is written as ``(1 - g) * (content + odds * P v)`` with odds = g / (1 - g) =
   e^gating: the odds scale Py and (1 - g) scales the output projection's input columns, both small
   tensors, so mixing is one addition whose backward pass costs nothing. The odds stop growing at
-  gating 30 (g = 1 - 1e-13). float16 has no range for them and mixes with one lerp instead.
+  gating 30 (g = 1 - 1e-13). In half precision the mix is one lerp instead: float16 has no range for
+  the odds, and bfloat16 too few bits for the gate's gradient, which the odds form gets as a difference.
   With attention dropout the reference's order is kept, on the dense P = kron(Py, Px).
 * Positional attention values below the smallest normal float are set to zero, in Px and Py, in
   odds * Py (and in the dense P where it is formed). With local init the logits span hundreds of units, so a few
@@ -57,7 +58,7 @@ from convit_ssl.errors import UsageError
 
 GridSize = Tuple[int, int]
 # Above this gating (g = 1 - 1e-13) the mix's odds e^gating stop growing: float32's sigmoid is 1 from 17 on,
-# and e^30 = 1e13 stays far from float32's and bfloat16's largest value.
+# and e^30 = 1e13 stays far from float32's largest value (half precision mixes without the odds).
 _MAX_LOG_ODDS = 30.0
 
 
@@ -241,8 +242,9 @@ class GatedPositionalSelfAttention(nn.Module):
             q, k, v = _split_heads(qkv, self.num_heads, self.head_dim)
             rows, cols = self.positional_factors(grid_size)
             content_out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, N, H, D)
-            if v.dtype == torch.float16:
-                # float16 cannot hold the gate's odds: (1 - g) * content + g * positional in one pass
+            if torch.finfo(v.dtype).bits < 32:
+                # half precision: float16 cannot hold the gate's odds, and in bfloat16 the gate's gradient, a
+                # difference of two terms in the odds form below, loses its bits: (1 - g) * content + g * positional
                 positional_out = _separable_filter(rows.to(v.dtype), cols.to(v.dtype), v, grid_size)
                 gate = self.gate().to(v.dtype).view(1, 1, -1, 1)
                 out = torch.lerp(content_out, positional_out.permute(2, 1, 0, 3), gate)
