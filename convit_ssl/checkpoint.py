@@ -18,6 +18,7 @@ import argparse
 import os
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -204,7 +205,8 @@ def vissl_trunk_state(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
 def vissl_head_shapes(path: str | os.PathLike) -> Dict[str, Tuple[int, ...]]:
     """``{name: shape}`` of the head tensors in the VISSL checkpoint file ``path`` (``classy_state_dict``), named
     as VISSL's loader names them for the model (``heads.0.clf.0.weight``); {} for a checkpoint without heads."""
-    node = load_checkpoint_file(path)
+    # memory-mapped when the format allows it: only the shapes are read, not a trunk's or optimizer's tensors
+    node = load_checkpoint_file(path, mmap=zipfile.is_zipfile(path))
     for key in ("classy_state_dict", "base_model", "model", "heads"):
         node = node.get(key, {}) if isinstance(node, Mapping) else {}
     return {f"heads.{name}": tuple(value.shape) for name, value in node.items() if isinstance(value, torch.Tensor)}
@@ -220,16 +222,17 @@ def _unsafe_globals(path: Path, error: Exception) -> List[str]:
     return [name for name in found if name not in allowed]
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> object:
+def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> object:
     """``torch.load`` on the CPU that never runs code from the file: tensors, containers and ``CHECKPOINT_GLOBALS``.
 
+    ``mmap``: map the tensors' storage instead of reading it (zip-format files only, torch's default since 1.6).
     Raises ``CheckpointError`` in one line naming the file and, for a pickle that needs anything else, the
     offending globals.
     """
     path = Path(path)
     try:
         with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         offending = _unsafe_globals(path, error) if "Weights only load failed" in str(error) else []
         if offending:
