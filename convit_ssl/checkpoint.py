@@ -191,10 +191,14 @@ def to_timm_state_dict(trunk: ConViT) -> Dict[str, torch.Tensor]:
     return {_rename(key, _OURS_TO_TIMM): value.detach().clone() for key, value in trunk.state_dict().items()}
 
 
+# Where a VISSL checkpoint keeps its model (then "trunk" or "heads" inside).
+_VISSL_MODEL_KEYS = ("classy_state_dict", "base_model", "model")
+
+
 def vissl_trunk_state(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     """The trunk's state dict inside a VISSL checkpoint (training checkpoint or extracted model)."""
     node = checkpoint
-    for key in ("classy_state_dict", "base_model", "model", "trunk"):
+    for key in (*_VISSL_MODEL_KEYS, "trunk"):
         if isinstance(node, Mapping) and key in node:
             node = node[key]
     if not isinstance(node, Mapping) or not node or not all(isinstance(v, torch.Tensor) for v in node.values()):
@@ -207,7 +211,7 @@ def vissl_head_shapes(path: str | os.PathLike) -> Dict[str, Tuple[int, ...]]:
     as VISSL's loader names them for the model (``heads.0.clf.0.weight``); {} for a checkpoint without heads."""
     # memory-mapped when the format allows it: only the shapes are read, not a trunk's or optimizer's tensors
     node = load_checkpoint_file(path, mmap=zipfile.is_zipfile(path))
-    for key in ("classy_state_dict", "base_model", "model", "heads"):
+    for key in (*_VISSL_MODEL_KEYS, "heads"):
         node = node.get(key, {}) if isinstance(node, Mapping) else {}
     return {f"heads.{name}": tuple(value.shape) for name, value in node.items() if isinstance(value, torch.Tensor)}
 
