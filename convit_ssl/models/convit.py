@@ -28,12 +28,13 @@ and differs in how it computes it:
   the odds, and bfloat16 too few bits for the gate's gradient, which the odds form gets as a difference.
   With attention dropout the reference's order is kept, on the dense P = kron(Py, Px).
 * Positional attention values below the smallest normal float are set to zero, in Px and Py, in
-  odds * Py (and in the dense P where it is formed). With local init the logits span hundreds of units, so a few
-  percent of the softmax's entries are subnormal, and every matrix product that touches subnormals
-  is many times slower on some CPUs. Each entry of the P applied differs from the reference's by
-  float rounding (relative) plus less than ``torch.finfo(dtype).tiny`` (absolute): a flushed factor
-  is below tiny and the other factor at most 1 (odds * Py enters weighted by 1 - g). The product of two normal factors can itself be
-  subnormal; the separable filter keeps it (it never forms the product), the dense P flushes it.
+  odds * Py (and in the dense P where it is formed). With local init the logits span hundreds of units,
+  so a few percent of the softmax's entries are subnormal, and every matrix product that touches
+  subnormals is many times slower on some CPUs. Each entry of the P applied differs from the
+  reference's by float rounding (relative) plus less than ``torch.finfo(dtype).tiny`` (absolute): a
+  flushed factor is below tiny and the other factor at most 1 (odds * Py enters weighted by 1 - g).
+  The product of two normal factors can itself be subnormal; the separable filter keeps it (it never
+  forms the product), the dense P flushes it.
 * Relative positions come from the real grid (H x W, non-square allowed), not from sqrt(N), and
   the offset tables are built once per axis length, device and dtype.
 * The position embedding is resampled (bicubic) to any grid, so one model takes several crop sizes.
