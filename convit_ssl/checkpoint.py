@@ -161,25 +161,32 @@ def from_timm_state_dict(
 
 def load_trunk_state(trunk: ConViT, state: Mapping[str, torch.Tensor], source: str = "convit_ssl") -> int:
     """Strict load that names every missing, unexpected and mis-shaped key; returns the number loaded."""
-    expected = trunk.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in set(state) & set(expected) if state[key].shape != expected[key].shape
-    )
-    if missing or unexpected or misshaped:
-        problems = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (checkpoint vs model)", misshaped)):
-            if keys:
-                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-                problems.append(f"{label}: {shown}")
+    misfit = describe_misfit({key: tuple(value.shape) for key, value in trunk.state_dict().items()},
+                             {key: tuple(value.shape) for key, value in state.items()})
+    if misfit:
         raise CheckpointError(
-            f"{source} checkpoint does not fit the trunk ({'; '.join(problems)}); check the arch and its "
+            f"{source} checkpoint does not fit the trunk ({misfit}); check the arch and its "
             f"overrides (embed_dim, depth, num_heads, local_up_to_layer) against the checkpoint"
         )
     trunk.load_state_dict(state, strict=True)
     return len(state)
+
+
+def describe_misfit(expected: Mapping[str, Tuple[int, ...]], found: Mapping[str, Tuple[int, ...]]) -> str:
+    """How the tensor shapes ``found`` (a checkpoint's, ``{name: shape}``) differ from the ``expected`` ones (a
+    model's): 'missing: ...; unexpected: ...; mis-shaped (checkpoint vs model): ...', each list sorted and cut at 12
+    names; '' when they are the same."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(f"{key} {found[key]} vs {expected[key]}" for key in set(found) & set(expected)
+                       if found[key] != expected[key])
+    problems = []
+    labelled = (("missing", missing), ("unexpected", unexpected), ("mis-shaped (checkpoint vs model)", misshaped))
+    for label, keys in labelled:
+        if keys:
+            shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+            problems.append(f"{label}: {shown}")
+    return "; ".join(problems)
 
 
 def to_timm_state_dict(trunk: ConViT) -> Dict[str, torch.Tensor]:
@@ -206,14 +213,16 @@ def vissl_trunk_state(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     return _strip_prefixes(node)
 
 
-def vissl_head_shapes(path: str | os.PathLike) -> Dict[str, Tuple[int, ...]]:
-    """``{name: shape}`` of the head tensors in the VISSL checkpoint file ``path`` (``classy_state_dict``), named
-    as VISSL's loader names them for the model (``heads.0.clf.0.weight``); {} for a checkpoint without heads."""
+def vissl_model_shapes(path: str | os.PathLike) -> Dict[str, Dict[str, Tuple[int, ...]]]:
+    """``{"trunk": {name: shape}, "heads": {name: shape}}`` of the VISSL checkpoint file ``path``, read where VISSL's
+    loader reads them (``classy_state_dict/base_model/model``); a part the file lacks is {}."""
     # memory-mapped when the format allows it: only the shapes are read, not a trunk's or optimizer's tensors
-    node = load_checkpoint_file(path, mmap=zipfile.is_zipfile(path))
-    for key in (*_VISSL_MODEL_KEYS, "heads"):
-        node = node.get(key, {}) if isinstance(node, Mapping) else {}
-    return {f"heads.{name}": tuple(value.shape) for name, value in node.items() if isinstance(value, torch.Tensor)}
+    model = load_checkpoint_file(path, mmap=zipfile.is_zipfile(path))
+    for key in _VISSL_MODEL_KEYS:
+        model = model.get(key, {}) if isinstance(model, Mapping) else {}
+    parts = {part: model.get(part) if isinstance(model, Mapping) else None for part in ("trunk", "heads")}
+    return {part: {name: tuple(value.shape) for name, value in tensors.items() if isinstance(value, torch.Tensor)}
+            if isinstance(tensors, Mapping) else {} for part, tensors in parts.items()}
 
 
 def _unsafe_globals(path: Path, error: Exception) -> List[str]:

@@ -9,6 +9,9 @@ launcher, ``--dry-run`` included):
 * ``check_no_dropped_overrides``: an override that VISSL's inference replaces (``LOSS.dino_loss.output_dim``
   comes from the head) or that has no effect on this device (AMP on a CPU) is refused, never dropped.
 * ``check_head_consistency``: the losses' embedding widths that VISSL does not derive match the head.
+* ``check_trunk_weights``: ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` is a VISSL checkpoint whose trunk has the model's
+  tensors, name for name and shape for shape (VISSL leaves a tensor the file lacks at random init, saying so only
+  in its log).
 * ``check_head_weights``: the head tensors VISSL copies from ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` have the model's
   shapes (an SSL projection head cannot start a classifier: ``SKIP_LAYERS=[heads]``).
 * ``check_amounts``: epochs, batch sizes and learning rates are positive; one batch fits the dataset; a
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 import types
 import typing
 from functools import lru_cache
@@ -202,9 +206,47 @@ def heads_loaded_from_weights(model: Mapping) -> bool:
     """Whether VISSL starts the heads from ``MODEL.WEIGHTS_INIT.PARAMS_FILE``: a VISSL checkpoint
     (``classy_state_dict``), outside feature evaluation or evaluating trunk and head (its rule in
     ``init_model_from_consolidated_weights``)."""
-    weights, evaluation = model["WEIGHTS_INIT"], model["FEATURE_EVAL_SETTINGS"]
-    return (bool(weights.get("PARAMS_FILE")) and weights.get("STATE_DICT_KEY_NAME") == "classy_state_dict"
-            and (not evaluation["EVAL_MODE_ON"] or evaluation["EVAL_TRUNK_AND_HEAD"]))
+    evaluation = model["FEATURE_EVAL_SETTINGS"]
+    return weights_file_loaded(model) and (not evaluation["EVAL_MODE_ON"] or evaluation["EVAL_TRUNK_AND_HEAD"])
+
+
+def weights_file_loaded(model: Mapping) -> bool:
+    """Whether VISSL starts the model from ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` read as a VISSL checkpoint
+    (``STATE_DICT_KEY_NAME: classy_state_dict``, VISSL's default)."""
+    weights = model["WEIGHTS_INIT"]
+    return bool(weights.get("PARAMS_FILE")) and weights.get("STATE_DICT_KEY_NAME") == "classy_state_dict"
+
+
+def check_trunk_weights(model: Mapping, model_trunk: Mapping[str, tuple], checkpoint_trunk: Mapping[str, tuple],
+                        trunk_prefix: str, trunk_kwargs: Mapping[str, Any]) -> None:
+    """The checkpoint's trunk has every tensor of the model's trunk that VISSL copies (those not in
+    ``WEIGHTS_INIT.SKIP_LAYERS``) in the model's shape, and no other; ``model_trunk`` / ``checkpoint_trunk``:
+    ``{name: shape}`` in the trunk (``blocks.0.attn.qk.weight``), which the model holds as ``trunk_prefix + name``
+    (VISSL's skip rule reads that name); ``trunk_kwargs``: the model's ConViT keywords."""
+    from convit_ssl.checkpoint import describe_misfit
+
+    path = model["WEIGHTS_INIT"]["PARAMS_FILE"]
+    if not checkpoint_trunk:
+        raise UsageError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {path} is not a VISSL checkpoint (no "
+                         f"classy_state_dict/base_model/model/trunk tensors inside): pass a VISSL run's checkpoint, or "
+                         f"start from this file with `convit-ssl finetune --checkpoint {path}`, which also reads timm "
+                         f"and official ConViT files")
+    skipped = list(model["WEIGHTS_INIT"].get("SKIP_LAYERS", []))
+    copied = {name: shape for name, shape in model_trunk.items()
+              if not any(item in trunk_prefix + name for item in skipped)}
+    offered = {name: shape for name, shape in checkpoint_trunk.items() if name in copied or name not in model_trunk}
+    misfit = describe_misfit(copied, offered)
+    if not misfit:
+        return
+    fix = "check the trunk (model=PRESET, trunk.FIELD=VALUE, config.MODEL.TRUNK) against the checkpoint's"
+    positions = checkpoint_trunk.get("pos_embedding", (0, 0))[1] - int(trunk_kwargs.get("pos_embed_class_token", False))
+    side = math.isqrt(max(positions, 0))
+    differing = [name for name in {*copied, *offered} if copied.get(name) != offered.get(name)]
+    if differing == ["pos_embedding"] and side * side == positions:
+        fix = (f"its position embedding is for a {side} x {side} patch grid: build the trunk at that grid with "
+               f"trunk.img_size={side * trunk_kwargs['patch_size']} (it takes crops of any size, resampling the "
+               f"positions)")
+    raise UsageError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {path} does not fit the trunk ({misfit}); {fix}")
 
 
 def check_head_weights(model: Mapping, model_heads: Mapping[str, tuple], checkpoint_heads: Mapping[str, tuple]) -> None:

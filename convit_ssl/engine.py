@@ -290,10 +290,17 @@ def validate(config) -> None:
         raise UsageError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {weights!r} is not a file: pass "
                          f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE=CHECKPOINT (the weights to start from), or '' for "
                          f"random init")
-    if config_checks.heads_loaded_from_weights(config.MODEL):  # VISSL asserts the shapes on every node
-        from convit_ssl.checkpoint import vissl_head_shapes
+    if config_checks.weights_file_loaded(config.MODEL):  # VISSL asserts shapes on every node, skips missing tensors
+        from convit_ssl.checkpoint import vissl_model_shapes
 
-        config_checks.check_head_weights(config.MODEL, vissl_glue.head_shapes(config.MODEL), vissl_head_shapes(weights))
+        checkpoint_shapes = vissl_model_shapes(weights)
+        if config.MODEL.TRUNK.NAME == "convit_ssl":
+            config_checks.check_trunk_weights(config.MODEL, vissl_glue.trunk_shapes(config.MODEL),
+                                              checkpoint_shapes["trunk"], vissl_glue.trunk_prefix(config.MODEL),
+                                              trunk_kwargs(config.MODEL))
+        if config_checks.heads_loaded_from_weights(config.MODEL):
+            heads = {f"heads.{name}": shape for name, shape in checkpoint_shapes["heads"].items()}
+            config_checks.check_head_weights(config.MODEL, vissl_glue.head_shapes(config.MODEL), heads)
     keep_last = config.CHECKPOINT.get("KEEP_LAST_N", -1)
     keep_every = config.CHECKPOINT.get("KEEP_EVERY_N_EPOCHS", 0)
     if type(keep_last) is not int or not (keep_last >= 1 or keep_last == -1):

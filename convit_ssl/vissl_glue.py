@@ -399,6 +399,24 @@ def _posterize_to_zero_bits(posterize):
     return posterize_any_bits
 
 
+def trunk_shapes(model_config) -> Dict[str, tuple]:
+    """``{name: shape}`` of the trunk VISSL builds for ``model_config`` (``blocks.0.attn.qk.weight``), built on the
+    meta device: nothing is allocated or initialised."""
+    import torch
+
+    with torch.device("meta"):
+        trunk = ConViT(**trunk_kwargs(model_config))
+    return {name: tuple(value.shape) for name, value in trunk.state_dict().items()}
+
+
+def trunk_prefix(model_config) -> str:
+    """Where VISSL's model holds the trunk's tensors: ``trunk.``, or ``trunk.base_model.`` in a feature
+    extractor (a frozen trunk evaluated on its features)."""
+    from vissl.models import is_feature_extractor_model
+
+    return "trunk.base_model." if is_feature_extractor_model(model_config) else "trunk."
+
+
 def head_shapes(model_config) -> Dict[str, tuple]:
     """``{name: shape}`` of the tensors of the heads VISSL builds for ``model_config`` (``MODEL.HEAD.PARAMS``, as
     ``BaseSSLMultiInputOutputModel._get_heads`` does), named as in the model (``heads.0.clf.0.weight``). Built on

@@ -7,7 +7,7 @@ import timm.scheduler
 import torch
 
 from convit_ssl import CheckpointError, create_trunk, from_timm_state_dict, load_trunk, to_timm_state_dict
-from convit_ssl.checkpoint import export_timm, vissl_head_shapes
+from convit_ssl.checkpoint import export_timm, vissl_model_shapes
 from payloads import CreatesFileWhenUnpickled
 
 
@@ -171,13 +171,19 @@ def test_a_folder_given_as_checkpoint_is_named_what_it_is(tmp_path):
         assert "\n" not in str(error.value) and "does not exist: pass" not in str(error.value)
 
 
-def test_vissl_head_shapes_reads_zip_and_legacy_files(tmp_path):
+def test_vissl_model_shapes_reads_zip_and_legacy_files(tmp_path):
     """Shapes come from a memory-mapped zip file (torch's format) and from a legacy file, which cannot be mapped."""
     heads = {"0.clf.0.weight": torch.zeros(128, 48), "0.clf.0.bias": torch.zeros(128)}
     state = {"classy_state_dict": {"base_model": {"model": {"trunk": {"w": torch.zeros(3)}, "heads": heads}}}}
     zip_file, legacy_file = tmp_path / "zip.torch", tmp_path / "legacy.torch"
     torch.save(state, zip_file)
     torch.save(state, legacy_file, _use_new_zipfile_serialization=False)
-    expected = {"heads.0.clf.0.weight": (128, 48), "heads.0.clf.0.bias": (128,)}
-    assert vissl_head_shapes(zip_file) == expected
-    assert vissl_head_shapes(legacy_file) == expected
+    expected = {"trunk": {"w": (3,)}, "heads": {"0.clf.0.weight": (128, 48), "0.clf.0.bias": (128,)}}
+    assert vissl_model_shapes(zip_file) == expected
+    assert vissl_model_shapes(legacy_file) == expected
+
+
+def test_vissl_model_shapes_of_a_file_in_another_layout_are_empty(tmp_path):
+    bare = tmp_path / "bare.pth"
+    torch.save({"w": torch.zeros(3)}, bare)
+    assert vissl_model_shapes(bare) == {"trunk": {}, "heads": {}}

@@ -436,7 +436,7 @@ class ConViT(nn.Module):
         self.pos_embedding = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
         self.class_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_drop = _dropout(drop_rate)
-        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList([
             Block(
                 embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rates[i],

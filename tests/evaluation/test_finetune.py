@@ -290,11 +290,12 @@ VISSL_TINY_TRUNK = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_he
                         local_up_to_layer=1)
 
 
-def _ssl_checkpoint(path, heads):
-    """A VISSL checkpoint at ``path`` of the VISSL_TINY trunk and the SSL heads ``heads`` ({name: tensor})."""
+def _ssl_checkpoint(path, heads, **trunk_changes):
+    """A VISSL checkpoint at ``path`` of the VISSL_TINY trunk (with ``trunk_changes``, create_trunk's keywords) and
+    the SSL heads ``heads`` ({name: tensor})."""
     from convit_ssl.models import create_trunk
 
-    trunk = create_trunk("convit_tiny", **VISSL_TINY_TRUNK).state_dict()
+    trunk = create_trunk("convit_tiny", **{**VISSL_TINY_TRUNK, **trunk_changes}).state_dict()
     torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk, "heads": heads}}}}, path)
     return path
 
@@ -309,6 +310,75 @@ def test_an_ssl_checkpoint_whose_head_differs_from_the_classifier_is_refused_in_
             f"model's (MODEL.HEAD.PARAMS) is [10, 48]; start the heads from random init with "
             f"config.MODEL.WEIGHTS_INIT.SKIP_LAYERS=[num_batches_tracked,heads]")) as error:
         _compose([f"config={SEMI_SUPERVISED}", *VISSL_TINY, "config.OPTIMIZER.param_schedulers.lr.milestones=[1]",
+                  f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}"], data_root, monkeypatch)
+    assert "\n" not in str(error.value)
+
+
+_HEADS_SKIPPED = ["config.OPTIMIZER.param_schedulers.lr.milestones=[1]",
+                  "config.MODEL.WEIGHTS_INIT.SKIP_LAYERS=[num_batches_tracked,heads]"]
+
+
+@pytest.mark.parametrize("trunk_changes, model_words, message", [
+    # VISSL copies the tensors it finds and logs the others as "not initialized": the GPSA block would train from
+    # random init, silently
+    (dict(local_up_to_layer=0), [], "missing: blocks.0.attn.gating, blocks.0.attn.positional_proj.bias, "
+                                    "blocks.0.attn.positional_proj.weight, blocks.0.attn.qk.weight, "
+                                    "blocks.0.attn.v.weight; unexpected: blocks.0.attn.qkv.weight); check the trunk "
+                                    "(model=PRESET, trunk.FIELD=VALUE, config.MODEL.TRUNK) against the checkpoint's"),
+    # VISSL asserts on the node that each shape agrees
+    (dict(embed_dim=64), [], "mis-shaped (checkpoint vs model): blocks.0.attn.proj.bias (64,) vs (48,), "),
+    # the same trunk pretrained at another size: our trunk resamples its position embedding to any crop size
+    ({}, [f"{_VIT}.IMAGE_SIZE=64"], "mis-shaped (checkpoint vs model): pos_embedding (1, 16, 48) vs (1, 64, 48)); "
+                                    "its position embedding is for a 4 x 4 patch grid: build the trunk at that grid "
+                                    "with trunk.img_size=32 (it takes crops of any size, resampling the positions)"),
+], ids=["deit-twin-into-convit", "wider", "other-image-size"])
+def test_a_checkpoint_whose_trunk_differs_from_the_model_is_refused_in_one_line(tmp_path, data_root, monkeypatch,
+                                                                               trunk_changes, model_words, message):
+    checkpoint = _ssl_checkpoint(tmp_path / "ssl.torch", {}, **trunk_changes)
+    with pytest.raises(UsageError, match=re.escape(
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {checkpoint} does not fit the trunk (")) as error:
+        _compose([f"config={SEMI_SUPERVISED}", *VISSL_TINY, *_HEADS_SKIPPED, *model_words,
+                  f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}"], data_root, monkeypatch)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+LINEAR = "benchmark/linear_image_classification/imagenet1k/models/deit_s16"
+
+
+def test_a_linear_probe_checks_the_trunk_it_loads_and_not_the_heads(tmp_path, data_root, monkeypatch):
+    """VISSL's linear config (feature evaluation, frozen trunk) copies only the trunk: an SSL head in the file does
+    not matter, a trunk of another layout does."""
+    words = [f"config={LINEAR}", *VISSL_TINY]
+    fitting = _ssl_checkpoint(tmp_path / "ssl.torch", {"0.clf.0.weight": torch.zeros(128, 48)})
+    config = _compose([*words, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={fitting}"], data_root, monkeypatch)
+    assert config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON and config.MODEL.WEIGHTS_INIT.PARAMS_FILE == str(fitting)
+    twin = _ssl_checkpoint(tmp_path / "twin.torch", {}, local_up_to_layer=0)
+    with pytest.raises(UsageError, match=re.escape(f"PARAMS_FILE {twin} does not fit the trunk (missing: ")):
+        _compose([*words, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={twin}"], data_root, monkeypatch)
+
+
+def test_a_checkpoint_trunk_tensor_in_skip_layers_may_differ(tmp_path, data_root, monkeypatch):
+    """SKIP_LAYERS leaves a tensor at random init: VISSL neither copies nor checks it."""
+    checkpoint = _ssl_checkpoint(tmp_path / "ssl.torch", {}, embed_dim=64)
+    words = [f"config={SEMI_SUPERVISED}", *VISSL_TINY, "config.OPTIMIZER.param_schedulers.lr.milestones=[1]",
+             f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}"]
+    config = _compose([*words, "config.MODEL.WEIGHTS_INIT.SKIP_LAYERS=[heads,trunk]"], data_root, monkeypatch)
+    assert config.MODEL.WEIGHTS_INIT.SKIP_LAYERS == ["heads", "trunk"]
+
+
+def test_a_params_file_not_in_vissl_layout_is_refused_in_one_line(tmp_path, data_root, monkeypatch):
+    """A bare state dict (timm's, or torch.save(model.state_dict())): VISSL would fail on the node looking for
+    base_model."""
+    from convit_ssl.models import create_trunk
+
+    checkpoint = tmp_path / "bare.pth"
+    torch.save(create_trunk("convit_tiny", **VISSL_TINY_TRUNK).state_dict(), checkpoint)
+    with pytest.raises(UsageError, match=re.escape(
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {checkpoint} is not a VISSL checkpoint (no classy_state_dict/"
+            f"base_model/model/trunk tensors inside): pass a VISSL run's checkpoint, or start from this file with "
+            f"`convit-ssl finetune --checkpoint {checkpoint}`, which also reads timm and official ConViT files")
+    ) as error:
+        _compose([f"config={SEMI_SUPERVISED}", *VISSL_TINY, *_HEADS_SKIPPED,
                   f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}"], data_root, monkeypatch)
     assert "\n" not in str(error.value)
 
