@@ -9,9 +9,9 @@ launcher, ``--dry-run`` included):
 * ``check_no_dropped_overrides``: an override that VISSL's inference replaces (``LOSS.dino_loss.output_dim``
   comes from the head) or that has no effect on this device (AMP on a CPU) is refused, never dropped.
 * ``check_head_consistency``: the losses' embedding widths that VISSL does not derive match the head.
-* ``check_trunk_weights``: ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` is a VISSL checkpoint whose trunk has the model's
-  tensors, name for name and shape for shape (VISSL leaves a tensor the file lacks at random init, saying so only
-  in its log).
+* ``check_weights_layout``, ``check_trunk_weights``: ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` is read as a VISSL
+  checkpoint, and its trunk has the model's tensors, name for name and shape for shape (VISSL leaves a tensor it
+  does not find at random init, saying so only in its log).
 * ``check_head_weights``: the head tensors VISSL copies from ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` have the model's
   shapes (an SSL projection head cannot start a classifier: ``SKIP_LAYERS=[heads]``).
 * ``check_amounts``: epochs, batch sizes and learning rates are positive; one batch fits the dataset; a
@@ -215,6 +215,20 @@ def weights_file_loaded(model: Mapping) -> bool:
     (``STATE_DICT_KEY_NAME: classy_state_dict``, VISSL's default)."""
     weights = model["WEIGHTS_INIT"]
     return bool(weights.get("PARAMS_FILE")) and weights.get("STATE_DICT_KEY_NAME") == "classy_state_dict"
+
+
+def check_weights_layout(model: Mapping) -> None:
+    """ConViT's trunk loads ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` only as a VISSL checkpoint: VISSL reads other layouts
+    (``STATE_DICT_KEY_NAME``, ``APPEND_PREFIX``) only into trunks whose tensors sit under ``_feature_blocks``."""
+    weights = model["WEIGHTS_INIT"]
+    key = weights.get("STATE_DICT_KEY_NAME")
+    if weights.get("PARAMS_FILE") and key != "classy_state_dict":
+        raise UsageError(f"config.MODEL.WEIGHTS_INIT.STATE_DICT_KEY_NAME={key!r}: VISSL reads a PARAMS_FILE in a "
+                         f"layout other than classy_state_dict only into trunks whose tensors sit under "
+                         f"_feature_blocks, and ConViT's do not (its trunk would stay at random init, or VISSL would "
+                         f"refuse the file on the node): pass a VISSL checkpoint with "
+                         f"STATE_DICT_KEY_NAME=classy_state_dict, or start from this file with `convit-ssl finetune "
+                         f"--checkpoint {weights['PARAMS_FILE']}`, which also reads timm and official ConViT files")
 
 
 def check_trunk_weights(model: Mapping, model_trunk: Mapping[str, tuple], checkpoint_trunk: Mapping[str, tuple],

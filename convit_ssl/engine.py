@@ -290,6 +290,8 @@ def validate(config) -> None:
         raise UsageError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {weights!r} is not a file: pass "
                          f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE=CHECKPOINT (the weights to start from), or '' for "
                          f"random init")
+    if config.MODEL.TRUNK.NAME == "convit_ssl":
+        config_checks.check_weights_layout(config.MODEL)
     if config_checks.weights_file_loaded(config.MODEL):  # VISSL asserts shapes on every node, skips missing tensors
         from convit_ssl.checkpoint import vissl_model_shapes
 

@@ -314,6 +314,7 @@ def test_an_ssl_checkpoint_whose_head_differs_from_the_classifier_is_refused_in_
     assert "\n" not in str(error.value)
 
 
+_NO_KEY = "config.MODEL.WEIGHTS_INIT.STATE_DICT_KEY_NAME=''"
 _HEADS_SKIPPED = ["config.OPTIMIZER.param_schedulers.lr.milestones=[1]",
                   "config.MODEL.WEIGHTS_INIT.SKIP_LAYERS=[num_batches_tracked,heads]"]
 
@@ -355,6 +356,30 @@ def test_a_linear_probe_checks_the_trunk_it_loads_and_not_the_heads(tmp_path, da
     twin = _ssl_checkpoint(tmp_path / "twin.torch", {}, local_up_to_layer=0)
     with pytest.raises(UsageError, match=re.escape(f"PARAMS_FILE {twin} does not fit the trunk (missing: ")):
         _compose([*words, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={twin}"], data_root, monkeypatch)
+
+
+@pytest.mark.parametrize("words", [
+    # VISSL's advice for a torchvision model: its compatibility check then passes, and no name matches ConViT's
+    [_NO_KEY, "config.MODEL.WEIGHTS_INIT.APPEND_PREFIX=trunk._feature_blocks."],
+    # the names match ConViT's, and VISSL's compatibility check raises on the node
+    [_NO_KEY, "config.MODEL.WEIGHTS_INIT.APPEND_PREFIX=trunk."],
+], ids=["feature-blocks-prefix", "trunk-prefix"])
+def test_a_params_file_read_outside_vissls_layout_is_refused_in_one_line(tmp_path, data_root, monkeypatch, words):
+    """VISSL reads a file that is not a classy_state_dict only into trunks whose tensors sit under _feature_blocks:
+    ConViT's would stay at random init, with "Not found" in the log, or the file is refused on the node."""
+    from convit_ssl.models import create_trunk
+
+    checkpoint = tmp_path / "bare.pth"
+    torch.save(create_trunk("convit_tiny", **VISSL_TINY_TRUNK).state_dict(), checkpoint)
+    with pytest.raises(UsageError, match=re.escape(
+            "config.MODEL.WEIGHTS_INIT.STATE_DICT_KEY_NAME='': VISSL reads a PARAMS_FILE in a layout other than "
+            "classy_state_dict only into trunks whose tensors sit under _feature_blocks, and ConViT's do not (its "
+            "trunk would stay at random init, or VISSL would refuse the file on the node): pass a VISSL checkpoint "
+            f"with STATE_DICT_KEY_NAME=classy_state_dict, or start from this file with `convit-ssl finetune "
+            f"--checkpoint {checkpoint}`, which also reads timm and official ConViT files")) as error:
+        _compose([f"config={SEMI_SUPERVISED}", *VISSL_TINY, *_HEADS_SKIPPED, *words,
+                  f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}"], data_root, monkeypatch)
+    assert "\n" not in str(error.value)
 
 
 def test_a_checkpoint_trunk_tensor_in_skip_layers_may_differ(tmp_path, data_root, monkeypatch):
