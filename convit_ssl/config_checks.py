@@ -9,6 +9,8 @@ launcher, ``--dry-run`` included):
 * ``check_no_dropped_overrides``: an override that VISSL's inference replaces (``LOSS.dino_loss.output_dim``
   comes from the head) or that has no effect on this device (AMP on a CPU) is refused, never dropped.
 * ``check_head_consistency``: the losses' embedding widths that VISSL does not derive match the head.
+* ``check_pooled_features``: a linear probe's features (``LINEAR_EVAL_FEAT_POOL_OPS_MAP``) are ones the trunk
+  gives, not pooled again.
 * ``check_weights_layout``, ``check_trunk_weights``: ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` is read as a VISSL
   checkpoint, and its trunk has the model's tensors, name for name and shape for shape (VISSL leaves a tensor it
   does not find at random init, saying so only in its log).
@@ -215,6 +217,21 @@ def weights_file_loaded(model: Mapping) -> bool:
     (``STATE_DICT_KEY_NAME: classy_state_dict``, VISSL's default)."""
     weights = model["WEIGHTS_INIT"]
     return bool(weights.get("PARAMS_FILE")) and weights.get("STATE_DICT_KEY_NAME") == "classy_state_dict"
+
+
+def check_pooled_features(pool_ops_map: Sequence, parse_feature_key) -> None:
+    """Each feature of VISSL's ``FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP`` ([[name, [op, args]], ...])
+    is one the trunk gives (``parse_feature_key``: the trunk's, raising UsageError otherwise), and is not pooled
+    again: the trunk's features are (B, C) vectors, which VISSL's 2-d pooling ops refuse."""
+    where = "config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP"
+    for name, (operation, _) in pool_ops_map:
+        try:
+            parse_feature_key(name)
+        except UsageError as error:
+            raise UsageError(f"{where}: {error}") from None
+        if operation != "Identity":
+            raise UsageError(f"{where}: {name} is pooled with {operation}, but the trunk's features are already "
+                             f"vectors, (batch, width): use [{name}, [Identity, []]]")
 
 
 def check_weights_layout(model: Mapping) -> None:

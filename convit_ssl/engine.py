@@ -278,6 +278,9 @@ def validate(config) -> None:
         config_checks.check_trunk_overrides(config.MODEL.TRUNK.get("CONVIT_SSL", {}).get("OVERRIDES") or {})
         kwargs = trunk_kwargs(config.MODEL)
         check_options(**kwargs)  # a trunk that cannot be built fails here, not on the nodes
+        if vissl_glue.is_feature_extractor(config.MODEL):
+            config_checks.check_pooled_features(config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP,
+                                                vissl_glue.meta_trunk(config.MODEL).parse_feature_key)
         expected = config.MODEL.TRUNK.get("CONVIT_SSL", {}).get("EMBED_DIM")
         if expected and expected != kwargs["embed_dim"]:
             raise UsageError(
@@ -297,9 +300,9 @@ def validate(config) -> None:
 
         checkpoint_shapes = vissl_model_shapes(weights)
         if config.MODEL.TRUNK.NAME == "convit_ssl":
+            prefix = "trunk.base_model." if vissl_glue.is_feature_extractor(config.MODEL) else "trunk."
             config_checks.check_trunk_weights(config.MODEL, vissl_glue.trunk_shapes(config.MODEL),
-                                              checkpoint_shapes["trunk"], vissl_glue.trunk_prefix(config.MODEL),
-                                              trunk_kwargs(config.MODEL))
+                                              checkpoint_shapes["trunk"], prefix, trunk_kwargs(config.MODEL))
         if config_checks.heads_loaded_from_weights(config.MODEL):
             heads = {f"heads.{name}": shape for name, shape in checkpoint_shapes["heads"].items()}
             config_checks.check_head_weights(config.MODEL, vissl_glue.head_shapes(config.MODEL), heads)

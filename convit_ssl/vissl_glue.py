@@ -399,22 +399,25 @@ def _posterize_to_zero_bits(posterize):
     return posterize_any_bits
 
 
-def trunk_shapes(model_config) -> Dict[str, tuple]:
-    """``{name: shape}`` of the trunk VISSL builds for ``model_config`` (``blocks.0.attn.qk.weight``), built on the
-    meta device: nothing is allocated or initialised."""
+def meta_trunk(model_config) -> ConViT:
+    """The trunk VISSL builds for ``model_config``, on the meta device: nothing is allocated or initialised."""
     import torch
 
     with torch.device("meta"):
-        trunk = ConViT(**trunk_kwargs(model_config))
-    return {name: tuple(value.shape) for name, value in trunk.state_dict().items()}
+        return ConViT(**trunk_kwargs(model_config))
 
 
-def trunk_prefix(model_config) -> str:
-    """Where VISSL's model holds the trunk's tensors: ``trunk.``, or ``trunk.base_model.`` in a feature
-    extractor (a frozen trunk evaluated on its features)."""
+def trunk_shapes(model_config) -> Dict[str, tuple]:
+    """``{name: shape}`` of the trunk VISSL builds for ``model_config`` (``blocks.0.attn.qk.weight``)."""
+    return {name: tuple(value.shape) for name, value in meta_trunk(model_config).state_dict().items()}
+
+
+def is_feature_extractor(model_config) -> bool:
+    """Whether VISSL wraps the trunk as a feature extractor (frozen, its features read by
+    ``FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP``), holding its tensors under ``trunk.base_model.``."""
     from vissl.models import is_feature_extractor_model
 
-    return "trunk.base_model." if is_feature_extractor_model(model_config) else "trunk."
+    return is_feature_extractor_model(model_config)
 
 
 def head_shapes(model_config) -> Dict[str, tuple]:

@@ -516,8 +516,9 @@ class ConViT(nn.Module):
             f"blkCLS<{self.local_up_to_layer}..{self.depth - 1}>", f"blkPOOL<0..{self.depth - 1}>",
         ]
 
-    def _parse_feature_key(self, key: str) -> Tuple[str, List[int]]:
-        """Map a feature key to (kind, block indices): kind is 'CLS' or 'POOL'."""
+    def parse_feature_key(self, key: str) -> Tuple[str, List[int]]:
+        """Map a feature key to (kind, block indices): kind is 'CLS' or 'POOL'. UsageError for a key this trunk
+        does not give."""
         match = _FEATURE_KEY.match(key)
         if match is None:
             raise UsageError(f"unknown feature key {key!r}; valid keys: {', '.join(self.feature_keys())}")
@@ -557,7 +558,7 @@ class ConViT(nn.Module):
         ``blkCLS<i>``/``blkPOOL<i>``: block i alone (0-based).
         """
         keys = list(out_feat_keys) if out_feat_keys else ["lastCLS"]
-        parsed = [self._parse_feature_key(key) for key in keys]
+        parsed = [self.parse_feature_key(key) for key in keys]
         deepest = max(index for _, blocks in parsed for index in blocks)
         intermediates = self.forward_intermediates(x, up_to=deepest)
         normed: Dict[int, torch.Tensor] = {}

@@ -382,6 +382,35 @@ def test_a_params_file_read_outside_vissls_layout_is_refused_in_one_line(tmp_pat
     assert "\n" not in str(error.value)
 
 
+_POOL_MAP = "config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP"
+
+
+@pytest.mark.parametrize("pool_map, message", [
+    # a ResNet's feature names: VISSL asked the trunk for them on the node, after the run had started
+    ("[[res5,[AvgPool2d,[[6,6],1,0]]]]", f"{_POOL_MAP}: unknown feature key 'res5'; valid keys: lastCLS, lastPOOL, "
+                                         f"concatCLS<1..1>, concatPOOL<1..2>, blkCLS<1..1>, blkPOOL<0..1>"),
+    ("[[lastCLS,[Identity,[]]],[blkCLS0,[Identity,[]]]]", f"{_POOL_MAP}: feature key 'blkCLS0': only the last 1 of 2 "
+                                                          f"blocks carry a class token"),
+    ("[[concatPOOL2,[AdaptiveAvgPool2d,[[1,1]]]]]", f"{_POOL_MAP}: concatPOOL2 is pooled with AdaptiveAvgPool2d, but "
+                                                    f"the trunk's features are already vectors, (batch, width): use "
+                                                    f"[concatPOOL2, [Identity, []]]"),
+], ids=["resnet-names", "class-token-of-a-gpsa-block", "pooled-again"])
+def test_features_a_linear_probe_cannot_get_from_the_trunk_are_refused_in_one_line(tmp_path, data_root, monkeypatch,
+                                                                                  pool_map, message):
+    checkpoint = _ssl_checkpoint(tmp_path / "ssl.torch", {})
+    with pytest.raises(UsageError, match=re.escape(message)) as error:
+        _compose([f"config={LINEAR}", *VISSL_TINY, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}",
+                  f"{_POOL_MAP}={pool_map}"], data_root, monkeypatch)
+    assert "\n" not in str(error.value)
+
+
+def test_features_the_trunk_gives_compose_for_a_linear_probe(tmp_path, data_root, monkeypatch):
+    checkpoint = _ssl_checkpoint(tmp_path / "ssl.torch", {})
+    config = _compose([f"config={LINEAR}", *VISSL_TINY, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}",
+                       f"{_POOL_MAP}=[[lastCLS,[Identity,[]]]]"], data_root, monkeypatch)
+    assert config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP == [["lastCLS", ["Identity", []]]]
+
+
 def test_a_checkpoint_trunk_tensor_in_skip_layers_may_differ(tmp_path, data_root, monkeypatch):
     """SKIP_LAYERS leaves a tensor at random init: VISSL neither copies nor checks it."""
     checkpoint = _ssl_checkpoint(tmp_path / "ssl.torch", {}, embed_dim=64)
