@@ -288,6 +288,7 @@ def validate(config) -> None:
                 f"{kwargs['embed_dim']} wide but the heads expect EMBED_DIM={expected}; leave EMBED_DIM unset (it "
                 f"follows model=PRESET and trunk.embed_dim)"
             )
+        vissl_glue.check_heads_take_features(config.MODEL)
     weights = config.MODEL.WEIGHTS_INIT.get("PARAMS_FILE", "")
     if weights and not Path(weights).is_file():  # VISSL asserts it on every node, after the run folder is taken
         raise UsageError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {weights!r} is not a file: pass "

@@ -24,6 +24,7 @@ from typing import Any, Dict, Mapping, Optional
 from fvcore.common.param_scheduler import ParamScheduler
 
 from convit_ssl import atomic
+from convit_ssl.errors import UsageError
 from convit_ssl.images import CheckedImageFolder
 from convit_ssl.models.convit import ConViT
 from convit_ssl.trunk_config import trunk_kwargs
@@ -420,10 +421,10 @@ def is_feature_extractor(model_config) -> bool:
     return is_feature_extractor_model(model_config)
 
 
-def head_shapes(model_config) -> Dict[str, tuple]:
-    """``{name: shape}`` of the tensors of the heads VISSL builds for ``model_config`` (``MODEL.HEAD.PARAMS``, as
-    ``BaseSSLMultiInputOutputModel._get_heads`` does), named as in the model (``heads.0.clf.0.weight``). Built on
-    the meta device: nothing is allocated or initialised."""
+def _meta_heads(model_config):
+    """The heads VISSL builds for ``model_config`` (``MODEL.HEAD.PARAMS``, as
+    ``BaseSSLMultiInputOutputModel._get_heads`` does), an ``nn.ModuleList`` on the meta device: nothing is allocated
+    or initialised."""
     import torch
     from torch import nn
     from vissl.models.heads import get_model_head
@@ -432,9 +433,49 @@ def head_shapes(model_config) -> Dict[str, tuple]:
         return get_model_head(name)(model_config, **options)
 
     with torch.device("meta"):
-        heads = nn.ModuleList(nn.Sequential(*(module(*part) for part in head)) if isinstance(head[0], list)
-                              else module(*head) for head in model_config["HEAD"]["PARAMS"])
-    return {f"heads.{name}": tuple(value.shape) for name, value in heads.state_dict().items()}
+        return nn.ModuleList(nn.Sequential(*(module(*part) for part in head)) if isinstance(head[0], list)
+                             else module(*head) for head in model_config["HEAD"]["PARAMS"])
+
+
+def head_shapes(model_config) -> Dict[str, tuple]:
+    """``{name: shape}`` of the tensors of the heads VISSL builds for ``model_config``, named as in the model
+    (``heads.0.clf.0.weight``)."""
+    return {f"heads.{name}": tuple(value.shape) for name, value in _meta_heads(model_config).state_dict().items()}
+
+
+def check_heads_take_features(model_config) -> None:
+    """The heads take the features VISSL gives them from our trunk (``heads_forward``: one head per feature, or
+    one feature through all heads in turn), tried on the meta device; a UsageError names the first head that
+    cannot. Features: ``lastCLS``, or those of ``LINEAR_EVAL_FEAT_POOL_OPS_MAP`` in a feature extractor."""
+    import torch
+
+    if model_config.get("MULTI_INPUT_HEAD_MAPPING"):
+        return  # heads fed per input type: VISSL's own wiring, not checked here
+    trunk = meta_trunk(model_config)
+    pool_map = model_config["FEATURE_EVAL_SETTINGS"]["LINEAR_EVAL_FEAT_POOL_OPS_MAP"]
+    features = [item[0] for item in pool_map] if is_feature_extractor(model_config) else ["lastCLS"]
+    heads, params = _meta_heads(model_config), model_config["HEAD"]["PARAMS"]
+    kinds = ["+".join(part[0] for part in head) if isinstance(head[0], list) else head[0] for head in params]
+    if len(features) != len(heads) and len(features) != 1:
+        raise UsageError(f"config.MODEL.HEAD.PARAMS has {len(heads)} head{'s' * (len(heads) != 1)} for the "
+                         f"{len(features)} features of config.MODEL.FEATURE_EVAL_SETTINGS."
+                         f"LINEAR_EVAL_FEAT_POOL_OPS_MAP ({', '.join(features)}): give one head per feature")
+    inputs = [(f"the trunk's {name} features", trunk.embed_dim * len(trunk.parse_feature_key(name)[1]))
+              for name in features]
+    for index, head in enumerate(heads):
+        source, width = inputs[index] if len(inputs) == len(heads) else inputs[0]
+        try:
+            output = head(torch.empty(2, width, device="meta"))
+        except NotImplementedError:
+            return  # an operation without a meta kernel: VISSL will tell on the node
+        except (RuntimeError, ValueError) as error:
+            raise UsageError(f"config.MODEL.HEAD.PARAMS: head {index} ({kinds[index]}) cannot take {source}, {width} "
+                             f"wide ({' '.join(str(error).split())}); make it take (batch, {width}) vectors (mlp: "
+                             f"dims [{width}, ...])") from None
+        if len(inputs) == 1 and isinstance(output, torch.Tensor) and output.ndim == 2:
+            inputs = [(f"head {index}'s output", output.shape[1])]
+        elif len(inputs) == 1:
+            return  # a head of another output: the ones after it are VISSL's to check
 
 
 def evaluation_dataset(config, images: str = "", labels: str = ""):

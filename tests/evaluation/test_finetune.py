@@ -411,6 +411,37 @@ def test_features_the_trunk_gives_compose_for_a_linear_probe(tmp_path, data_root
     assert config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP == [["lastCLS", ["Identity", []]]]
 
 
+@pytest.mark.parametrize("config_name, words, message", [
+    # VISSL's ViT-S/16 probe head on a 48-wide trunk: a traceback at the first step, after the run had started
+    (LINEAR, ["config.MODEL.HEAD.PARAMS=[[mlp,{dims:[384,10]}]]"],
+     "config.MODEL.HEAD.PARAMS: head 0 (mlp) cannot take the trunk's lastCLS features, 48 wide (a and b must have "
+     "same reduction dim, but got [2, 48] X [384, 10].); make it take (batch, 48) vectors (mlp: dims [48, ...])"),
+    # one head per feature: concatPOOL2 is two blocks' pooled tokens, 96 wide
+    (LINEAR, [f"{_POOL_MAP}=[[lastCLS,[Identity,[]]],[concatPOOL2,[Identity,[]]]]",
+              "config.MODEL.HEAD.PARAMS=[[mlp,{dims:[48,10]}],[mlp,{dims:[48,10]}]]"],
+     "config.MODEL.HEAD.PARAMS: head 1 (mlp) cannot take the trunk's concatPOOL2 features, 96 wide"),
+    (LINEAR, [f"{_POOL_MAP}=[[lastCLS,[Identity,[]]],[concatPOOL2,[Identity,[]]]]"],
+     "config.MODEL.HEAD.PARAMS has 1 head for the 2 features of config.MODEL.FEATURE_EVAL_SETTINGS."
+     "LINEAR_EVAL_FEAT_POOL_OPS_MAP (lastCLS, concatPOOL2): give one head per feature"),
+], ids=["probe-head-of-vit-s", "one-head-per-feature", "fewer-heads-than-features"])
+def test_heads_that_cannot_take_the_trunks_features_are_refused_in_one_line(tmp_path, data_root, monkeypatch,
+                                                                           config_name, words, message):
+    checkpoint = _ssl_checkpoint(tmp_path / "ssl.torch", {})
+    with pytest.raises(UsageError, match=re.escape(message)) as error:
+        _compose([f"config={config_name}", *VISSL_TINY, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}",
+                  *words], data_root, monkeypatch)
+    assert "\n" not in str(error.value)
+
+
+def test_heads_that_take_the_trunks_features_compose(tmp_path, data_root, monkeypatch):
+    """One head per feature, each as wide as its feature; a head of several layers run in sequence on one feature."""
+    checkpoint = _ssl_checkpoint(tmp_path / "ssl.torch", {})
+    words = [f"config={LINEAR}", *VISSL_TINY, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoint}"]
+    _compose([*words, f"{_POOL_MAP}=[[lastCLS,[Identity,[]]],[concatPOOL2,[Identity,[]]]]",
+              "config.MODEL.HEAD.PARAMS=[[mlp,{dims:[48,10]}],[mlp,{dims:[96,10]}]]"], data_root, monkeypatch)
+    _compose([*words, "config.MODEL.HEAD.PARAMS=[[mlp,{dims:[48,32]}],[mlp,{dims:[32,10]}]]"], data_root, monkeypatch)
+
+
 def test_a_checkpoint_trunk_tensor_in_skip_layers_may_differ(tmp_path, data_root, monkeypatch):
     """SKIP_LAYERS leaves a tensor at random init: VISSL neither copies nor checks it."""
     checkpoint = _ssl_checkpoint(tmp_path / "ssl.torch", {}, embed_dim=64)
