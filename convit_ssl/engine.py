@@ -278,9 +278,10 @@ def validate(config) -> None:
         config_checks.check_trunk_overrides(config.MODEL.TRUNK.get("CONVIT_SSL", {}).get("OVERRIDES") or {})
         kwargs = trunk_kwargs(config.MODEL)
         check_options(**kwargs)  # a trunk that cannot be built fails here, not on the nodes
-        if vissl_glue.is_feature_extractor(config.MODEL):
+        trunk, feature_extractor = vissl_glue.meta_trunk(config.MODEL), vissl_glue.is_feature_extractor(config.MODEL)
+        if feature_extractor:
             config_checks.check_pooled_features(config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP,
-                                                vissl_glue.meta_trunk(config.MODEL).parse_feature_key)
+                                                trunk.parse_feature_key)
         expected = config.MODEL.TRUNK.get("CONVIT_SSL", {}).get("EMBED_DIM")
         if expected and expected != kwargs["embed_dim"]:
             raise UsageError(
@@ -288,7 +289,7 @@ def validate(config) -> None:
                 f"{kwargs['embed_dim']} wide but the heads expect EMBED_DIM={expected}; leave EMBED_DIM unset (it "
                 f"follows model=PRESET and trunk.embed_dim)"
             )
-        vissl_glue.check_heads_take_features(config.MODEL)
+        vissl_glue.check_heads_take_features(config.MODEL, trunk, feature_extractor)
     weights = config.MODEL.WEIGHTS_INIT.get("PARAMS_FILE", "")
     if weights and not Path(weights).is_file():  # VISSL asserts it on every node, after the run folder is taken
         raise UsageError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {weights!r} is not a file: pass "
@@ -301,8 +302,8 @@ def validate(config) -> None:
 
         checkpoint_shapes = vissl_model_shapes(weights)
         if config.MODEL.TRUNK.NAME == "convit_ssl":
-            prefix = "trunk.base_model." if vissl_glue.is_feature_extractor(config.MODEL) else "trunk."
-            config_checks.check_trunk_weights(config.MODEL, vissl_glue.trunk_shapes(config.MODEL),
+            prefix = "trunk.base_model." if feature_extractor else "trunk."
+            config_checks.check_trunk_weights(config.MODEL, vissl_glue.tensor_shapes(trunk),
                                               checkpoint_shapes["trunk"], prefix, trunk_kwargs(config.MODEL))
         if config_checks.heads_loaded_from_weights(config.MODEL):
             heads = {f"heads.{name}": shape for name, shape in checkpoint_shapes["heads"].items()}

@@ -408,9 +408,9 @@ def meta_trunk(model_config) -> ConViT:
         return ConViT(**trunk_kwargs(model_config))
 
 
-def trunk_shapes(model_config) -> Dict[str, tuple]:
-    """``{name: shape}`` of the trunk VISSL builds for ``model_config`` (``blocks.0.attn.qk.weight``)."""
-    return {name: tuple(value.shape) for name, value in meta_trunk(model_config).state_dict().items()}
+def tensor_shapes(module) -> Dict[str, tuple]:
+    """``{name: shape}`` of a module's state (``blocks.0.attn.qk.weight`` of a trunk)."""
+    return {name: tuple(value.shape) for name, value in module.state_dict().items()}
 
 
 def is_feature_extractor(model_config) -> bool:
@@ -440,20 +440,20 @@ def _meta_heads(model_config):
 def head_shapes(model_config) -> Dict[str, tuple]:
     """``{name: shape}`` of the tensors of the heads VISSL builds for ``model_config``, named as in the model
     (``heads.0.clf.0.weight``)."""
-    return {f"heads.{name}": tuple(value.shape) for name, value in _meta_heads(model_config).state_dict().items()}
+    return {f"heads.{name}": shape for name, shape in tensor_shapes(_meta_heads(model_config)).items()}
 
 
-def check_heads_take_features(model_config) -> None:
-    """The heads take the features VISSL gives them from our trunk (``heads_forward``: one head per feature, or
+def check_heads_take_features(model_config, trunk: ConViT, feature_extractor: bool) -> None:
+    """The heads take the features VISSL gives them from ``trunk`` (``heads_forward``: one head per feature, or
     one feature through all heads in turn), tried on the meta device; a UsageError names the first head that
-    cannot. Features: ``lastCLS``, or those of ``LINEAR_EVAL_FEAT_POOL_OPS_MAP`` in a feature extractor."""
+    cannot. Features: ``lastCLS``, or, in a feature extractor (``is_feature_extractor``), those of
+    ``LINEAR_EVAL_FEAT_POOL_OPS_MAP``. ``trunk``: ``meta_trunk(model_config)``."""
     import torch
 
     if model_config.get("MULTI_INPUT_HEAD_MAPPING"):
         return  # heads fed per input type: VISSL's own wiring, not checked here
-    trunk = meta_trunk(model_config)
     pool_map = model_config["FEATURE_EVAL_SETTINGS"]["LINEAR_EVAL_FEAT_POOL_OPS_MAP"]
-    features = [item[0] for item in pool_map] if is_feature_extractor(model_config) else ["lastCLS"]
+    features = [item[0] for item in pool_map] if feature_extractor else ["lastCLS"]
     heads, params = _meta_heads(model_config), model_config["HEAD"]["PARAMS"]
     kinds = ["+".join(part[0] for part in head) if isinstance(head[0], list) else head[0] for head in params]
     if len(features) != len(heads) and len(features) != 1:
