@@ -4,7 +4,9 @@ Every writer fills a temporary file ``.<name>.<random>.tmp`` in the target's fol
 the rename is atomic), flushes and fsyncs it, then either renames it over the target (``open_atomic`` and the
 ``write_*`` helpers) or links it to the first of several names that does not exist yet (``create_new``: a
 file that is never replaced, also not by another process in the meantime). A failed write removes its
-temporary file; a killed one leaves at most a ``.tmp`` file, never a truncated target.
+temporary file; a killed one leaves at most a ``.tmp`` file, never a truncated target. The file gets the
+permissions ``open`` gives a new one (0666 less the umask: a run folder shared with a group stays readable by
+it), not ``mkstemp``'s 0600.
 
 Leaf module: imports nothing of the package (``torch`` only when ``torch_save`` runs).
 """
@@ -21,7 +23,11 @@ from typing import IO, Iterable, Iterator
 
 def _temporary(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0o077)  # read only by setting it; mkstemp's own files are 0600 whatever it is
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)
+    return handle, tmp
 
 
 @contextmanager

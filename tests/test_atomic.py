@@ -61,3 +61,15 @@ def test_replace_symlink_points_the_link_at_the_new_target(tmp_path):
     atomic.replace_symlink("model_phase1.torch", link)
     assert os.readlink(link) == "model_phase1.torch"
     assert os.listdir(tmp_path) == ["checkpoint.torch"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_get_the_permissions_of_the_umask(tmp_path, umask):
+    """As open() would give them: a run folder shared with a group stays readable by it (mkstemp alone gives 0600)."""
+    previous = os.umask(umask)
+    try:
+        written = [atomic.write_text("a", tmp_path / "a.txt"), atomic.create_new("b", [tmp_path / "b.json"]),
+                   atomic.torch_save({"a": torch.ones(1)}, tmp_path / "a.pth")]
+    finally:
+        os.umask(previous)
+    assert {oct(path.stat().st_mode & 0o777) for path in written} == {oct(0o666 & ~umask)}
