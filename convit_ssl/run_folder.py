@@ -214,10 +214,11 @@ def recorded_config(run_dir) -> Optional[dict]:
 def record_config(run_dir, config: Mapping, continue_with_changes: bool = False) -> Dict[str, tuple]:
     """Write ``config`` (plain dict) as the run's ``train_config.yaml``, atomically; returns what changed.
 
-    A folder that holds checkpoints keeps its recorded config: a different one is refused in one line
-    naming the first differing keys, unless ``continue_with_changes``; then the new config is recorded and
-    the change (keys, old and new values, the checkpoint it continues from) is appended to
-    ``train_config_history.jsonl``. Without checkpoints the folder has no trained state to protect.
+    A folder that holds checkpoints but no recorded config (copied or downloaded there) is refused in one line:
+    they are not this run's to resume from or prune. A folder that holds checkpoints keeps its recorded config: a
+    different one is refused in one line naming the first differing keys, unless ``continue_with_changes``; then
+    the new config is recorded and the change (keys, old and new values, the checkpoint it continues from) is
+    appended to ``train_config_history.jsonl``. Without checkpoints the folder has no trained state to protect.
     """
     import yaml
 
@@ -227,6 +228,11 @@ def record_config(run_dir, config: Mapping, continue_with_changes: bool = False)
     new = yaml.safe_load(text)
     latest = latest_checkpoint(folder)
     recorded = recorded_config(folder) if latest is not None else None
+    if latest is not None and recorded is None:
+        raise RunFolderError(
+            f"run folder {folder} holds checkpoints ({latest.name}) but no {CONFIG_FILE}: no run of ours trained "
+            f"them, and training would resume from them (or count itself finished) and prune them; pick a new "
+            f"run_dir, or move the checkpoints out")
     differences: Dict[str, tuple] = {}
     if recorded is not None:
         differences = config_differences(recorded, new)

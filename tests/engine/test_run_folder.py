@@ -139,6 +139,20 @@ def test_same_config_again_and_a_folder_without_checkpoints_are_accepted(tmp_pat
         "OVERRIDES"]["depth"] == 3
 
 
+@pytest.mark.parametrize("checkpoint", ["model_phase3.torch", "model_final_checkpoint_phase799.torch"])
+@pytest.mark.parametrize("continue_with_changes", [False, True])
+def test_checkpoints_without_a_recorded_config_are_refused(tmp_path, checkpoint, continue_with_changes):
+    """Checkpoints that no config of ours was recorded for (copied or downloaded there): a run would resume from
+    them, or count itself finished, and prune them."""
+    from convit_ssl import run_folder
+
+    (tmp_path / checkpoint).write_bytes(b"someone's checkpoint")
+    with pytest.raises(run_folder.RunFolderError, match=f"holds checkpoints \\({checkpoint}\\) but no "
+                       f"train_config.yaml.*pick a new run_dir"):
+        run_folder.record_config(tmp_path, {"OPTIMIZER": {"num_epochs": 2}}, continue_with_changes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint]
+
+
 def test_continue_with_changes_records_the_change(tmp_path, data_root, monkeypatch):
     import json
 
