@@ -58,9 +58,11 @@ class RunFolderError(UsageError):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def checkpoint_files(run_dir) -> List[Path]:
-    """Every complete checkpoint of the run (atomic saves: a file under its final name is complete), no shards."""
+    """Every complete checkpoint of the run (atomic saves: a file under its final name is complete): the files of
+    the names VISSL gives a consolidated checkpoint, no shards and no copy under a name of its own."""
     folder = Path(run_dir)
-    return [p for p in folder.glob("model_*.torch") if "_shard" not in p.name and p.is_file()]
+    return [p for p in folder.glob("model_*.torch")
+            if (_PRUNABLE.fullmatch(p.name) or _FINAL.fullmatch(p.name)) and p.is_file()]
 
 
 def outputs(run_dir) -> List[str]:

@@ -212,3 +212,16 @@ def test_the_final_checkpoint_is_that_of_the_most_epochs(tmp_path):
     assert run_folder.final_checkpoint(tmp_path) == final == run_folder.latest_checkpoint(tmp_path)
     assert final_checkpoint(tmp_path) == final
     assert run_folder.latest_checkpoint(tmp_path, skip_final=True) == tmp_path / "model_phase30.torch"
+
+
+def test_a_copy_under_a_name_of_its_own_is_not_where_the_run_resumes(tmp_path):
+    """A user's copy (``cp model_phase0.torch model_phase0_backup.torch``) is newer than the run's last checkpoint,
+    but a resume, and an evaluation of the folder, read the run's own newest."""
+    from convit_ssl import run_folder
+
+    for order, name in enumerate(["model_phase0.torch", "model_iteration12.torch", "model_phase0_backup.torch",
+                                  "model_best.torch"]):
+        (tmp_path / name).write_bytes(b"checkpoint")
+        os.utime(tmp_path / name, ns=(10**18 + order * 10**9,) * 2)
+    assert run_folder.latest_checkpoint(tmp_path) == tmp_path / "model_iteration12.torch"
+    assert run_folder.run_checkpoint(tmp_path) == tmp_path / "model_iteration12.torch"
