@@ -78,15 +78,18 @@ def _rename(key: str, table) -> str:
 
 
 def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (DDP ``module.``, DINO ``backbone.``, ...) shared by every key."""
+    """Remove wrapper prefixes (DDP ``module.``, DINO ``backbone.``, ...) shared by every key but a head's: DINO's
+    ``MultiCropWrapper`` holds ``backbone.*`` beside its ``head.*``, which then drops like a classifier."""
     state = dict(state_dict)
     changed = True
     while changed and state:
         changed = False
+        wrapped = [key for key in state if not _DROPPED.match(key)] or list(state)
         for prefix in _WRAPPER_PREFIXES:
-            if all(key.startswith(prefix) for key in state):
-                state = {key[len(prefix):]: value for key, value in state.items()}
+            if all(key.startswith(prefix) for key in wrapped):
+                state = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
                 changed = True
+                break
     return state
 
 

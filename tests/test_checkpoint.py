@@ -117,16 +117,23 @@ def test_official_checkpoint_with_its_argparse_namespace_loads(tmp_path):
                tmp_path / "convit_tiny.pth")  # what DeiT's main.py (and so ConViT's) saves
     trunk, report = load_trunk(tmp_path / "convit_tiny.pth")
     assert report.source_format == "official" and report.arch == "convit_tiny"
-    teacher = {f"backbone.{key}": value for key, value in reference.state_dict().items()}
-    dino = {"student": reference.state_dict(), "teacher": teacher,
+    # DINO's MultiCropWrapper(backbone, DINOHead): the backbone's classifier is an Identity, the DINO head is beside it
+    teacher = {f"backbone.{key}": value for key, value in reference.state_dict().items() if not key.startswith("head.")}
+    dino_head = {"head.mlp.0.weight": torch.zeros(16, 192), "head.mlp.0.bias": torch.zeros(16),
+                 "head.last_layer.weight_g": torch.ones(8, 1), "head.last_layer.weight_v": torch.zeros(8, 16)}
+    teacher.update(dino_head)
+    dino = {"student": {f"module.{key}": value for key, value in teacher.items()}, "teacher": teacher,
             "optimizer": optimizer.state_dict(), "epoch": 100, "args": args, "dino_loss": {"center": torch.zeros(1, 8)},
             "fp16_scaler": scaler}  # what DINO's main_dino.py saves
     torch.save(dino, tmp_path / "dino.pth")
-    assert load_trunk(tmp_path / "dino.pth")[1].source_format == "dino"
+    dino_trunk, dino_report = load_trunk(tmp_path / "dino.pth")
+    assert dino_report.source_format == "dino" and dino_report.arch == "convit_tiny"
+    assert dino_report.dropped == sorted(dino_head)
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = reference.forward_head(reference.forward_features(images), pre_logits=True)
         assert torch.allclose(trunk.eval()(images)[0], expected, atol=1e-5)
+        assert torch.allclose(dino_trunk.eval()(images)[0], expected, atol=1e-5)
 
 
 def _vissl_checkpoint(path, trunk):
