@@ -1,7 +1,9 @@
 """Weighted k-nearest-neighbour classification of frozen features, the protocol of DINO (Caron et al. 2021).
 
 Features are L2-normalised; a test image's k most similar training images (cosine similarity s) vote for their
-labels with weight exp(s / T), T = 0.07. The predicted classes are the classes ranked by their total vote.
+labels with weight exp(s / T), T = 0.07. The predicted classes are the classes ranked by their total vote,
+summed in log space so that no weight overflows float32 (DINO's exp(s / T) is infinite for s / T > 88.7, e.g.
+s = 0.9 at T = 0.01, and infinite votes tie).
 
 Exact where DINO's code is not: only classes that received a vote are predictions. DINO sorts all classes and
 takes the first ``min(5, k)``, so classes with no vote (score 0) fill the ranks after the voted ones in an order
@@ -15,6 +17,7 @@ those of one process, exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
@@ -35,6 +38,18 @@ from convit_ssl.evaluation.subsets import class_subset
 KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07
 _CHUNK_BYTES = 2**28  # similarity matrix budget per chunk: 256 MiB
+
+
+def _log_votes(logits: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log of each class's vote, sum of exp(s / T) over its neighbours, (M, num_classes); -inf without a vote.
+
+    logits s / T (M, k), neighbour_labels (M, k). Summed per class after subtracting the class's largest logit, so
+    no class's vote overflows or vanishes whatever T (exp(0.99 / 0.01) is beyond float32).
+    """
+    shape = (len(logits), num_classes)
+    class_max = torch.full(shape, -math.inf).scatter_reduce_(1, neighbour_labels, logits, "amax")
+    shifted = (logits - class_max.gather(1, neighbour_labels)).exp()
+    return class_max + torch.zeros(shape).scatter_add_(1, neighbour_labels, shifted).log()
 
 
 def knn_predict(train_features, train_labels, test_features, ks: Sequence[int] = KS,
@@ -59,11 +74,10 @@ def knn_predict(train_features, train_labels, test_features, ks: Sequence[int] =
         queries = F.normalize(test[start:start + chunk_size], dim=1)
         top_similarity, top_index = (queries @ train.T).topk(ks[-1], dim=1)
         neighbour_labels = labels[top_index]
-        weights = (top_similarity / temperature).exp()
         for k in ks:
-            votes = torch.zeros(len(queries), num_classes).scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
-            ranked_votes, ranked = votes.sort(dim=1, descending=True, stable=True)
-            ranked = ranked[:, :max_rank].masked_fill(ranked_votes[:, :max_rank] <= 0, -1)
+            log_votes = _log_votes(top_similarity[:, :k] / temperature, neighbour_labels[:, :k], num_classes)
+            ranked_votes, ranked = log_votes.sort(dim=1, descending=True, stable=True)
+            ranked = ranked[:, :max_rank].masked_fill(ranked_votes[:, :max_rank] == -math.inf, -1)
             predictions[k].append(F.pad(ranked, (0, max_rank - ranked.shape[1]), value=-1))
     return {k: torch.cat(chunks) for k, chunks in predictions.items()}
 

@@ -71,3 +71,16 @@ def test_matches_brute_force_oracle_and_chunking_changes_nothing():
 def test_k_larger_than_the_memory_is_an_error():
     with pytest.raises(ValueError, match=r"k must be between 1 and the number of training samples 5.*smaller --ks"):
         knn_predict(TRAIN, TRAIN_LABELS, QUERIES, ks=[20])
+
+
+def test_cold_temperature_votes_do_not_overflow():
+    # Similarities .99 (class 1) and .95 (class 0) at T = 0.01: weights e^99 and e^95, both beyond float32
+    # (e^88.7). Class 1 must win, not tie with class 0 at infinity and lose on the lower index.
+    train = np.array([[0.95, math.sqrt(1 - 0.95**2)], [0.99, math.sqrt(1 - 0.99**2)]])
+    ranked = knn_predict(train, [0, 1], [[1.0, 0.0]], ks=[2], temperature=0.01)
+    assert ranked[2].tolist() == [[1, 0, -1, -1, -1]]
+    # At T = 0.001 the weights e^1000, e^0 and e^-1000 of similarities 1, 0 and -1 are out of any float's
+    # range: still every class voted, ranked by similarity.
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    ranked = knn_predict(train, [2, 1, 0], [[1.0, 0.0]], ks=[3], temperature=0.001)
+    assert ranked[3].tolist() == [[2, 1, 0, -1, -1]]
