@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -16,8 +16,10 @@ import yaml
 from convit_ssl.data import data_root, dataset_split_dir
 from convit_ssl.errors import UsageError
 from convit_ssl.evaluation import distributed
+from convit_ssl.evaluation.features import image_folder
 from convit_ssl.evaluation.linear_probe import Recipe, check_number, load_recipe, recipe_names
 from convit_ssl.evaluation.results import file_sha256, make_manifest, slug, write_new_result
+from convit_ssl.evaluation.subsets import class_subset
 
 DEFAULT_RECIPE = "digits"
 
@@ -141,6 +143,17 @@ def check_dataset(name: str) -> None:
         dataset_split_dir(name, split)
 
 
+def check_label_subsets(dataset: str, fractions: Sequence[float], rule: str, seed: int) -> None:
+    """Fail now, in one line, when a label fraction keeps no training image (only the 'first' rule can drop every
+    class: ``subsets.class_subset``)."""
+    if rule != "first":
+        return
+    split = image_folder(dataset, "train")
+    files = [path for path, _ in split.samples]
+    for fraction in fractions:
+        class_subset(split.targets, fraction, seed, rule, files)
+
+
 def cache_from_args(args: argparse.Namespace) -> Optional[Path]:
     return None if args.no_cache else (args.cache or data_root() / "feature_cache")
 
@@ -178,12 +191,13 @@ def checkpoint_model(path: Path, name: Optional[str] = None, arch: Optional[str]
 
 def setup_from_args(args: argparse.Namespace) -> Tuple[Recipe, torch.nn.Module, dict]:
     """What linear-probe and knn start with, every check first: numbers, threads, recipe, the process group (when
-    the environment names one, see ``distributed``), dataset, then the trunk."""
+    the environment names one, see ``distributed``), dataset, label subset, then the trunk."""
     check_arguments(args)
     apply_threads(args)
     recipe = recipe_from_args(args)
     args.device = distributed.init_from_env(args.device)
     check_dataset(recipe.dataset)
+    check_label_subsets(recipe.dataset, [args.fraction], args.subset_rule, args.seed)
     trunk, model = model_from_args(args, recipe)
     return recipe, trunk, model
 

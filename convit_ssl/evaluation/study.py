@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from convit_ssl import atomic
 from convit_ssl.errors import UsageError
+from convit_ssl.evaluation.arguments import check_label_subsets
 from convit_ssl.evaluation.features import (
     check_feature_choices, frozen_check, split_features, state_digest, trunk_keys,
 )
@@ -149,6 +150,7 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
         recipe_config(finetune_recipe or dataset or recipe.dataset)  # an unknown recipe fails now, not after a probe
     started = time.time()
     dataset = dataset or recipe.dataset
+    check_label_subsets(dataset, fractions, subset_rule, seed)
     out_dir = Path(out_dir)
     fractions = sorted(fractions)
     args = dict(args or {})

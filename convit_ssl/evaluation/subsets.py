@@ -36,7 +36,8 @@ def class_subset(labels: Sequence[int], fraction: float, seed: int = 0, rule: st
                  filenames: Optional[Sequence[str]] = None) -> np.ndarray:
     """Sorted indices of the images that ``fraction`` of each class keeps (see the module docstring).
 
-    ``rule="first"`` needs ``filenames`` (one per sample; sorted within each class to pick the first ones).
+    ``rule="first"`` needs ``filenames`` (one per sample; sorted within each class to pick the first ones). A
+    subset without any image is an error.
     """
     _check_fraction(fraction)
     if rule not in RULES:
@@ -53,7 +54,12 @@ def class_subset(labels: Sequence[int], fraction: float, seed: int = 0, rule: st
             order = indices[np.argsort([filenames[i] for i in indices], kind="stable")]
             count = int(len(indices) * fraction)
         chosen.append(order[:count])
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    if not sum(len(part) for part in chosen):
+        largest = max((len(indices) for indices in _class_indices(labels).values()), default=0)
+        raise UsageError(f"label fraction {fraction:g} keeps no training image under the 'first' rule (int(n * f) = 0 "
+                         f"for every class, the largest holds {largest}): raise it to at least 1/{largest}, or use "
+                         f"--subset-rule random (at least one image per class)")
+    return np.sort(np.concatenate(chosen))
 
 
 def nested_subsets(labels: Sequence[int], fractions: Sequence[float] = FRACTIONS, seed: int = 0,

@@ -109,6 +109,22 @@ def test_errors_are_one_line_and_name_the_fix(digits_data, tmp_path, capsys, com
     assert not (tmp_path / "payload_ran").exists()
 
 
+@pytest.mark.parametrize("command", ["linear-probe", "knn", "study"])
+def test_a_fraction_that_keeps_no_image_is_refused_before_any_work(digits_data, tmp_path, capsys, monkeypatch,
+                                                                    command):
+    def extract(*args, **kwargs):
+        raise AssertionError("features were extracted before the label subset was checked")
+
+    monkeypatch.setattr("convit_ssl.evaluation.features.extract", extract)
+    # digits' largest training class holds 146 images: int(146 * 0.005) = 0, the 'first' rule keeps no image
+    argv = ([command, "low-data", "--fractions", "0.1", "0.005"] if command == "study"
+            else [command, "--random", "convit_tiny", *TINY_OPTIONS, "--fraction", "0.005"])
+    assert main([*argv, "--subset-rule", "first", "--out", str(tmp_path / "out"), "--no-cache", "--quiet"]) == 2
+    assert re.search(r"label fraction 0.005 keeps no training image under the 'first' rule .*at least 1/146",
+                     one_line_error(capsys, command))
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]  # nothing written
+
+
 def test_a_pickle_payload_given_to_study_is_refused_not_run(digits_data, make_trunk, tmp_path, capsys):
     good, hostile = tmp_path / "convit.pth", tmp_path / "hostile.pth"
     torch.save(make_trunk().state_dict(), good)

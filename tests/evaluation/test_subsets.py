@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.subsets import FRACTIONS, class_subset, heldout_split, nested_subsets
 
 # classes of 100, 50, 7 and 1 images, shuffled so that indices do not follow classes
@@ -44,6 +45,10 @@ def test_first_rule_is_the_official_one():
     assert set(chosen) <= set(class_subset(LABELS, 0.5, rule="first", filenames=names))
     with pytest.raises(ValueError, match="needs the file names"):
         class_subset(LABELS, 0.1, rule="first")
+    # int(n * 0.005) is 0 for every class (the largest holds 100): nothing to train on, said in one line
+    with pytest.raises(UsageError, match=r"label fraction 0.005 keeps no training image under the 'first' rule .*"
+                                         r"at least 1/100, .*--subset-rule random"):
+        class_subset(LABELS, 0.005, rule="first", filenames=names)
 
 
 def test_bad_fraction_and_rule():
