@@ -179,7 +179,7 @@ def low_data_study(models: Sequence[StudyModel], recipe: Recipe, out_dir: Path, 
                     "feature": choice, "temperature": temperature, "skipped_ks": [k for k in knn_ks if k not in usable],
                     "accuracy": {str(k): value for k, value in knn_classify(
                         train.choice(choice, memory), train.labels[memory], test.choice(choice), test.labels, usable,
-                        temperature, num_classes=len(train.classes)).items()},
+                        temperature, num_classes=len(train.classes)).items()} if usable else {},
                 }
         check = frozen_check(model.trunk, digest, sizes)
         trunk_file = out_dir / "trunks" / f"{slug(model.label)}.pth"

@@ -104,6 +104,18 @@ def test_finetune_runs_every_trunk_on_every_subset_with_scaled_epochs(digits_dat
         low_data_study(models, recipe, tmp_path, finetune_epochs=1, subset_rule="first")
 
 
+def test_knn_with_every_k_above_a_subset_skips_them_all(digits_data, quick_recipe, tmp_path):
+    # 5% of digits keeps 69 images: k = 100 is skipped at 0.05, as documented, not an error after the probes
+    models = twin_models("convit_tiny", **TINY)
+    recipe = quick_recipe.replace(epochs=1, lrs=[0.3], wds=[0.0], features=["lastCLS"])
+    study = low_data_study(models, recipe, tmp_path, fractions=[0.05, 1.0], knn_ks=[100])
+    small = json.loads((tmp_path / "probe-ConViT-random-f0.05.json").read_text())["knn"]
+    assert small["skipped_ks"] == [100] and small["accuracy"] == {}
+    full = json.loads((tmp_path / "probe-ConViT-random-f1.json").read_text())["knn"]
+    assert full["skipped_ks"] == [] and set(full["accuracy"]) == {"100"}
+    assert "knn100 top1 ConViT" not in study["table"][0] and "knn100 top1 ConViT" in study["table"][1]
+
+
 def test_relative_gain_matches_the_paper():
     assert round(relative_gain(47.8, 34.8)) == 37  # ConViT-S vs DeiT-S at 5% of ImageNet, Table 2
     assert relative_gain(1.0, 0.0) is None
