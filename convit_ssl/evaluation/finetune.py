@@ -5,8 +5,9 @@
 1. **Labels** (``choose_labels``): the training images kept (``--labels``): all, a per-class fraction (``10%``,
    nested per seed as in ``subsets.class_subset``), ``N-per-class`` (the first N of the same per-class order, so
    nested too), or a file list in the 1% / 10% ImageNet format (one image file name per line, matched against the
-   training split's file names). A held-out part of them (``heldout_fraction`` of each class, default
-   ``HELDOUT_FRACTION``; never the test split) scores every epoch for choosing the best one.
+   training split's file names; ``class/name`` where class folders reuse names). A held-out part of them
+   (``heldout_fraction`` of each class, default ``HELDOUT_FRACTION``; never the test split) scores every epoch for
+   choosing the best one.
 2. **Start**: ``random`` (the recipe's model, randomly initialised) or a checkpoint read by
    ``convit_ssl.checkpoint.load_trunk`` (a run folder, VISSL, timm, official, DINO); a VISSL run's trunk shape
    comes from its config. The trunk is written as VISSL weights (``MODEL.WEIGHTS_INIT``) into the run folder's ``finetune_inputs/``.
@@ -117,19 +118,28 @@ def _per_class(labels: np.ndarray, count: int, seed: int, classes: Sequence[str]
 
 
 def _from_file_list(path: Path, files: Sequence[str]) -> np.ndarray:
-    """Indices of the training images that ``path`` names (one file name per line, as the ImageNet 1% / 10% lists;
-    a name is matched against each training image's file name, then against its path inside the split)."""
-    by_name: Dict[str, int] = {}
+    """Indices of the training images that ``path`` names (one per line: a file name, as the ImageNet 1% / 10%
+    lists, or the end of a path, ``class/name``, matched against the end of each training image's path; a line
+    that fits several images is an error)."""
+    by_name: Dict[str, List[int]] = {}
     for index, file in enumerate(files):
-        by_name.setdefault(Path(file).name, index)
+        by_name.setdefault(Path(file).name, []).append(index)
     wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not wanted:
         raise UsageError(f"file list {path} names no image: write one image file name per line")
-    missing = [name for name in wanted if Path(name).name not in by_name]
+    chosen, missing = [], []
+    for name in wanted:
+        parts = Path(name).parts
+        matches = [index for index in by_name.get(parts[-1], []) if Path(files[index]).parts[-len(parts):] == parts]
+        if len(matches) > 1:
+            raise UsageError(f"file list {path}: the name {name} is that of {len(matches)} training images (in "
+                             f"different folders); write each image as its path inside the split, e.g. class/{name}")
+        chosen += matches
+        missing += [] if matches else [name]
     if missing:
         raise UsageError(f"file list {path} names {len(missing)} of its {len(wanted)} images that the training split "
                          f"does not hold (first: {missing[0]}); check that the list belongs to this dataset")
-    return np.unique([by_name[Path(name).name] for name in wanted])
+    return np.unique(chosen)
 
 
 def choose_labels(spec: Optional[str], labels: Sequence[int], files: Sequence[str], classes: Sequence[str],

@@ -60,6 +60,19 @@ def test_labels_from_a_file_list_of_file_names(tmp_path):
     assert sorted(subset.train) == [0, 1, 25, 31] and len(subset.heldout) == 0
 
 
+def test_a_file_list_names_images_of_folders_that_reuse_file_names_by_their_path(tmp_path):
+    # every class folder holds 0.png .. 4.png (a user's own folder): a name alone would pick class a's image
+    files = [f"/data/train/{name}/{index}.png" for name in CLASSES for index in range(5)]
+    labels = np.repeat([0, 1, 2], 5)
+    listing = tmp_path / "subset.txt"
+    listing.write_text("a/0.png\nb/0.png\nc/3.png\n")
+    subset = choose_labels(str(listing), labels, files, CLASSES, heldout_fraction=0.0)
+    assert sorted(subset.train) == [0, 5, 13]
+    listing.write_text("a/0.png\n0.png\n")
+    with pytest.raises(UsageError, match=r"file list .* name 0.png is that of 3 training images .*its path inside"):
+        choose_labels(str(listing), labels, files, CLASSES)
+
+
 @pytest.mark.parametrize("content, message", [
     ("img000.png\nimg999.png\nimg025.png\nimg031.png\n", "names 1 of its 4 images that the training split does not"),
     ("img000.png\nimg025.png\n", "1 of 3 classes keep no image (first: c)"),
