@@ -23,6 +23,7 @@ import time
 from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.arguments import (
     add_data_arguments, add_grid_arguments, apply_threads, cache_from_args, check_arguments, check_dataset,
+    check_label_subsets,
     checkpoint_model, parse_options, recipe_from_args,
 )
 from convit_ssl.evaluation.knn import KS
@@ -95,6 +96,7 @@ def run(args) -> int:
     apply_threads(args)
     recipe = recipe_from_args(args)
     check_dataset(recipe.dataset)
+    check_label_subsets(recipe.dataset, args.fractions, args.subset_rule, args.seed)
     models = _models(args, recipe)
     out = new_folder(args.out, f"low-data-{recipe.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     study = low_data_study(models, recipe, out, fractions=args.fractions, subset_rule=args.subset_rule,
