@@ -70,6 +70,14 @@ def _latest_checkpoint_file(checkpoint_folder: str, config, skip_final: bool = F
     return latest.name if latest is not None else None
 
 
+def _has_run_checkpoint(checkpoint_folder: str, skip_final: bool = False) -> bool:
+    """Whether the run folder holds a checkpoint of the run to resume from, by the run folder's rule: VISSL's counts
+    any ``*.torch`` (``pretrained.torch``, a copy ``model_best.torch``) and then resumes from a file named None."""
+    from convit_ssl.run_folder import latest_checkpoint
+
+    return latest_checkpoint(checkpoint_folder, skip_final=skip_final) is not None
+
+
 # Environment variables worth a line in a run's log.txt (what reproduces the run); VISSL logs all of them,
 # tokens and keys included, and run folders are shared. A name that looks like a secret is never logged.
 LOGGED_ENV_PREFIXES = ("CUDA", "NCCL", "SLURM", "OMP_", "MKL_", "KMP_", "TORCH", "PYTORCH", "GLOO_", "CONVIT_SSL_",
@@ -525,6 +533,7 @@ def _patch_vissl() -> None:
     vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint
     vissl_checkpoint.create_file_symlink = _symlink_never_absent
     vissl_checkpoint.get_checkpoint_resume_files = _latest_checkpoint_file
+    vissl_checkpoint.has_checkpoint = _has_run_checkpoint
     # A resumed run is the same run (see convit_ssl.resume_hooks.SameRunHook): positional seeds, quiet builders.
     from vissl.data.ssl_dataset import GenericSSLDataset
     from vissl.hooks.dino_hooks import DINOHook

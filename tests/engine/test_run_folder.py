@@ -225,3 +225,19 @@ def test_a_copy_under_a_name_of_its_own_is_not_where_the_run_resumes(tmp_path):
         os.utime(tmp_path / name, ns=(10**18 + order * 10**9,) * 2)
     assert run_folder.latest_checkpoint(tmp_path) == tmp_path / "model_iteration12.torch"
     assert run_folder.run_checkpoint(tmp_path) == tmp_path / "model_iteration12.torch"
+
+
+def test_files_that_are_not_the_runs_checkpoints_are_not_resumed_from(tmp_path):
+    """VISSL's own test counts any *.torch as a checkpoint to resume from; with none of the run's own, a folder
+    holding ``pretrained.torch`` or a copy ``model_best.torch`` starts training afresh (VISSL then asked the run's
+    rule for the file, got none, and resumed from the path ``.../None``)."""
+    from vissl.utils.checkpoint import get_resume_checkpoint
+
+    import convit_ssl.vissl_glue  # noqa: F401  (its patches)
+
+    config = {"CHECKPOINT": {"OVERWRITE_EXISTING": False, "AUTO_RESUME": True, "LATEST_CHECKPOINT_RESUME_FILE_NUM": 1}}
+    for name in ("pretrained.torch", "model_best.torch"):
+        (tmp_path / name).write_bytes(b"someone's weights")
+    assert get_resume_checkpoint(config, str(tmp_path)) is None
+    (tmp_path / "model_phase0.torch").write_bytes(b"checkpoint")
+    assert get_resume_checkpoint(config, str(tmp_path)) == f"{tmp_path}/model_phase0.torch"
