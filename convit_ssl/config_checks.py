@@ -16,6 +16,7 @@ launcher, ``--dry-run`` included):
   does not find at random init, saying so only in its log).
 * ``check_head_weights``: the head tensors VISSL copies from ``MODEL.WEIGHTS_INIT.PARAMS_FILE`` have the model's
   shapes (an SSL projection head cannot start a classifier: ``SKIP_LAYERS=[heads]``).
+* ``check_file_lists``: no data or label list is a pickle (VISSL unpickles ``.pkl`` lists, running what they hold).
 * ``check_amounts``: epochs, batch sizes and learning rates are positive; one batch fits the dataset; a
   multistep schedule's milestones fit the epochs (``check_schedules``).
 
@@ -217,6 +218,18 @@ def weights_file_loaded(model: Mapping) -> bool:
     (``STATE_DICT_KEY_NAME: classy_state_dict``, VISSL's default)."""
     weights = model["WEIGHTS_INIT"]
     return bool(weights.get("PARAMS_FILE")) and weights.get("STATE_DICT_KEY_NAME") == "classy_state_dict"
+
+
+def check_file_lists(data: Mapping) -> None:
+    """No ``DATA.TRAIN`` or ``DATA.TEST`` data or label path is a pickle: VISSL's ``load_file`` reads ``.pkl`` and
+    ``.pickle`` lists with ``pickle.load``, which runs any code the file holds (``.npy`` lists load without it)."""
+    for split in ("TRAIN", "TEST"):
+        for key in ("DATA_PATHS", "LABEL_PATHS"):
+            for path in (data.get(split) or {}).get(key) or []:
+                if Path(str(path)).suffix in (".pkl", ".pickle"):
+                    raise UsageError(f"config.DATA.{split}.{key} names {path}, a pickle: VISSL would unpickle it, "
+                                     f"which runs any code the file holds; save the list with numpy.save as .npy "
+                                     f"and pass that")
 
 
 def check_pooled_features(pool_ops_map: Sequence, parse_feature_key) -> None:

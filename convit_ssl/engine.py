@@ -321,6 +321,7 @@ def validate(config) -> None:
         raise UsageError("HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_MIN must be at least 1: at 0 TensorBoard's writer "
                          "thread flushes in a busy loop and holds the GIL, slowing training many times over")
     config_checks.check_head_consistency(config)
+    config_checks.check_file_lists(config.DATA)
     config_checks.check_amounts(config, train_images(config))
 
 

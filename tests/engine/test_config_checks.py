@@ -38,6 +38,11 @@ REFUSED = [
      "LOSS.simclr_info_nce_loss.buffer_params.embedding_dim=64 but the head (MODEL.HEAD.PARAMS) outputs 128 dims"),
     (["config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MACHINE.DEVICE=cpu"],
      "config.MODEL.AMP_PARAMS.USE_AMP=true has no effect on a CPU"),
+    # VISSL reads .pkl file lists with pickle.load: any code in them would run on every node
+    (["config.DATA.TRAIN.LABEL_PATHS=[labels.pkl]"], "config.DATA.TRAIN.LABEL_PATHS names labels.pkl, a pickle: "
+     "VISSL would unpickle it, which runs any code the file holds; save the list with numpy.save as .npy and pass "
+     "that"),
+    (["config.DATA.TEST.DATA_PATHS=[images.pickle]"], "config.DATA.TEST.DATA_PATHS names images.pickle, a pickle"),
     # VISSL's multistep schedule (its defaults: values [0.1, 0.01, 0.001], milestones [30, 60]) over 2 epochs
     (["config.OPTIMIZER.param_schedulers.lr.name=multistep", "config.OPTIMIZER.num_epochs=2"],
      "OPTIMIZER.param_schedulers.lr.milestones=[30, 60] with OPTIMIZER.num_epochs=2: the learning rate drops at "
@@ -56,7 +61,8 @@ def digits(data_root, monkeypatch):
 FAST = {"config.OPTIMIZER.num_epochs=abc", "trunk.depth=abc", "trunk.depth=-2", "config.OPTIMIZER.num_epochs=0",
         "config.OPTIMIZER.param_schedulers.lr.schedulers.1.start_value=-0.001",
         "config.DATA.TRAIN.BATCHSIZE_PER_REPLICA=1500", "config.LOSS.simclr_info_nce_loss.buffer_params.world_size=4",
-        "config.MODEL.AMP_PARAMS.USE_AMP=true", "config.OPTIMIZER.param_schedulers.lr.name=multistep"}
+        "config.MODEL.AMP_PARAMS.USE_AMP=true", "config.OPTIMIZER.param_schedulers.lr.name=multistep",
+        "config.DATA.TRAIN.LABEL_PATHS=[labels.pkl]"}
 
 
 @pytest.mark.parametrize("words,message", [
