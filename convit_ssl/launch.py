@@ -264,6 +264,11 @@ def sweep_points(overrides: Sequence[str], sweeps: Sequence[str]) -> List[Point]
         subdir = ",".join(f"{name}={value}" for name, (_, value) in zip(names, combination))
         points.append(Point(kept + [f"{key}={value}" for key, value in combination],
                             subdir=re.sub(r"[^\w.,=+-]", "_", subdir)))
+    subdirs = [point.subdir for point in points]
+    shared = next((subdir for subdir in subdirs if subdirs.count(subdir) > 1), None)
+    if shared is not None:  # two array tasks would train into one folder, each overwriting the other's checkpoints
+        raise LaunchError(f"two points of --sweep share the run folder {shared}: give each value once (characters "
+                          f"other than letters, digits and . , = + - become _ in folder names)")
     return points
 
 

@@ -228,6 +228,9 @@ def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
     (["--nodes", "two"], "argument --nodes: invalid int value: 'two' (see launchers/slurm.py --help)"),
     (["--sweep", "model"], "is not KEY=V1,V2"),
     (["run_dir=/somewhere", "--job-dir", "/elsewhere"], "run_dir= and --job-dir both name the job folder"),
+    (["--sweep", "model=convit_tiny,deit_tiny,convit_tiny"], "two points of --sweep share the run folder "
+                                                              "model=convit_tiny"),
+    (["--sweep", "data=a/b,a_b"], "two points of --sweep share the run folder data=a_b"),
 ])
 def test_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, option, message, tiny):
     a_file = tmp_path / "a_file"
