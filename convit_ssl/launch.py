@@ -86,6 +86,7 @@ EVALUATIONS = ("linear-probe", "knn", "finetune")
 TRAINING_EVALUATIONS = ("finetune",)  # VISSL training runs: one task per node, its engine spawns one process per GPU
 PORT_RANGE = (15000, 30000)  # below Linux's ephemeral range (32768+), where client sockets live
 RENDEZVOUS_TIMEOUT_S = 600
+FINAL_CHECKPOINT = "<final checkpoint>"  # what a --then evaluation is given as --checkpoint when it is checked
 
 
 class LaunchError(UsageError):
@@ -320,7 +321,10 @@ def parse_then(specs: Sequence[str]) -> List[Tuple[str, List[str]]]:
         if name not in EVALUATIONS:
             raise LaunchError(f"--then {spec!r}: choose {' or '.join(EVALUATIONS)}, "
                               f"e.g. --then 'linear-probe=--recipe digits'")
-        check_evaluation_args(name, ["--checkpoint", "CHECKPOINT", *shlex.split(rest)], f"--then {name}")
+        given = check_evaluation_args(name, ["--checkpoint", FINAL_CHECKPOINT, *shlex.split(rest)], f"--then {name}")
+        if given.checkpoint != FINAL_CHECKPOINT:  # the job would evaluate it, not the pretraining
+            raise LaunchError(f"--then {name}: --checkpoint is the pretraining's final checkpoint, added by the "
+                              f"launcher: drop --checkpoint {given.checkpoint}")
         evaluations.append((name, shlex.split(rest)))
     return evaluations
 

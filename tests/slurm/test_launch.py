@@ -231,6 +231,8 @@ def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
     (["--sweep", "model=convit_tiny,deit_tiny,convit_tiny"], "two points of --sweep share the run folder "
                                                               "model=convit_tiny"),
     (["--sweep", "data=a/b,a_b"], "two points of --sweep share the run folder data=a_b"),
+    (["--then", "knn=--checkpoint other.torch"], "--then knn: --checkpoint is the pretraining's final checkpoint"),
+    (["--then", "finetune=--checkpoint random --recipe digits"], "--then finetune: --checkpoint is the pretraining"),
 ])
 def test_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, option, message, tiny):
     a_file = tmp_path / "a_file"
