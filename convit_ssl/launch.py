@@ -310,6 +310,18 @@ def check_evaluation_args(name: str, argv: Sequence[str], where: str) -> argpars
         raise LaunchError(f"{where}: {error}") from None
     if unknown:
         raise LaunchError(f"{where}: unknown arguments {' '.join(unknown)}; see convit-ssl {name} --help")
+    try:  # what the command checks before any work, so that the job does not fail on the nodes for it
+        if name in TRAINING_EVALUATIONS:
+            from convit_ssl.evaluation.finetune import recipe_config
+
+            recipe_config(args.recipe)
+        else:
+            from convit_ssl.evaluation.arguments import check_arguments, recipe_from_args
+
+            check_arguments(args)
+            recipe_from_args(args)
+    except UsageError as error:
+        raise LaunchError(f"{where}: {error}") from None
     return args
 
 

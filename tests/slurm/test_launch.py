@@ -233,6 +233,9 @@ def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
     (["--sweep", "data=a/b,a_b"], "two points of --sweep share the run folder data=a_b"),
     (["--then", "knn=--checkpoint other.torch"], "--then knn: --checkpoint is the pretraining's final checkpoint"),
     (["--then", "finetune=--checkpoint random --recipe digits"], "--then finetune: --checkpoint is the pretraining"),
+    (["--then", "knn=--recipe nope"], "--then knn: unknown recipe 'nope'"),
+    (["--then", "knn=--ks 0"], "--then knn: --ks"),
+    (["--then", "finetune=--recipe nope"], "--then finetune: unknown fine-tuning recipe 'nope'"),
 ])
 def test_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, option, message, tiny):
     a_file = tmp_path / "a_file"
@@ -307,6 +310,8 @@ def test_chained_evaluations_run_at_the_pretraining_size_or_the_one_given(job_en
     (["config=dino", "knn", *EVAL_TINY], "unrecognized arguments: config=dino (see launchers/slurm.py --help)"),
     (["--nodes", "0", "knn", *EVAL_TINY], "--nodes and --gpus-per-node must be at least 1"),
     (["--nodes", "2", "knn", *EVAL_TINY], "use --nodes 1, or --cpu"),
+    (["knn", *EVAL_TINY, "--recipe", "nope"], "knn: unknown recipe 'nope'"),
+    (["finetune", "--checkpoint", "random", "--recipe", "nope"], "finetune: unknown fine-tuning recipe 'nope'"),
 ])
 def test_evaluation_job_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, argv, message):
     argv = ["--local", *[a.format(missing=tmp_path / "missing.torch") for a in argv]]
