@@ -222,6 +222,15 @@ def parse_minutes(text: str) -> int:
     return -(-seconds // 60)
 
 
+def check_time(args: argparse.Namespace) -> None:
+    """``--time`` is a SLURM time, and ``--signal-delay-s`` leaves the job some of it before SLURM's signal."""
+    seconds = parse_minutes(args.time) * 60
+    if args.signal_delay_s >= seconds:  # signalled at the start: checkpointed and requeued until --max-requeues
+        raise LaunchError(f"--signal-delay-s {args.signal_delay_s} is not below --time {args.time} ({seconds} s): "
+                          f"the job would be told to checkpoint and requeue as it starts; raise --time or lower "
+                          f"--signal-delay-s")
+
+
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -451,7 +460,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise LaunchError("--nodes, --eval-nodes and --gpus-per-node must be at least 1")
     if args.local and max(args.nodes, args.eval_nodes or 1) > 1 and not args.cpu:
         raise LaunchError("--local runs every node on this machine's GPUs: use --nodes 1, or --cpu")
-    parse_minutes(args.time)
+    check_time(args)
     if not any(o.startswith("config=") for o in args.overrides):
         raise LaunchError("no config=NAME among the overrides: e.g. config=dino model=convit_tiny data=digits")
     run_dirs = [o.split("=", 1)[1] for o in args.overrides if _key(o) == "run_dir"]
@@ -861,7 +870,7 @@ def evaluation_main(parser: argparse.ArgumentParser, args: argparse.Namespace, c
             raise LaunchError("--nodes and --gpus-per-node must be at least 1")
         if args.local and args.nodes > 1 and not args.cpu:
             raise LaunchError("--local runs every node on this machine's GPUs: use --nodes 1, or --cpu")
-        parse_minutes(args.time)
+        check_time(args)
         evaluation = check_evaluation_args(command, eval_argv, command)
         if evaluation.checkpoint and evaluation.checkpoint != "random":
             checkpoint_file(Path(evaluation.checkpoint))

@@ -236,6 +236,7 @@ def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
     (["--then", "knn=--recipe nope"], "--then knn: unknown recipe 'nope'"),
     (["--then", "knn=--ks 0"], "--then knn: --ks"),
     (["--then", "finetune=--recipe nope"], "--then finetune: unknown fine-tuning recipe 'nope'"),
+    (["--time", "2"], "--signal-delay-s 120 is not below --time 2 (120 s)"),
 ])
 def test_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, option, message, tiny):
     a_file = tmp_path / "a_file"
@@ -312,6 +313,7 @@ def test_chained_evaluations_run_at_the_pretraining_size_or_the_one_given(job_en
     (["--nodes", "2", "knn", *EVAL_TINY], "use --nodes 1, or --cpu"),
     (["knn", *EVAL_TINY, "--recipe", "nope"], "knn: unknown recipe 'nope'"),
     (["finetune", "--checkpoint", "random", "--recipe", "nope"], "finetune: unknown fine-tuning recipe 'nope'"),
+    (["--time", "1", "--signal-delay-s", "60", "knn", *EVAL_TINY], "--signal-delay-s 60 is not below --time 1 (60 s)"),
 ])
 def test_evaluation_job_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, argv, message):
     argv = ["--local", *[a.format(missing=tmp_path / "missing.torch") for a in argv]]
