@@ -422,6 +422,16 @@ def dry_run_cluster_check(args: argparse.Namespace) -> Tuple[Optional[str], str]
     return partition, f"# cluster checks passed: partition {partition!r} has the {args.nodes} node(s) asked for"
 
 
+def check_job_dir_ids(job_dir: str, array: bool) -> None:
+    """The job folder's id tags name one folder for every node of a job: no ``%t`` (the task), ``%a`` (the index
+    in a job array) only for one (``array``). submitit would otherwise fail on them with a traceback, on the nodes
+    or after submitting."""
+    if "%t" in job_dir:
+        raise LaunchError(f"job folder {job_dir}: %t gives every node (task) a folder of its own: use %j (the job id)")
+    if "%a" in job_dir and not array:
+        raise LaunchError(f"job folder {job_dir}: %a names no folder outside a job array: use %j (the job id)")
+
+
 def check_job_dir(job_dir: str, create: bool) -> None:
     """The id-independent part of the job folder can be written: checked, or created and written (``create``)."""
     from submitit.core.utils import JobPaths
@@ -484,6 +494,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     default_dir = Path(root) / f"{job_name}-{'%A' if args.sweep else '%j'}"
     job_dir = args.job_dir or (run_dirs[-1] if run_dirs else str(default_dir))
     job_dir = str(Path(job_dir).expanduser().absolute())
+    check_job_dir_ids(job_dir, array=len(points) > 1)
     check_job_dir(job_dir, create=False)
     compose_points(points, job_dir)
     return Plan(points, job_dir, job_name, evaluations, partition, cluster_check)
@@ -883,6 +894,7 @@ def evaluation_main(parser: argparse.ArgumentParser, args: argparse.Namespace, c
         job_name = args.job_name or f"{command}-{evaluation.recipe or evaluation.data or 'digits'}"
         root = os.environ.get(RUNS_ENV) or "runs"
         job_dir = str(Path(args.job_dir or Path(root) / f"{job_name}-%j").expanduser().absolute())
+        check_job_dir_ids(job_dir, array=False)
         check_job_dir(job_dir, create=False)
         line = f"# evaluation: convit-ssl {command} {shlex.join(eval_argv)} on {evaluation_size(args, args.nodes)}"
         if args.dry_run:

@@ -237,6 +237,8 @@ def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
     (["--then", "knn=--ks 0"], "--then knn: --ks"),
     (["--then", "finetune=--recipe nope"], "--then finetune: unknown fine-tuning recipe 'nope'"),
     (["--time", "2"], "--signal-delay-s 120 is not below --time 2 (120 s)"),
+    (["--job-dir", "{file}-runs/run-%a"], "names no folder outside a job array: use %j"),
+    (["--job-dir", "{file}-runs/%j/%t"], "gives every node (task) a folder of its own: use %j"),
 ])
 def test_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, option, message, tiny):
     a_file = tmp_path / "a_file"
@@ -314,6 +316,8 @@ def test_chained_evaluations_run_at_the_pretraining_size_or_the_one_given(job_en
     (["knn", *EVAL_TINY, "--recipe", "nope"], "knn: unknown recipe 'nope'"),
     (["finetune", "--checkpoint", "random", "--recipe", "nope"], "finetune: unknown fine-tuning recipe 'nope'"),
     (["--time", "1", "--signal-delay-s", "60", "knn", *EVAL_TINY], "--signal-delay-s 60 is not below --time 1 (60 s)"),
+    (["--job-dir", "{missing}-runs/%a", "knn", *EVAL_TINY], "names no folder outside a job array: use %j"),
+    (["--job-dir", "{missing}-runs/%j-%t", "knn", *EVAL_TINY], "gives every node (task) a folder of its own"),
 ])
 def test_evaluation_job_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, argv, message):
     argv = ["--local", *[a.format(missing=tmp_path / "missing.torch") for a in argv]]
