@@ -22,9 +22,9 @@ Folders: a run lives in ``--job-dir`` (default ``$CONVIT_SSL_RUNS/<job name>-<jo
 ``./runs/...`` when ``CONVIT_SSL_RUNS`` is unset), on a file system every node sees. It holds
 submitit's files (``<job id>_<node>_log.out`` and ``.err``, the pickled job and its result), VISSL's
 checkpoints (``CHECKPOINT.DIR``), TensorBoard (``tb_logs/``), and one folder per chained evaluation
-(``linear-probe/``, ``knn/``). A sweep is one job array in ``<job name>-<array id>/`` with one run
-folder per point, named after its values (``base_value=0.1,model=convit_small``). A ``--job-dir``
-without ``%j`` that already holds a run continues it.
+(``linear-probe/``, ``knn/``; ``finetune-2/`` for a second ``--then finetune``). A sweep is one job array in
+``<job name>-<array id>/`` with one run folder per point, named after its values
+(``base_value=0.1,model=convit_small``). A ``--job-dir`` without ``%j`` that already holds a run continues it.
 
 Preemption and time limits
 --------------------------
@@ -799,11 +799,14 @@ def submit(args: argparse.Namespace, plan: Plan) -> List[Submitted]:
             pretraining = [executor.submit(job) for job in jobs]
     submitted = [Submitted("pretrain", job, job.paths.folder / point.subdir)
                  for job, point in zip(pretraining, plan.points)]
+    names = [name for name, _ in plan.evaluations]  # the second --then finetune goes to finetune-2/, ...
+    subdirs = [name if i == names.index(name) else f"{name}-{names[:i].count(name) + 1}" for i, name in
+               enumerate(names)]
     for pretrain in list(submitted):
-        for name, eval_args in plan.evaluations:
+        for (name, eval_args), subdir in zip(plan.evaluations, subdirs):
             if args.local and pretrain.job.exception() is not None:  # no scheduler to hold it: wait here
                 continue
-            folder = pretrain.run_dir / name
+            folder = pretrain.run_dir / subdir
             nodes = args.eval_nodes or args.nodes
             eval_executor = evaluation_executor(args, str(folder), nodes, f"{name}-{plan.job_name}", plan.partition,
                                                 dependency=f"afterok:{pretrain.job.job_id}", command=name)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -382,3 +383,25 @@ def test_a_requeued_evaluation_is_the_same_evaluation_at_its_next_attempt():
     again = job.checkpoint()
     assert isinstance(again.function, launch.EvaluationJob) and vars(again.function) == {**vars(job), "attempt": 1}
     assert vars(again.function.checkpoint().function)["attempt"] == 2
+
+
+def test_each_chained_evaluation_has_a_folder_of_its_own(job_env, monkeypatch):
+    """Two --then finetune (two label fractions) must not train into one run folder: the second gets finetune-2/."""
+    job_ids = iter(range(1, 100))
+
+    class Executor:
+        def __init__(self, folder):
+            self.folder = Path(folder)
+
+        def submit(self, job):
+            return SimpleNamespace(job_id=str(next(job_ids)), paths=SimpleNamespace(folder=self.folder))
+
+    monkeypatch.setattr(launch, "make_executor", lambda args, folder, **options: Executor(folder))
+    args = launch.build_parser().parse_args(["--cpu", "config=dino"])
+    evaluations = launch.parse_then(["finetune=--recipe digits --labels 10%", "finetune=--recipe digits --labels 1%",
+                                     "knn=--recipe digits"])
+    plan = launch.Plan([launch.Point(["config=dino"])], str(job_env / "run-%j"), "x", evaluations)
+    submitted = launch.submit(args, plan)
+    run = job_env / "run-%j"
+    assert [(item.kind, item.run_dir) for item in submitted[1:]] == [
+        ("finetune", run / "finetune"), ("finetune", run / "finetune-2"), ("knn", run / "knn")]
