@@ -482,6 +482,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise LaunchError(f"--slurm {option!r} is not KEY=VALUE: e.g. --slurm mail-type=END")
     evaluations = parse_then(args.then)
     points = sweep_points(overrides + launcher_overrides(args), args.sweep)
+    chained_runs = [word.split("=", 1)[1] for name, words in evaluations if name in TRAINING_EVALUATIONS
+                    for word in words if _key(word) == "run_dir"]
+    if chained_runs and (len(points) > 1 or len(set(chained_runs)) < len(chained_runs)):
+        raise LaunchError(f"--then finetune: run_dir={chained_runs[0]} would be the run folder of more than one "
+                          f"fine-tuning (one per --sweep point and --then): drop run_dir=, each then trains in "
+                          f"<run folder>/finetune/run")
     submits = not (args.local or args.dry_run or args.print_config)
     partition, cluster_check = args.partition, ""
     if submits:

@@ -240,6 +240,10 @@ def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
     (["--time", "2"], "--signal-delay-s 120 is not below --time 2 (120 s)"),
     (["--job-dir", "{file}-runs/run-%a"], "names no folder outside a job array: use %j"),
     (["--job-dir", "{file}-runs/%j/%t"], "gives every node (task) a folder of its own: use %j"),
+    (["--sweep", "model=convit_tiny,deit_tiny", "--then", "finetune=--recipe digits run_dir={file}-ft"],
+     "--then finetune: run_dir="),
+    (["--then", "finetune=--recipe digits run_dir={file}-ft", "--then", "finetune=--recipe digits run_dir={file}-ft"],
+     "would be the run folder of more than one fine-tuning"),
 ])
 def test_errors_are_one_line_before_anything_starts(job_env, capsys, tmp_path, option, message, tiny):
     a_file = tmp_path / "a_file"
