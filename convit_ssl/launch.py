@@ -265,6 +265,10 @@ def sweep_points(overrides: Sequence[str], sweeps: Sequence[str]) -> List[Point]
         if not sep or not key or not values:
             raise LaunchError(f"--sweep {sweep!r} is not KEY=V1,V2: e.g. --sweep model=convit_tiny,convit_small")
         axes.append([(key, value) for value in _split_values(values)])
+    keys = [_key(axis[0][0]) for axis in axes]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:  # each point would hold both values, the last one winning whatever its folder says
+        raise LaunchError(f"--sweep {twice} is given twice: list all its values in one --sweep {twice}=V1,V2")
     short = [key.rsplit(".", 1)[-1] for key, _ in (axis[0] for axis in axes)]
     names = short if len(set(short)) == len(short) else [axis[0][0] for axis in axes]
     points = []
@@ -481,6 +485,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if "=" not in option:
             raise LaunchError(f"--slurm {option!r} is not KEY=VALUE: e.g. --slurm mail-type=END")
     evaluations = parse_then(args.then)
+    owned = [_key(sweep) for sweep in args.sweep if _key(sweep) in {_key(o) for o in launcher_overrides(args)}]
+    if owned:  # a point would not match the allocation every point of the array shares
+        raise LaunchError(f"--sweep {owned[0]}: the launcher sets it from --nodes, --gpus-per-node and --cpu, the "
+                          f"same for every point; launch each value as a job of its own")
     points = sweep_points(overrides + launcher_overrides(args), args.sweep)
     chained_runs = [word.split("=", 1)[1] for name, words in evaluations if name in TRAINING_EVALUATIONS
                     for word in words if _key(word) == "run_dir"]

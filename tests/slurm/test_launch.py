@@ -232,6 +232,8 @@ def test_sweep_dry_run_is_one_array(job_env, capsys, tiny):
     (["--sweep", "model=convit_tiny,deit_tiny,convit_tiny"], "two points of --sweep share the run folder "
                                                               "model=convit_tiny"),
     (["--sweep", "data=a/b,a_b"], "two points of --sweep share the run folder data=a_b"),
+    (["--sweep", "model=convit_tiny,deit_tiny", "--sweep", "model=convit_small"], "--sweep model is given twice"),
+    (["--sweep", "config.DISTRIBUTED.NUM_NODES=1,2"], "--sweep config.DISTRIBUTED.NUM_NODES: the launcher sets it"),
     (["--then", "knn=--checkpoint other.torch"], "--then knn: --checkpoint is the pretraining's final checkpoint"),
     (["--then", "finetune=--checkpoint random --recipe digits"], "--then finetune: --checkpoint is the pretraining"),
     (["--then", "knn=--recipe nope"], "--then knn: unknown recipe 'nope'"),
