@@ -405,10 +405,12 @@ def check_partition(args: argparse.Namespace, counts: Dict[str, int], default: O
     partition = args.partition or default
     if partition is None:
         raise LaunchError(f"this cluster has no default partition: pass --partition ({', '.join(sorted(counts))})")
-    if partition not in counts:
-        raise LaunchError(f"unknown partition {partition!r}: this cluster has {', '.join(sorted(counts))}")
-    if args.nodes > counts[partition]:
-        raise LaunchError(f"--nodes {args.nodes} but partition {partition!r} has {counts[partition]} nodes")
+    unknown = [name for name in partition.split(",") if name not in counts]  # sbatch takes a list: small,big
+    if unknown:
+        raise LaunchError(f"unknown partition {unknown[0]!r}: this cluster has {', '.join(sorted(counts))}")
+    most = max(counts[name] for name in partition.split(","))
+    if args.nodes > most:
+        raise LaunchError(f"--nodes {args.nodes} but partition {partition!r} has {most} nodes")
     return partition
 
 

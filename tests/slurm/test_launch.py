@@ -169,6 +169,20 @@ def test_cluster_errors_before_submitting(slurm, capsys, option, message, dry_ru
 
 
 # ------------------------------------------------------------------------------------------ no SLURM needed
+def test_a_partition_list_is_checked_partition_by_partition():
+    """sbatch takes --partition small,big (the job starts in the first that can run it): each must exist, and one
+    must have the nodes."""
+    def check(partition, nodes):
+        args = launch.build_parser().parse_args(["--nodes", str(nodes), "--partition", partition, "config=dino"])
+        return launch.check_partition(args, {"small": 2, "big": 4}, "small")
+
+    assert check("small,big", 3) == "small,big"
+    with pytest.raises(launch.LaunchError, match="unknown partition 'nope': this cluster has big, small"):
+        check("small,nope", 1)
+    with pytest.raises(launch.LaunchError, match="--nodes 5 but partition 'small,big' has 4 nodes"):
+        check("small,big", 5)
+
+
 @pytest.mark.slow
 def test_local_two_node_pretraining_then_knn(job_env, tiny):
     done = run_launcher("--local", "--nodes", "2", *CPU, "--then", "knn=--recipe digits --ks 5 --no-cache --quiet",
