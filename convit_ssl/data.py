@@ -239,11 +239,12 @@ def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, D
 
     Returns (train folder, val folder, image counts). Raises ``ValueError`` naming the first problem: a missing
     split, no class folders, a link loop, a class folder without images, train and val with different classes
-    (labels would not match), or images that PIL cannot read (how many, the first few).
+    (labels would not match), val images that are train images (through links), or images that PIL cannot read
+    (how many, the first few).
     """
     counts = {}
     classes = {}
-    images = []
+    images = {}
     for split in SPLITS:
         split_dir = path / split
         if not split_dir.is_dir():
@@ -258,13 +259,18 @@ def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, D
             raise UsageError(f"{split_dir}: class folder(s) without images: {', '.join(empty[:5])}; image extensions: "
                              f"{' '.join(IMAGE_EXTENSIONS)}")
         counts[split] = len(samples)
-        images += [image for image, _ in samples]
+        images[split] = [image for image, _ in samples]
     if classes["train"] != classes["val"]:
         only = sorted(set(classes["train"]) ^ set(classes["val"]))
         raise UsageError(f"{path}: train/ and val/ have different class folders ({', '.join(only[:5])}"
                          f"{', ...' if len(only) > 5 else ''}): labels would not match; give both splits the same "
                          f"classes")
-    bad = [os.path.relpath(image, path) for image in unreadable_images(images, progress)]
+    in_train = {os.path.realpath(image) for image in images["train"]}
+    shared = [os.path.relpath(image, path) for image in images["val"] if os.path.realpath(image) in in_train]
+    if shared:  # a link into train/: every evaluation would score training images
+        raise UsageError(f"{path}: train/ and val/ share {len(shared)} image(s) ({', '.join(shared[:3])}"
+                         f"{', ...' if len(shared) > 3 else ''}, through links): give val/ images of its own")
+    bad = [os.path.relpath(image, path) for image in unreadable_images(images["train"] + images["val"], progress)]
     if bad:
         raise UsageError(f"{path}: {len(bad)} image(s) that PIL cannot read: {', '.join(bad[:5])}"
                          f"{', ...' if len(bad) > 5 else ''}; delete or replace them and run convit-ssl prepare-data "

@@ -57,6 +57,22 @@ def test_a_removed_class_folder_stops_evaluation(empty_data, tmp_path, make_trun
         image_folder("abc", "val")
 
 
+def test_a_val_split_with_training_images_is_refused(empty_data, tmp_path, capsys, make_image_dataset):
+    """val/ (or one of its class folders) linked to train/'s: every evaluation would score training images."""
+    import shutil
+
+    folder = make_image_dataset(tmp_path / "abc")
+    shutil.rmtree(folder / "val" / "b")
+    os.symlink(folder / "train" / "b", folder / "val" / "b")
+    code, error = prepare("abc", folder, capsys)
+    assert code == 2 and re.search(r"train/ and val/ share 3 image\(s\) \(val/b/0.png, ", one_line(error)), error
+    shutil.rmtree(folder / "val")
+    os.symlink(folder / "train", folder / "val")
+    code, error = prepare("abc", folder, capsys)
+    assert code == 2 and "train/ and val/ share 9 image(s)" in one_line(error)
+    assert "abc" not in data.read_catalog()
+
+
 def test_symbolic_link_loops_are_not_followed(empty_data, tmp_path, capsys, make_image_dataset):
     folder = make_image_dataset(tmp_path / "abc")
     os.symlink("..", folder / "train" / "a" / "again")  # train/a/again -> train: a loop
