@@ -137,7 +137,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     plan.add_argument("--then", action="append", default=[], metavar="EVAL=ARGS",
                       help="evaluation to run when pretraining succeeds, repeatable: linear-probe=ARGS, knn=ARGS or "
                            "finetune=ARGS, "
-                           "ARGS as for 'convit-ssl linear-probe' (--checkpoint, --out and --name are added); it "
+                           "ARGS as for 'convit-ssl linear-probe' (--checkpoint and --out are added); it "
                            "runs on as many nodes and GPUs as the pretraining (see --eval-nodes)")
     plan.add_argument("--eval-nodes", type=int, default=None, metavar="N",
                       help="nodes of each --then evaluation, each with --gpus-per-node processes (default: --nodes)")

@@ -425,3 +425,26 @@ def test_each_chained_evaluation_has_a_folder_of_its_own(job_env, monkeypatch):
     run = job_env / "run-%j"
     assert [(item.kind, item.run_dir) for item in submitted[1:]] == [
         ("finetune", run / "finetune"), ("finetune", run / "finetune-2"), ("knn", run / "knn")]
+
+
+def evaluation_argv(monkeypatch, folder, job):
+    """The ``convit-ssl`` arguments that ``job`` (an ``EvaluationJob``) runs with, as one process in ``folder``."""
+    import submitit
+
+    from convit_ssl import cli
+
+    calls = []
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: SimpleNamespace(
+        paths=SimpleNamespace(folder=folder), num_tasks=1, global_rank=0, cluster="local"))
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(launch, "final_checkpoint", lambda run_dir: run_dir / "final.torch")
+    job()
+    return calls[0]
+
+
+def test_then_help_names_only_what_the_launcher_adds(monkeypatch, tmp_path):
+    then = next(action for action in launch.build_parser()._actions if "--then" in action.option_strings)
+    added = re.search(r"\(([^()]*) (?:is|are) added\)", then.help).group(1)
+    job = launch.EvaluationJob("knn", ["--recipe", "digits"], cpu=False, run_dir=str(tmp_path / "run"))
+    argv = evaluation_argv(monkeypatch, tmp_path, job)
+    assert [flag for flag in re.findall(r"--[\w-]+", added) if flag not in argv] == [], (added, argv)
