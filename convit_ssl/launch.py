@@ -225,10 +225,20 @@ def parse_minutes(text: str) -> int:
 def check_time(args: argparse.Namespace) -> None:
     """``--time`` is a SLURM time, and ``--signal-delay-s`` leaves the job some of it before SLURM's signal."""
     seconds = parse_minutes(args.time) * 60
+    if args.signal_delay_s < 0:  # submitit would ask for --signal=USR2@-5, no signal before the limit
+        raise LaunchError(f"--signal-delay-s {args.signal_delay_s} is negative: give the seconds before the time "
+                          f"limit at which the job checkpoints, e.g. --signal-delay-s 120")
     if args.signal_delay_s >= seconds:  # signalled at the start: checkpointed and requeued until --max-requeues
         raise LaunchError(f"--signal-delay-s {args.signal_delay_s} is not below --time {args.time} ({seconds} s): "
                           f"the job would be told to checkpoint and requeue as it starts; raise --time or lower "
                           f"--signal-delay-s")
+
+
+def check_memory(args: argparse.Namespace) -> None:
+    """``--mem-gb`` is at least the 1 MB that sbatch's ``--mem`` counts in: ``--mem=0`` is all of a node's memory."""
+    if args.mem_gb is not None and not 1 <= args.mem_gb * 1024 < float("inf"):
+        raise LaunchError(f"--mem-gb {args.mem_gb:g} is under 1 MB or not a size (sbatch reads --mem=0 as all of "
+                          f"the node's memory): give GB per node, e.g. --mem-gb 64, or leave it to the cluster")
 
 
 def _key(override: str) -> str:
@@ -477,6 +487,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.local and max(args.nodes, args.eval_nodes or 1) > 1 and not args.cpu:
         raise LaunchError("--local runs every node on this machine's GPUs: use --nodes 1, or --cpu")
     check_time(args)
+    check_memory(args)
     if not any(o.startswith("config=") for o in args.overrides):
         raise LaunchError("no config=NAME among the overrides: e.g. config=dino model=convit_tiny data=digits")
     run_dirs = [o.split("=", 1)[1] for o in args.overrides if _key(o) == "run_dir"]
@@ -901,6 +912,7 @@ def evaluation_main(parser: argparse.ArgumentParser, args: argparse.Namespace, c
         if args.local and args.nodes > 1 and not args.cpu:
             raise LaunchError("--local runs every node on this machine's GPUs: use --nodes 1, or --cpu")
         check_time(args)
+        check_memory(args)
         evaluation = check_evaluation_args(command, eval_argv, command)
         if evaluation.checkpoint and evaluation.checkpoint != "random":
             checkpoint_file(Path(evaluation.checkpoint))

@@ -448,3 +448,17 @@ def test_then_help_names_only_what_the_launcher_adds(monkeypatch, tmp_path):
     job = launch.EvaluationJob("knn", ["--recipe", "digits"], cpu=False, run_dir=str(tmp_path / "run"))
     argv = evaluation_argv(monkeypatch, tmp_path, job)
     assert [flag for flag in re.findall(r"--[\w-]+", added) if flag not in argv] == [], (added, argv)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--mem-gb", "0.0001"], "--mem-gb 0.0001 is under 1 MB"),
+    (["--mem-gb", "0"], "--mem-gb 0 is under 1 MB"),
+    (["--signal-delay-s", "-5"], "--signal-delay-s -5 is negative"),
+])
+def test_memory_and_signal_delay_are_checked_in_one_line(job_env, capsys, checkpoint, option, message, tiny):
+    """sbatch reads --mem=0MB as all of the node's memory, and a negative delay is no signal before the limit."""
+    for launched in (tiny, ["knn", "--checkpoint", str(checkpoint)]):
+        assert launch.main(["--dry-run", *CPU, *option, *launched]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not job_env.exists()
