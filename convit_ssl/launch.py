@@ -922,7 +922,9 @@ def evaluation_main(parser: argparse.ArgumentParser, args: argparse.Namespace, c
             partition = check_cluster(args)
         elif args.dry_run and not args.local:
             partition, cluster_check = dry_run_cluster_check(args)
-        job_name = args.job_name or f"{command}-{evaluation.recipe or evaluation.data or 'digits'}"
+        recipe = Path(evaluation.recipe or evaluation.data or "digits")  # a recipe's name, or its file: the stem
+        plain = re.sub(r"[^\w.+-]", "_", recipe.stem if recipe.suffix in (".yaml", ".yml") else recipe.name)
+        job_name = args.job_name or f"{command}-{plain}"
         root = os.environ.get(RUNS_ENV) or "runs"
         job_dir = str(Path(args.job_dir or Path(root) / f"{job_name}-%j").expanduser().absolute())
         check_job_dir_ids(job_dir, array=False)

@@ -462,3 +462,15 @@ def test_memory_and_signal_delay_are_checked_in_one_line(job_env, capsys, checkp
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not job_env.exists()
+
+
+def test_an_evaluation_named_after_a_recipe_file_gets_a_plain_job_name(job_env, capsys, checkpoint, tmp_path):
+    recipe = tmp_path / "configs" / "x" / "my.yaml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text("defaults: [digits]\n")
+    assert launch.main(["--dry-run", *CPU, "linear-probe", "--checkpoint", str(checkpoint), "--recipe",
+                        str(recipe)]) == 0
+    out = capsys.readouterr().out
+    script = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("#SBATCH --") and "=" in line)
+    assert script["#SBATCH --job-name"] == "linear-probe-my"
+    assert script["#SBATCH --output"] == f"{job_env / 'linear-probe-my-%j'}/%j_0_log.out"
