@@ -325,14 +325,16 @@ def check_evaluation_args(name: str, argv: Sequence[str], where: str) -> argpars
         def error(self, message: str):
             raise LaunchError(f"{where}: {message}")
 
-    parser = Parser(prog=f"convit-ssl {name}", exit_on_error=False)
+    # no abbreviations: the jobs add --out and --device unless ARGS spell them, and would override a --ou or --dev
+    parser = Parser(prog=f"convit-ssl {name}", exit_on_error=False, allow_abbrev=False)
     importlib.import_module(f"convit_ssl.commands.{modules[name]}").add_arguments(parser)
     try:
         args, unknown = parser.parse_known_args(list(argv))
     except argparse.ArgumentError as error:
         raise LaunchError(f"{where}: {error}") from None
     if unknown:
-        raise LaunchError(f"{where}: unknown arguments {' '.join(unknown)}; see convit-ssl {name} --help")
+        raise LaunchError(f"{where}: unknown arguments {' '.join(unknown)}; see convit-ssl {name} --help "
+                          f"(spell options out in full)")
     try:  # what the command checks before any work, so that the job does not fail on the nodes for it
         if name in TRAINING_EVALUATIONS:
             from convit_ssl.evaluation.finetune import recipe_config

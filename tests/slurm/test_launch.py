@@ -474,3 +474,13 @@ def test_an_evaluation_named_after_a_recipe_file_gets_a_plain_job_name(job_env, 
     script = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("#SBATCH --") and "=" in line)
     assert script["#SBATCH --job-name"] == "linear-probe-my"
     assert script["#SBATCH --output"] == f"{job_env / 'linear-probe-my-%j'}/%j_0_log.out"
+
+
+@pytest.mark.parametrize("words", [["knn", "--ou", "{mine}"], ["knn", "--dev", "cuda"], ["--then", "knn=--ou {mine}"]])
+def test_an_abbreviated_option_is_not_replaced_by_the_launchers(job_env, capsys, checkpoint, tmp_path, words, tiny):
+    """The job adds --out (and --device with --cpu) unless ARGS give it: an abbreviation of it is refused, not lost."""
+    words = [word.format(mine=tmp_path / "mine") for word in words]
+    launched = [*words, "--checkpoint", str(checkpoint)] if words[0] == "knn" else [*words, *tiny]
+    assert launch.main(["--dry-run", *CPU, *launched]) == 2
+    err = capsys.readouterr().err
+    assert "unknown arguments --" in err and "spell options out in full" in err and err.count("\n") == 1, err
