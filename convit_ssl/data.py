@@ -38,7 +38,7 @@ from convit_ssl.datasets.cifar import cifar_variant, prepare_cifar
 from convit_ssl.datasets.digits import DIGITS_SPLITS, write_digits
 from convit_ssl.datasets.folders import check_written
 from convit_ssl.errors import UsageError
-from convit_ssl.images import IMAGE_EXTENSIONS, CheckedImageFolder, list_images, unreadable_images
+from convit_ssl.images import IMAGE_EXTENSIONS, UNSCALED_PIXELS, CheckedImageFolder, list_images, unreadable_images
 from convit_ssl.shipped_configs import data_config_names
 
 DATA_ENV = "CONVIT_SSL_DATA"
@@ -240,7 +240,7 @@ def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, D
     Returns (train folder, val folder, image counts). Raises ``ValueError`` naming the first problem: a missing
     split, no class folders, a link loop, a class folder without images, train and val with different classes
     (labels would not match), val images that are train images (through links), or images that PIL cannot read
-    (how many, the first few).
+    or that have 32-bit or float pixels (how many, the first few).
     """
     counts = {}
     classes = {}
@@ -270,11 +270,16 @@ def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, D
     if shared:  # a link into train/: every evaluation would score training images
         raise UsageError(f"{path}: train/ and val/ share {len(shared)} image(s) ({', '.join(shared[:3])}"
                          f"{', ...' if len(shared) > 3 else ''}, through links): give val/ images of its own")
-    bad = [os.path.relpath(image, path) for image in unreadable_images(images["train"] + images["val"], progress)]
+    bad, unscaled = ([os.path.relpath(image, path) for image in found]
+                     for found in unreadable_images(images["train"] + images["val"], progress))
     if bad:
         raise UsageError(f"{path}: {len(bad)} image(s) that PIL cannot read: {', '.join(bad[:5])}"
                          f"{', ...' if len(bad) > 5 else ''}; delete or replace them and run convit-ssl prepare-data "
                          f"again")
+    if unscaled:  # PIL's RGB conversion would clip them: mostly white
+        raise UsageError(f"{path}: {len(unscaled)} image(s) with {UNSCALED_PIXELS}: {', '.join(unscaled[:5])}"
+                         f"{', ...' if len(unscaled) > 5 else ''}, which RGB conversion clips; save them with 8 bits "
+                         f"per channel and run convit-ssl prepare-data again")
     counts["classes"] = len(classes["train"])
     return path / "train", path / "val", counts
 

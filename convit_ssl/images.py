@@ -3,19 +3,28 @@
 ``list_images`` lists a split folder as torchvision's ``ImageFolder`` does, reading every real folder once;
 ``read_image`` opens a file as RGB or raises ``UnreadableImage`` naming it; ``CheckedImageFolder`` is an
 ``ImageFolder`` made of both (the evaluations read with it, and VISSL's ``disk_folder`` datasets through
-``convit_ssl.vissl_glue``); ``unreadable_images`` finds the files PIL cannot verify (``prepare-data``).
+``convit_ssl.vissl_glue``); ``unreadable_images`` finds the files that PIL cannot verify and those ``read_image``
+refuses (``prepare-data``).
+
+PIL's RGB conversion clips the pixels of 16-bit grey images (mode I;16: a 16-bit grey PNG turns white) where it
+scales 16-bit colour ones to 8 bits: ``read_image`` scales I;16 by 1/256 too. 32-bit integer (I) and float (F)
+pixels have no known full scale, so they are refused (``UNSCALED_MODES``).
 """
 from __future__ import annotations
 
 import os
 from typing import List, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from convit_ssl.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit grey: read scaled to 8 bits
+UNSCALED_MODES = ("I", "F")  # 32-bit integer and float pixels: no full scale to map to 8 bits
+UNSCALED_PIXELS = "32-bit or float pixels"
 
 
 def list_images(split_dir: str | os.PathLike) -> Tuple[List[str], List[Tuple[str, int]]]:
@@ -58,15 +67,21 @@ DATASET_IMAGE_FIX = "delete or replace it, then run convit-ssl prepare-data agai
 
 
 def read_image(path: str | os.PathLike, fix: str = DATASET_IMAGE_FIX) -> Image.Image:
-    """The image at ``path`` as RGB; ``UnreadableImage`` naming the file and ``fix`` when it is missing or PIL cannot
-    read it."""
+    """The image at ``path`` as RGB (16-bit grey scaled to 8 bits); ``UnreadableImage`` naming the file and ``fix``
+    when it is missing, PIL cannot read it, or its pixels are 32-bit or float (``UNSCALED_MODES``)."""
     try:
         with open(path, "rb") as stream:
-            return Image.open(stream).convert("RGB")
+            image = Image.open(stream)
+            if image.mode in SIXTEEN_BIT_MODES:
+                return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8)).convert("RGB")
+            if image.mode not in UNSCALED_MODES:
+                return image.convert("RGB")
     except FileNotFoundError:
         raise UnreadableImage(f"image {path} does not exist; {fix}") from None
     except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         raise UnreadableImage(f"cannot read image {path} ({type(error).__name__}: {error}); {fix}") from None
+    raise UnreadableImage(f"image {path} has {UNSCALED_PIXELS} (PIL mode {image.mode}), which RGB conversion clips: "
+                          f"save it with 8 bits per channel; {fix}")
 
 
 class CheckedImageFolder(ImageFolder):
@@ -84,15 +99,18 @@ class CheckedImageFolder(ImageFolder):
         return self._listed
 
 
-def unreadable_images(paths: Sequence[str], progress: bool = False) -> List[str]:
-    """The files among ``paths`` that PIL cannot open and verify."""
+def unreadable_images(paths: Sequence[str], progress: bool = False) -> Tuple[List[str], List[str]]:
+    """(the files among ``paths`` that PIL cannot open and verify, those with 32-bit or float pixels, which
+    ``read_image`` refuses)."""
     from tqdm import tqdm
 
-    bad = []
+    bad, unscaled = [], []
     for path in tqdm(paths, desc="checking images", unit="img", disable=not progress):
         try:
             with Image.open(path) as image:
                 image.verify()
+                if image.mode in UNSCALED_MODES:
+                    unscaled.append(path)
         except Exception:  # what PIL raises for a file it cannot read
             bad.append(path)
-    return bad
+    return bad, unscaled

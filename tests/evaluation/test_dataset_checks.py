@@ -173,3 +173,31 @@ def test_convit_ssl_train_names_the_image_it_cannot_read(empty_data, tmp_path, m
     assert run.returncode == 2, run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith(f"convit-ssl train: error: cannot read image {broken} (UnidentifiedImageError"), last
+
+
+def test_16_bit_images_are_read_scaled_to_8_bits(empty_data, tmp_path, make_image_dataset):
+    """PIL's RGB conversion clips a 16-bit grey PNG (mode I;16) to white; 16-bit colour PNGs it scales by 1/256."""
+    from convit_ssl.images import read_image
+
+    folder = make_image_dataset(tmp_path / "abc")
+    deep = folder / "train" / "a" / "deep.png"
+    Image.fromarray(np.array([[0, 256, 32768, 65535]], dtype=np.uint16)).save(deep)
+    assert Image.open(deep).mode == "I;16"
+    assert read_image(deep).mode == "RGB" and np.asarray(read_image(deep))[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert prepare("abc", folder) == 0
+
+
+@pytest.mark.parametrize("name, pixels", [("wide.tif", np.int32), ("float.tif", np.float32)])
+def test_images_of_unknown_range_are_refused(empty_data, tmp_path, capsys, make_image_dataset, name, pixels):
+    """32-bit integer (mode I) and float (mode F) pixels have no known full scale: RGB conversion clips them."""
+    from convit_ssl.images import read_image
+
+    folder = make_image_dataset(tmp_path / "abc")
+    image = folder / "val" / "b" / name
+    Image.fromarray(np.array([[0, 1000, 60000]], dtype=pixels)).save(image)
+    code, error = prepare("abc", folder, capsys)
+    assert code == 2
+    assert f"1 image(s) with 32-bit or float pixels: val/b/{name}" in one_line(error) and "8 bits" in error
+    assert "abc" not in data.read_catalog()
+    with pytest.raises(UnreadableImage, match=f"image {image} has 32-bit or float pixels .* save it with 8 bits"):
+        read_image(image)
