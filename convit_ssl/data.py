@@ -234,10 +234,11 @@ def ensure_digits(root: Optional[Path] = None) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # ImageNet-layout folders
 # ---------------------------------------------------------------------------------------------------------------
-def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, Dict[str, int]]:
+def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, Dict[str, int], List[str]]:
     """Validate an ImageNet-layout folder (``train/`` and ``val/`` of class folders of images), in place.
 
-    Returns (train folder, val folder, image counts). Raises ``ValueError`` naming the first problem: a missing
+    Returns (train folder, val folder, image counts, the files left out: no image extension, or beside the class
+    folders; relative to ``path``). Raises ``ValueError`` naming the first problem: a missing
     split, no class folders, a link loop, a class folder without images, train and val with different classes
     (labels would not match), val images that are train images (through links), or images that PIL cannot read
     or that have 32-bit or float pixels (how many, the first few).
@@ -245,12 +246,13 @@ def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, D
     counts = {}
     classes = {}
     images = {}
+    left_out: List[str] = []
     for split in SPLITS:
         split_dir = path / split
         if not split_dir.is_dir():
             raise UsageError(f"{path} has no {split}/ folder: expected {path}/train/<class>/<image> and "
                              f"{path}/val/<class>/<image> (ImageNet layout) or a CIFAR python archive")
-        classes[split], samples = list_images(split_dir)
+        classes[split], samples = list_images(split_dir, left_out)
         if not classes[split]:
             raise UsageError(f"{split_dir} has no class folders: put the images of each class in a folder of its own")
         per_class = np.bincount([label for _, label in samples], minlength=len(classes[split]))
@@ -281,7 +283,7 @@ def check_image_folder(path: Path, progress: bool = True) -> Tuple[Path, Path, D
                          f"{', ...' if len(unscaled) > 5 else ''}, which RGB conversion clips; save them with 8 bits "
                          f"per channel and run convit-ssl prepare-data again")
     counts["classes"] = len(classes["train"])
-    return path / "train", path / "val", counts
+    return path / "train", path / "val", counts, [os.path.relpath(file, path) for file in left_out]
 
 
 def prepare_dataset(name: str, source: Path, out_dir: Optional[Path] = None, progress: bool = True,
@@ -291,7 +293,8 @@ def prepare_dataset(name: str, source: Path, out_dir: Optional[Path] = None, pro
     CIFAR is written as PNGs to ``out_dir`` (default ``<data root>/<name>``) and read with the data config of its
     variant (``cifar10``, ``cifar100``); an image folder is registered in place, read with data config ``like``
     (default: ``name`` when a data config has that name, else none). Returns a description: kind, train and val
-    folders, counts, data config. Every check comes before anything is written.
+    folders, counts, data config, the files of an image folder left out (not images of the dataset). Every check
+    comes before anything is written.
     """
     check_dataset_name(name)
     if name in _builtin_datasets():
@@ -318,9 +321,10 @@ def prepare_dataset(name: str, source: Path, out_dir: Optional[Path] = None, pro
     root = Path(root or data_root())
     if variant is not None:
         train_dir, val_dir, counts, kind = prepare_cifar(source, Path(out_dir or root / name), progress=progress)
+        left_out = []
     else:
-        train_dir, val_dir, counts = check_image_folder(source, progress=progress)
+        train_dir, val_dir, counts, left_out = check_image_folder(source, progress=progress)
         kind = "image folder"
     register_dataset(name, train_dir, val_dir, root, kind=kind, data_file=data_file)
     return {"name": name, "kind": kind, "train": str(train_dir), "val": str(val_dir), "counts": counts,
-            "data_file": data_file}
+            "data_file": data_file, "left_out": left_out}

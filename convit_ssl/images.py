@@ -13,7 +13,7 @@ pixels have no known full scale, so they are refused (``UNSCALED_MODES``).
 from __future__ import annotations
 
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -27,17 +27,21 @@ UNSCALED_MODES = ("I", "F")  # 32-bit integer and float pixels: no full scale to
 UNSCALED_PIXELS = "32-bit or float pixels"
 
 
-def list_images(split_dir: str | os.PathLike) -> Tuple[List[str], List[Tuple[str, int]]]:
+def list_images(split_dir: str | os.PathLike,
+                left_out: Optional[List[str]] = None) -> Tuple[List[str], List[Tuple[str, int]]]:
     """(class names, [(image path, label)]) of a split folder, in torchvision ``ImageFolder``'s order.
 
     Classes are the sub-folders (sorted; links followed), images the files with an image extension anywhere below
     them. Every real folder is read once: a link to a folder already read (a loop, or a second way into it) raises
-    ``ValueError`` naming the link, where ``ImageFolder`` would read the same images again and again.
+    ``ValueError`` naming the link, where ``ImageFolder`` would read the same images again and again. The paths of
+    the other files (no image extension, or beside the class folders) are appended to ``left_out`` when given.
     """
     split_dir = os.fspath(split_dir)
     stat = os.stat(split_dir)
     seen = {(stat.st_dev, stat.st_ino)}
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    entries = sorted(os.scandir(split_dir), key=lambda entry: entry.name)
+    classes = [entry.name for entry in entries if entry.is_dir()]
+    others = [entry.path for entry in entries if not entry.is_dir()]
     samples: List[Tuple[str, int]] = []
     for label, name in enumerate(classes):
         folders = []
@@ -47,8 +51,12 @@ def list_images(split_dir: str | os.PathLike) -> Tuple[List[str], List[Tuple[str
                 raise UsageError(f"{folder} leads back to a folder already read (a symbolic link loop, or a second "
                                  f"link to it): remove the link, or its images would be read more than once")
             seen.add((stat.st_dev, stat.st_ino))
-            folders.append((folder, sorted(file for file in files if file.lower().endswith(IMAGE_EXTENSIONS))))
+            taken = [file.lower().endswith(IMAGE_EXTENSIONS) for file in files]
+            folders.append((folder, sorted(file for file, image in zip(files, taken) if image)))
+            others += sorted(os.path.join(folder, file) for file, image in zip(files, taken) if not image)
         samples += [(os.path.join(folder, file), label) for folder, files in sorted(folders) for file in files]
+    if left_out is not None:
+        left_out += others
     return classes, samples
 
 

@@ -13,6 +13,7 @@ Nothing is downloaded: fetch the archive yourself.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from convit_ssl.errors import UsageError
@@ -34,6 +35,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from convit_ssl import data
+    from convit_ssl.images import IMAGE_EXTENSIONS
 
     data.check_dataset_name(args.name)
     if args.source is None:
@@ -48,4 +50,9 @@ def run(args) -> int:
     counts = description["counts"]
     print(f"registered {args.name} ({description['kind']}): train {description['train']} ({counts['train']} images), "
           f"val {description['val']} ({counts['val']} images); catalog {data.catalog_path()}")
+    left_out = description["left_out"]
+    if left_out:
+        print(f"convit-ssl prepare-data: warning: left out {len(left_out)} file(s) without an image extension or "
+              f"outside a class folder: {', '.join(left_out[:5])}{', ...' if len(left_out) > 5 else ''}; to train "
+              f"on them, convert them to {' '.join(IMAGE_EXTENSIONS)} (any case) in a class folder", file=sys.stderr)
     return 0

@@ -201,3 +201,18 @@ def test_images_of_unknown_range_are_refused(empty_data, tmp_path, capsys, make_
     assert "abc" not in data.read_catalog()
     with pytest.raises(UnreadableImage, match=f"image {image} has 32-bit or float pixels .* save it with 8 bits"):
         read_image(image)
+
+
+def test_prepare_data_says_which_files_it_left_out(empty_data, tmp_path, capsys, make_image_dataset):
+    """Files without an image extension, or beside the class folders, are not images of the dataset: say so."""
+    folder = make_image_dataset(tmp_path / "abc")
+    Image.new("RGB", (32, 32)).save(folder / "train" / "a" / "LOUD.JPG")  # an image extension in any case is taken
+    Image.new("RGB", (32, 32)).save(folder / "train" / "a" / "moving.gif")
+    (folder / "val" / "c" / "notes.txt").write_text("labels by hand")
+    Image.new("RGB", (32, 32)).save(folder / "train" / "stray.png")  # in no class folder
+    assert prepare("abc", folder) == 0
+    output = capsys.readouterr()
+    assert f"train {folder / 'train'} (10 images)" in output.out and len(output.err.splitlines()) == 1
+    assert output.err.startswith("convit-ssl prepare-data: warning: left out 3 file(s) without an image extension "
+                                 "or outside a class folder: train/stray.png, train/a/moving.gif, val/c/notes.txt;")
+    assert prepare("abc", make_image_dataset(tmp_path / "clean")) == 0 and capsys.readouterr().err == ""
