@@ -104,22 +104,27 @@ def new_folder(parent: str | os.PathLike, stem: str) -> Path:
 
 
 def read_result(path: str | os.PathLike) -> Optional[dict]:
-    """The result in ``path``, or None when it is not a convit_ssl result file."""
+    """The result in ``path``, or None when it is not a convit_ssl result file; ``UsageError`` naming it when it
+    cannot be read (a broken link, no permission): its rows would be missing from every table."""
     try:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    except OSError as error:
+        raise UsageError(f"cannot read {path} ({error.strerror}): make it readable or remove it, or pass only the "
+                         f"folders and files to gather") from None
     return data if isinstance(data, dict) and data.get("schema") == SCHEMA else None
 
 
 def gather(paths: Iterable[str | os.PathLike]) -> List[dict]:
-    """Rows of every result file in ``paths`` (files, or folders searched recursively), each with its ``file``."""
+    """Rows of every result file in ``paths`` (files, or folders searched recursively, where folders named
+    ``*.json`` are not files), each with its ``file``."""
     rows = []
     for path in paths:
         path = Path(path)
         if not path.exists():
             raise UsageError(f"{path} does not exist: pass folders or files written by linear-probe, knn or study")
-        files = [path] if path.is_file() else sorted(path.rglob("*.json"))
+        files = [path] if path.is_file() else sorted(file for file in path.rglob("*.json") if not file.is_dir())
         for file in files:
             result = read_result(file)
             if result is not None:

@@ -61,3 +61,16 @@ def test_new_result_files_never_replace_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["knn-a-2.json", "knn-a-3.json", "knn-a-4.json", "knn-a.json"]
     folders = [new_folder(tmp_path, "study") for _ in range(2)]
     assert [folder.name for folder in folders] == ["study", "study-2"] and all(f.is_dir() for f in folders)
+
+
+def test_gather_skips_folders_and_names_a_file_it_cannot_read(tmp_path, capsys):
+    from convit_ssl.cli import main
+
+    write_result({"kind": "knn", "rows": [{"model": "a", "top1": 50.0}]}, tmp_path / "knn.json")
+    (tmp_path / "old.json").mkdir()  # a folder named like a result: not one
+    assert [row["model"] for row in gather([tmp_path])] == ["a"]
+    (tmp_path / "moved.json").symlink_to(tmp_path / "elsewhere" / "knn.json")  # its target is gone
+    assert main(["results", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and error.startswith("convit-ssl results: error: cannot read "
+                                                                     f"{tmp_path / 'moved.json'} (")
