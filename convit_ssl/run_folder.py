@@ -219,8 +219,10 @@ def record_config(run_dir, config: Mapping, continue_with_changes: bool = False)
     A folder that holds checkpoints but no recorded config (copied or downloaded there) is refused in one line:
     they are not this run's to resume from or prune. A folder that holds checkpoints keeps its recorded config: a
     different one is refused in one line naming the first differing keys, unless ``continue_with_changes``; then
-    the new config is recorded and the change (keys, old and new values, the checkpoint it continues from) is
-    appended to ``train_config_history.jsonl``. Without checkpoints the folder has no trained state to protect.
+    the change (keys, old and new values, the checkpoint it continues from) is appended to
+    ``train_config_history.jsonl`` and the new config recorded, in that order: a retry after a crash between the
+    two records the config and does not append the same change again. Without checkpoints the folder has no
+    trained state to protect.
     """
     import yaml
 
@@ -252,15 +254,29 @@ def record_config(run_dir, config: Mapping, continue_with_changes: bool = False)
                 f"run folder {folder} has finished ({final.name}): continue_with_changes would train nothing and "
                 f"only rewrite its record; pick a new run_dir (config.MODEL.WEIGHTS_INIT.PARAMS_FILE={final} "
                 f"starts from its weights)")
-        entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "continues_from": latest.name,
-                 "changes": {key: {"old": old, "new": value} for key, (old, value) in differences.items()}}
-        with open(folder / CONFIG_HISTORY_FILE, "a") as stream:
-            stream.write(json.dumps(entry, default=str) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-    atomic.write_text(text, path)
+        change = {"continues_from": latest.name,
+                  "changes": {key: {"old": old, "new": value} for key, (old, value) in differences.items()}}
+        if _last_change(folder) != json.loads(json.dumps(change, default=str)):  # else a retry after a crash
+            entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **change}
+            with open(folder / CONFIG_HISTORY_FILE, "a") as stream:
+                stream.write(json.dumps(entry, default=str) + "\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+    atomic.write_text(text, path)  # after the history line: a crash in between leaves the change to the retry
     return differences
+
+
+def _last_change(folder: Path) -> Optional[dict]:
+    """The last line of the run's ``train_config_history.jsonl`` without its time, or None."""
+    path = folder / CONFIG_HISTORY_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if not lines:
+        return None
+    try:
+        entry = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    return {key: value for key, value in entry.items() if key != "time"}
 
 
 def describe(differences: Mapping[str, Sequence]) -> str:

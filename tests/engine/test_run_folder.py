@@ -171,6 +171,35 @@ def test_continue_with_changes_records_the_change(tmp_path, data_root, monkeypat
     assert yaml.safe_load((run_dir / "train_config.yaml").read_text())["OPTIMIZER"]["num_epochs"] == 5
 
 
+def test_a_crash_between_history_and_config_is_recorded_once_on_retry(tmp_path, data_root, monkeypatch):
+    """A crash after the history line and before ``train_config.yaml``: the retry records the config and leaves
+    one line for the change, not two."""
+    import json
+
+    from convit_ssl import atomic, run_folder
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    run_dir = tmp_path / "run"
+    _finished_run(run_dir)
+    config = engine.plain_config(engine.compose(
+        [*TINY, "config.OPTIMIZER.num_epochs=5", "continue_with_changes=true"], run_dir=str(run_dir)))
+    write_text = atomic.write_text
+
+    def crash(text, path):
+        raise OSError("killed")
+
+    monkeypatch.setattr(atomic, "write_text", crash)
+    with pytest.raises(OSError, match="killed"):
+        run_folder.record_config(run_dir, config, continue_with_changes=True)
+    assert yaml.safe_load((run_dir / "train_config.yaml").read_text())["OPTIMIZER"]["num_epochs"] == 30
+    monkeypatch.setattr(atomic, "write_text", write_text)
+    assert run_folder.record_config(run_dir, config, continue_with_changes=True) == {
+        "OPTIMIZER.num_epochs": (30, 5)}
+    (entry,) = [json.loads(line) for line in (run_dir / run_folder.CONFIG_HISTORY_FILE).read_text().splitlines()]
+    assert entry["changes"] == {"OPTIMIZER.num_epochs": {"old": 30, "new": 5}}
+    assert yaml.safe_load((run_dir / "train_config.yaml").read_text())["OPTIMIZER"]["num_epochs"] == 5
+
+
 @pytest.mark.slow
 def test_continue_with_changes_on_a_finished_run_is_refused(tmp_path, data_root, monkeypatch):
     """VISSL trains nothing after a final checkpoint: continuing would only have rewritten the record."""
