@@ -316,6 +316,11 @@ def validate(config) -> None:
     if type(keep_every) is not int or keep_every < 0:
         raise UsageError(f"CHECKPOINT.KEEP_EVERY_N_EPOCHS={keep_every!r}: give a whole number of epochs, 0 for no "
                          f"milestone checkpoints")
+    if config.CHECKPOINT.get("APPEND_DISTR_RUN_ID"):  # VISSL's get_checkpoint_folder, on more than one node
+        raise UsageError("config.CHECKPOINT.APPEND_DISTR_RUN_ID=true: VISSL would write a multi-node run's "
+                         "checkpoints to run_dir/<RUN_ID>, out of reach of the run folder's lock, recorded config "
+                         "and resume rules (a new port would start afresh); leave it false and give each run its "
+                         "own run_dir")
     tensorboard = config.HOOKS.TENSORBOARD_SETUP
     if tensorboard.USE_TENSORBOARD and tensorboard.FLUSH_EVERY_N_MIN <= 0:
         raise UsageError("HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_MIN must be at least 1: at 0 TensorBoard's writer "

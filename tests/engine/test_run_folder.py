@@ -219,6 +219,17 @@ def test_continue_with_changes_on_a_finished_run_is_refused(tmp_path, data_root,
     assert not (run_dir / run_folder.CONFIG_HISTORY_FILE).exists()
 
 
+def test_checkpoints_in_a_subfolder_of_the_run_id_are_refused_at_compose(tmp_path, data_root, monkeypatch):
+    """With APPEND_DISTR_RUN_ID, VISSL writes a multi-node run's checkpoints to ``run_dir/<RUN_ID>``: the recorded
+    config in ``run_dir`` would never see them, and a new port would start the run afresh."""
+    from convit_ssl.errors import UsageError
+
+    monkeypatch.setenv("CONVIT_SSL_DATA", str(data_root))
+    with pytest.raises(UsageError, match=r"APPEND_DISTR_RUN_ID=true: .*run_dir/<RUN_ID>.*leave it false"):
+        engine.compose([*TINY, "config.DISTRIBUTED.NUM_NODES=2", "config.DISTRIBUTED.RUN_ID=node1:4000",
+                        "config.CHECKPOINT.APPEND_DISTR_RUN_ID=true"], run_dir=str(tmp_path / "run"))
+
+
 def test_config_differences_ignore_where_the_run_lives():
     from convit_ssl.run_folder import config_differences
 
