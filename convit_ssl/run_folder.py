@@ -80,17 +80,37 @@ def final_checkpoint(run_dir) -> Optional[Path]:
     return max(finals)[1] if finals else None
 
 
-def latest_checkpoint(run_dir, skip_final: bool = False, nth: int = 1) -> Optional[Path]:
-    """The checkpoint a resume starts from: the final one unless ``skip_final``, else the ``nth`` newest written.
+def _trained(path: Path) -> tuple:
+    """How far checkpoint ``path`` (one of ``checkpoint_files``) is trained, as a sort key: the optimizer updates
+    it holds (an iteration file's number, the ``iteration`` stored in an epoch's or the final one), an epoch's
+    checkpoint after an iteration one of the same update, then the number; an epoch's or the final
+    checkpoint that cannot be read counts as trained least. Not by file time: a copy (``cp -r``) gives its files
+    the time they were copied."""
+    from convit_ssl.checkpoint import CheckpointError, load_checkpoint_file
 
-    Newest by write time, not by number: a run that checkpoints by epoch and by iteration has both kinds,
-    and VISSL's own rule (highest phase, or only iteration files) would resume from an older state.
+    match = _PRUNABLE.fullmatch(path.name)
+    if match is not None and match.group(1) == "iteration":  # VISSL names it by task.iteration, its updates
+        return int(match.group(2)), 0, int(match.group(2))
+    number = int((match or _FINAL.fullmatch(path.name)).groups()[-1])
+    try:
+        updates = load_checkpoint_file(path, mmap=True).get("iteration", -1)
+    except (CheckpointError, AttributeError):
+        updates = -1
+    return updates, 1, number
+
+
+def latest_checkpoint(run_dir, skip_final: bool = False, nth: int = 1) -> Optional[Path]:
+    """The checkpoint a resume starts from: the final one unless ``skip_final``, else the ``nth`` furthest trained.
+
+    By the updates each file holds (``_trained``), not by number alone: a run that checkpoints by epoch and by
+    iteration has both kinds, and VISSL's own rule (highest phase, or only iteration files) would resume from an
+    older state.
     """
     final = final_checkpoint(run_dir)
     if final is not None and not skip_final:
         return final
-    others = sorted((p for p in checkpoint_files(run_dir) if not _FINAL.fullmatch(p.name)),
-                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    others = sorted((p for p in checkpoint_files(run_dir) if not _FINAL.fullmatch(p.name)), key=_trained,
+                    reverse=True)
     if not others:
         return None
     return others[min(len(others), max(1, nth)) - 1]
@@ -102,7 +122,7 @@ LATEST_RULE = f"{LATEST_LINK} if present, else the final checkpoint, else the ne
 def run_checkpoint(run_dir) -> Optional[Path]:
     """The checkpoint that stands for a run folder in evaluations and reports (``LATEST_RULE``), or None when it
     holds none: ``checkpoint.torch`` (VISSL's link to the latest) when it points at a file, else the checkpoint a
-    resume would start from (``latest_checkpoint``: the final one, else the one written last)."""
+    resume would start from (``latest_checkpoint``: the final one, else the one trained furthest)."""
     link = Path(run_dir) / LATEST_LINK
     return link if link.is_file() else latest_checkpoint(run_dir)
 
@@ -115,15 +135,15 @@ def is_run_folder(folder) -> bool:
 def prune_checkpoints(run_dir, keep_last: int, keep_every_epochs: int) -> List[Path]:
     """Delete superseded checkpoints; returns the deleted files.
 
-    Kept: the ``keep_last`` newest, the final checkpoint, the target of ``checkpoint.torch``, every
-    ``model_phase<N>`` that ends an epoch divisible by ``keep_every_epochs`` (0: no milestones), and every
-    file whose name is not one VISSL gives a consolidated checkpoint. ``keep_last=-1`` keeps everything.
-    Call it only after the newest checkpoint is complete (saves are atomic) and linked.
+    Kept: the ``keep_last`` newest (furthest trained, ``_trained``), the final checkpoint, the target of
+    ``checkpoint.torch``, every ``model_phase<N>`` that ends an epoch divisible by ``keep_every_epochs`` (0: no
+    milestones), and every file whose name is not one VISSL gives a consolidated checkpoint. ``keep_last=-1``
+    keeps everything. Call it only after the newest checkpoint is complete (saves are atomic) and linked.
     """
     if keep_last < 1:
         return []
     folder = Path(run_dir)
-    files = sorted(checkpoint_files(folder), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    files = sorted(checkpoint_files(folder), key=_trained, reverse=True)
     link = folder / LATEST_LINK
     linked = (folder / os.readlink(link)).name if link.is_symlink() else None
     deleted = []

@@ -141,18 +141,19 @@ def _vissl_checkpoint(path, trunk):
 
 
 def test_the_checkpoint_of_a_run_folder(tmp_path):
-    """One rule: VISSL's link checkpoint.torch, else the final checkpoint, else the newest file."""
+    """One rule: VISSL's link checkpoint.torch, else the final checkpoint, else the one trained furthest."""
     from convit_ssl.run_folder import run_checkpoint
 
     assert run_checkpoint(tmp_path) is None
-    for age, name in enumerate(("model_phase10.torch", "model_iteration50.torch", "model_phase2.torch")):
-        (tmp_path / name).write_bytes(b"")
-        os.utime(tmp_path / name, ns=(10**18 + age * 10**9,) * 2)  # written in this order
-    assert run_checkpoint(tmp_path).name == "model_phase2.torch"  # newest, not the highest number
+    for age, (name, updates) in enumerate((("model_phase2.torch", 66), ("model_iteration50.torch", 50),
+                                           ("model_phase1.torch", 44))):
+        torch.save({"iteration": updates}, tmp_path / name)
+        os.utime(tmp_path / name, ns=(10**18 + age * 10**9,) * 2)  # copied in this order
+    assert run_checkpoint(tmp_path).name == "model_phase2.torch"  # the most updates, not the highest number
     (tmp_path / "model_final_checkpoint_phase11.torch").write_bytes(b"")
-    os.utime(tmp_path / "model_phase10.torch")  # touched now: newer than the final one
+    os.utime(tmp_path / "model_phase2.torch")  # touched now: newer than the final one
     assert run_checkpoint(tmp_path).name == "model_final_checkpoint_phase11.torch"
-    os.symlink("model_phase10.torch", tmp_path / "checkpoint.torch")
+    os.symlink("model_phase2.torch", tmp_path / "checkpoint.torch")
     assert run_checkpoint(tmp_path).name == "checkpoint.torch"
 
 

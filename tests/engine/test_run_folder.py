@@ -267,6 +267,33 @@ def test_a_copy_under_a_name_of_its_own_is_not_where_the_run_resumes(tmp_path):
     assert run_folder.run_checkpoint(tmp_path) == tmp_path / "model_iteration12.torch"
 
 
+def test_the_newest_checkpoint_is_the_furthest_trained_whatever_the_file_times(tmp_path):
+    """After ``cp -r`` (no ``-p``) the file times say when each file was copied: a resume and pruning go by the
+    updates each checkpoint holds (VISSL's ``iteration``), an epoch's checkpoint after an iteration one of the
+    same update. A run of 22 updates an epoch that also checkpoints every 10, and every 22 (its last step)."""
+    import torch
+
+    from convit_ssl import run_folder
+
+    updates = {"model_iteration10.torch": 10, "model_iteration20.torch": 20, "model_phase0.torch": 22,
+               "model_iteration30.torch": 30, "model_iteration44.torch": 44, "model_phase1.torch": 44,
+               "model_iteration50.torch": 50}
+    for order, (name, iteration) in enumerate(updates.items()):
+        torch.save({"iteration": iteration, "phase_idx": iteration // 22}, tmp_path / name)
+        os.utime(tmp_path / name, ns=(10**18 - order * 10**9,) * 2)  # copied newest first
+    assert run_folder.latest_checkpoint(tmp_path) == tmp_path / "model_iteration50.torch"
+    assert run_folder.latest_checkpoint(tmp_path, nth=2) == tmp_path / "model_phase1.torch"
+    assert run_folder.run_checkpoint(tmp_path) == tmp_path / "model_iteration50.torch"
+    deleted = run_folder.prune_checkpoints(tmp_path, keep_last=3, keep_every_epochs=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model_iteration44.torch", "model_iteration50.torch", "model_phase1.torch"]
+    assert len(deleted) == 4
+    (tmp_path / "model_iteration50.torch").unlink()
+    for order, name in enumerate(["model_phase1.torch", "model_iteration44.torch"]):  # copied in that order
+        os.utime(tmp_path / name, ns=(10**18 + order * 10**9,) * 2)
+    assert run_folder.latest_checkpoint(tmp_path) == tmp_path / "model_phase1.torch"
+
+
 def test_files_that_are_not_the_runs_checkpoints_are_not_resumed_from(tmp_path):
     """VISSL's own test counts any *.torch as a checkpoint to resume from; with none of the run's own, a folder
     holding ``pretrained.torch`` or a copy ``model_best.torch`` starts training afresh (VISSL then asked the run's
