@@ -121,6 +121,10 @@ def _infer_kwargs(state: Mapping[str, torch.Tensor]) -> Dict[str, object]:
     return kwargs
 
 
+# Shape fields that no preset fixes: a checkpoint matched to a preset keeps its own.
+_FREE_SHAPE_FIELDS = ("img_size", "patch_size", "mlp_ratio")
+
+
 def _match_preset(kwargs: Mapping[str, object]) -> Optional[str]:
     shape_fields = ("embed_dim", "depth", "local_up_to_layer", "qkv_bias", "num_heads", "pos_embed_class_token")
     for name, preset in PRESETS.items():
@@ -133,7 +137,7 @@ def _match_preset(kwargs: Mapping[str, object]) -> Optional[str]:
 def from_timm_state_dict(
     state_dict: Mapping[str, torch.Tensor], arch: Optional[str] = None, **overrides
 ) -> Tuple[ConViT, LoadReport]:
-    """Build a trunk from a timm ``convit_*`` or ``deit_*``/``vit_*_patch16`` state dict.
+    """Build a trunk from a timm ``convit_*`` or ``deit_*``/``vit_*`` state dict (any patch size).
 
     ``arch=None`` infers the preset from the tensor shapes (for DeiT/ViT the width picks the
     preset, since heads leave no trace in the shapes; pass ``arch`` or ``num_heads`` otherwise).
@@ -155,7 +159,8 @@ def from_timm_state_dict(
         trunk = create_trunk(base, **{**inferred, **overrides})
         arch_name = f"custom ({base} layout)"
     else:
-        trunk = create_trunk(arch, **{"img_size": inferred["img_size"], **overrides})
+        unset = {key: inferred[key] for key in _FREE_SHAPE_FIELDS}  # a preset leaves these to the checkpoint
+        trunk = create_trunk(arch, **{**unset, **overrides})
         arch_name = arch
     ours = {_rename(key, _TIMM_TO_OURS): value for key, value in state.items()}
     mapped = load_trunk_state(trunk, ours, source="timm")

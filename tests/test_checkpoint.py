@@ -26,6 +26,22 @@ def test_arch_inferred_and_outputs_match(timm_name, arch):
     assert ((got - expected).abs().max() / expected.abs().max()) < 1e-5
 
 
+def test_a_preset_sized_checkpoint_keeps_its_patch_size_and_mlp_width():
+    """Presets fix widths, depths and heads, not the patch size or MLP width: those come from the shapes (DINO's
+    ViT-S/8, our 32 px trunks with patch_size=4)."""
+    reference = timm.create_model("vit_small_patch8_224", img_size=32, num_classes=0).eval()
+    trunk, report = from_timm_state_dict(reference.state_dict())
+    assert report.arch == "deit_small" and trunk.patch_size == 8
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(trunk.eval()(images)[0], reference(images), atol=1e-5)
+    ours = create_trunk("convit_tiny", img_size=32, patch_size=4, mlp_ratio=2.0).eval()
+    loaded, report = from_timm_state_dict(to_timm_state_dict(ours))
+    assert report.arch == "convit_tiny" and loaded.patch_size == 4
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(images)[0], ours(images)[0])
+
+
 def test_round_trip_is_lossless():
     reference = timm.create_model("convit_tiny")
     trunk, _ = from_timm_state_dict(reference.state_dict())
