@@ -95,11 +95,13 @@ def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.T
 
 def _infer_kwargs(state: Mapping[str, torch.Tensor]) -> Dict[str, object]:
     """Model keyword arguments read from the shapes of a timm-layout state dict."""
-    missing = [key for key in ("patch_embed.proj.weight", "pos_embed") if key not in state]
-    if missing:
+    missing = [key for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight") if key not in state]
+    if missing or state["patch_embed.proj.weight"].dim() != 4:
+        problem = (f"no {', '.join(missing)} among {len(state)} keys" if missing else
+                   f"patch_embed.proj.weight {tuple(state['patch_embed.proj.weight'].shape)} is not a convolution's")
         raise CheckpointError(
-            f"not a ConViT/DeiT state dict: no {', '.join(missing)} among {len(state)} keys "
-            f"(first keys: {', '.join(list(state)[:5])}); pass a timm ConViT/DeiT or convit_ssl checkpoint"
+            f"not a ConViT/DeiT state dict: {problem} (first keys: {', '.join(list(state)[:5])}); pass a timm "
+            f"ConViT/DeiT or convit_ssl checkpoint"
         )
     embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
     block_ids = sorted({int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k))})

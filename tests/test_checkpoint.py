@@ -78,6 +78,21 @@ def test_not_a_convit_checkpoint():
         from_timm_state_dict({"conv1.weight": torch.zeros(64, 3, 7, 7)})
 
 
+def _foreign_vit_layouts():
+    """ViT state dicts of other families: DINOv2's chunked blocks, a SwiGLU MLP, a linear patch embedding."""
+    state = timm.create_model("deit_tiny_patch16_224", img_size=32, depth=2, num_classes=0).state_dict()
+    yield "chunked blocks", {key.replace("blocks.", "blocks.0."): value for key, value in state.items()}
+    yield "swiglu", {key.replace("mlp.fc1.", "mlp.w12."): value for key, value in state.items()}
+    yield "linear patch embedding", {**state, "patch_embed.proj.weight": torch.zeros(192, 768)}
+
+
+@pytest.mark.parametrize("layout,state", list(_foreign_vit_layouts()))
+def test_a_foreign_vit_layout_is_refused_in_one_line(layout, state):
+    with pytest.raises(CheckpointError, match="not a ConViT/DeiT state dict") as error:
+        from_timm_state_dict(state)
+    assert "\n" not in str(error.value)
+
+
 def test_vissl_checkpoint_exports_to_timm(tmp_path):
     trunk = create_trunk("convit_tiny", img_size=64)
     vissl_checkpoint = {"phase_idx": 3, "classy_state_dict": {"base_model": {"model": {
