@@ -55,6 +55,10 @@ class CheckpointError(UsageError):
     """A checkpoint that cannot be read as a ConViT/DeiT trunk; the message says why and what to do."""
 
 
+class HeadCountUnknown(CheckpointError):
+    """A trunk of plain attention blocks whose head count neither a preset nor the caller gives (shapes do not)."""
+
+
 @dataclass
 class LoadReport:
     """What a load did: how many tensors were mapped, which source keys were dropped and why."""
@@ -153,7 +157,7 @@ def from_timm_state_dict(
     arch = arch or _match_preset(inferred)
     if arch is None:
         if "num_heads" not in inferred and "num_heads" not in overrides:
-            raise CheckpointError(
+            raise HeadCountUnknown(
                 f"no preset has width {inferred['embed_dim']} and depth {inferred['depth']}, and the number of "
                 f"heads of plain attention blocks cannot be read from shapes: pass num_heads=..."
             )
@@ -374,7 +378,8 @@ def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Opt
     """Write the trunk of ``checkpoint`` (VISSL or other, or a run folder) as a timm state dict at ``out``.
 
     ``out`` is written atomically and is never one of the export's inputs (the checkpoint, through any link, and
-    the run's ``train_config.yaml``): that raises ``CheckpointError`` before anything is read.
+    the run's ``train_config.yaml``): that raises ``CheckpointError`` before anything is read. A head count that
+    neither the shapes nor a run's config give is not needed: the tensors are the same for any.
     """
     source, out = checkpoint_file(checkpoint), Path(out)
     if out.is_dir():
@@ -385,6 +390,9 @@ def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Opt
     if same:
         raise CheckpointError(f"output {out} is an input of the export (the same file as {same[0]}): pass "
                               f"another output path, e.g. {source.parent / (source.stem + '_timm.pth')}")
-    trunk, report = load_trunk(source, arch=arch)
+    try:
+        trunk, report = load_trunk(source, arch=arch)
+    except HeadCountUnknown:  # timm's model sets the head count; one head only checks the tensors' fit
+        trunk, report = load_trunk(source, arch=arch, num_heads=1)
     atomic.torch_save(to_timm_state_dict(trunk), out)
     return report

@@ -108,6 +108,19 @@ def test_vissl_checkpoint_exports_to_timm(tmp_path):
         assert torch.allclose(reference(images), trunk.eval()(images)[0], atol=1e-5)
 
 
+def test_a_deit_twin_exports_without_its_head_count(tmp_path):
+    """The head count of plain attention blocks leaves no trace in the tensors, so the export needs none: a DeiT
+    twin's checkpoint outside its run folder (no train_config.yaml to read it from) exports as well."""
+    trunk = create_trunk("convit_tiny", img_size=64, local_up_to_layer=0).eval()
+    _vissl_checkpoint(tmp_path / "twin.torch", trunk)
+    export_timm(tmp_path / "twin.torch", tmp_path / "twin_timm.pth")
+    reference = timm.create_model("convit_tiny", img_size=64, local_up_to_layer=0, num_classes=0).eval()
+    reference.load_state_dict(torch.load(tmp_path / "twin_timm.pth", weights_only=True), strict=True)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(reference(images), trunk(images)[0], atol=1e-5)
+
+
 def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_trunk(tmp_path / "nope.torch")
