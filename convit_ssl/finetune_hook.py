@@ -11,8 +11,9 @@ distributed run evaluates each image once. The primary process appends one JSON 
      "test_top1": 60.3, "test_top5": 93.1}
 
 It runs before VISSL's checkpoint hook, so an epoch's line exists when its checkpoint does; a resumed run drops
-the lines after its checkpoint (the killed run wrote them; they come again). ``convit_ssl.evaluation.finetune``
-reads the file: the final epoch's test accuracy and that of the epoch best on the held-out images.
+the lines after its checkpoint (the killed run wrote them; they come again), a fresh run every line.
+``convit_ssl.evaluation.finetune`` reads the file: the final epoch's test accuracy and that of the epoch best on the
+held-out images.
 ``build_finetune_hook`` reads ``HOOKS.CONVIT_FINETUNE.ENABLE``.
 """
 from __future__ import annotations
@@ -68,9 +69,13 @@ class FinetuneEvaluationHook(SelectiveHook):
         return Path(self.output_dir or task.checkpoint_folder) / EVAL_FILE
 
     def on_start(self, task) -> None:
+        """Keep the lines of the epochs the resumed checkpoint completed; none in a fresh run (a run killed before
+        its first checkpoint wrote them; this one starts over)."""
+        if not is_primary():
+            return
         resumed = resumed_checkpoint(task)
-        if resumed is not None:
-            truncate_json_lines(self._path(task), lambda record: record["epoch"] <= resumed.last_epoch)
+        last_epoch = resumed.last_epoch if resumed is not None else -1
+        truncate_json_lines(self._path(task), lambda record: record["epoch"] <= last_epoch)
 
     def _build_datasets(self) -> Dict[str, object]:
         from convit_ssl import vissl_glue

@@ -64,12 +64,13 @@ class GatingDiagnosticsHook(SelectiveHook):
         self._writer = None
 
     def on_start(self, task) -> None:
-        """On resume, drop the records after the checkpoint (the killed run wrote them; they come again)
-        and do not record the checkpoint's iteration twice."""
-        resumed = resumed_checkpoint(task)
-        if resumed is None:
+        """Cut the log back to where the run starts. On resume, drop the records after the checkpoint (the
+        killed run wrote them; they come again) and do not record the checkpoint's iteration twice; in a fresh
+        run, drop every record (a run killed before its first checkpoint wrote them; this one starts over)."""
+        if not is_primary():
             return
-        iteration = resumed.iteration
+        resumed = resumed_checkpoint(task)
+        iteration = resumed.iteration if resumed is not None else -1
         path = Path(self.output_dir or task.checkpoint_folder) / METRICS_FILE
         truncate_json_lines(path, lambda record: record["iteration"] <= iteration)
         records = path.read_text().splitlines() if path.is_file() else []

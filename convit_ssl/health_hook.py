@@ -110,11 +110,12 @@ class TrainingHealthHook(SelectiveHook):
         return Path(self.output_dir or task.checkpoint_folder)
 
     def on_start(self, task) -> None:
-        """On resume, keep the records up to the checkpoint and read their losses back."""
-        resumed = resumed_checkpoint(task)
-        if resumed is None:
+        """On resume, keep the records up to the checkpoint and read their losses back; in a fresh run, drop every
+        record (a run killed before its first checkpoint wrote them; this one starts over)."""
+        if not is_primary():
             return
-        iteration = resumed.iteration
+        resumed = resumed_checkpoint(task)
+        iteration = resumed.iteration if resumed is not None else -1
         path = self._folder(task) / HEALTH_FILE
         truncate_json_lines(path, lambda record: record["iteration"] <= iteration)
         records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

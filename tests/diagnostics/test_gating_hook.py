@@ -126,3 +126,22 @@ def test_a_resume_drops_the_records_after_the_checkpoint(trunk, images, tmp_path
     hook.on_start(task)
     assert [record["iteration"] for record in read_records(tmp_path)] == [0, 3]
     assert hook.last_iteration == 3  # iteration 3 is not recorded twice
+
+
+def test_a_fresh_run_drops_the_records_of_a_run_killed_before_its_first_checkpoint(trunk, images, tmp_path):
+    """The killed run recorded iterations 0, 3 and 6 and left no checkpoint: the run starts over in the folder, and
+    its records alone make the log (else the report draws the dead run's 6 after the new run's 0 and 3)."""
+    lines = [json.dumps({"iteration": iteration, "layers": [], "tag": "killed"}) + "\n" for iteration in (0, 3, 6)]
+    (tmp_path / METRICS_FILE).write_text("".join(lines))
+    task = fake_task(trunk, images, tmp_path)
+    hook = GatingDiagnosticsHook(frequency=3, probe_batch=2)
+    hook.on_start(task)
+    hook.on_forward(task)
+    assert [(record["iteration"], record.get("tag")) for record in read_records(tmp_path)] == [(0, None)]
+
+
+def test_only_the_primary_process_cuts_the_log(trunk, images, tmp_path, monkeypatch):
+    monkeypatch.setattr(gating_hook, "is_primary", lambda: False)
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"iteration": 0, "layers": []}) + "\n")
+    GatingDiagnosticsHook(frequency=3, probe_batch=2).on_start(fake_task(trunk, images, tmp_path))
+    assert len(read_records(tmp_path)) == 1

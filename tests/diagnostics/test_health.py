@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from convit_ssl.health import effective_rank, feature_std, is_rising, mean_entropy, symptoms
-from convit_ssl.health_hook import add_to_last_line, build_health_hook, dino_teacher_entropy
+from convit_ssl.health_hook import TrainingHealthHook, add_to_last_line, build_health_hook, dino_teacher_entropy
 
 ORTHOGONAL = torch.eye(4) * torch.tensor([[1.0], [2.0], [3.0], [4.0]])  # 4 images on 4 different axes
 COLLAPSED = torch.tensor([[1.0, 2.0, 0.0, 0.0]]).repeat(4, 1) * torch.tensor([[1.0], [2.0], [3.0], [4.0]])
@@ -124,3 +124,31 @@ def test_build_health_hook_checks_its_numbers():
         build_health_hook({"HOOKS": {"CONVIT_HEALTH": {**section, "FREQUENCY": 0}}})
     with pytest.raises(ValueError, match=r"PROBE_BATCH must be an integer >= 2, got 'all'"):
         build_health_hook({"HOOKS": {"CONVIT_HEALTH": {**section, "PROBE_BATCH": "all"}}})
+
+
+def _health_task(trunk, folder):
+    """One training step as the health hook sees it: a batch, the head's output, the loss."""
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    return SimpleNamespace(
+        train=True, iteration=0, train_phase_idx=0, checkpoint_folder=str(folder),
+        config={"LOSS": {"name": "simclr_info_nce_loss"}}, base_model=SimpleNamespace(trunk=trunk),
+        last_batch=SimpleNamespace(sample={"input": [images]}, model_output=[ORTHOGONAL], loss=torch.tensor(4.5)))
+
+
+def test_a_fresh_run_drops_the_records_of_a_run_killed_before_its_first_checkpoint(trunk, tmp_path):
+    """The killed run recorded updates 1 to 3 and left no checkpoint: the run starts over in the folder, and its
+    records alone make the log (else the report's first record and curves are the dead run's)."""
+    from convit_ssl.run_folder import HEALTH_FILE
+
+    killed = [{"iteration": iteration, "loss": 9.0, "feature_std": 0.5, "effective_rank": 3.0}
+              for iteration in (1, 2, 3)]
+    (tmp_path / HEALTH_FILE).write_text("".join(json.dumps(record) + "\n" for record in killed))
+    task = _health_task(trunk, tmp_path)
+    hook = TrainingHealthHook(frequency=1, probe_batch=2, loss_window=5)
+    hook.on_start(task)
+    hook.on_phase_start(task)
+    hook.on_forward(task)
+    hook.on_loss_and_meter(task)
+    hook.on_update(task)
+    records = [json.loads(line) for line in (tmp_path / HEALTH_FILE).read_text().splitlines()]
+    assert [(record["iteration"], record["loss"]) for record in records] == [(1, 4.5)]

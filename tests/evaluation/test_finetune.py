@@ -686,6 +686,18 @@ def test_a_resume_drops_the_evaluations_of_the_epochs_after_the_checkpoint(tmp_p
     assert resumed_checkpoint(SimpleNamespace(checkpoint=None)) is None  # a fresh run
 
 
+def test_a_fresh_run_drops_the_evaluations_of_a_run_killed_before_its_first_checkpoint(tmp_path):
+    """The killed run scored epoch 0 and left no checkpoint: the run starts over, and its scores alone make the file
+    (else a shorter new run keeps the dead run's later epochs, and the best held-out epoch may be one of them)."""
+    from types import SimpleNamespace
+
+    from convit_ssl.finetune_hook import EVAL_FILE, FinetuneEvaluationHook
+
+    (tmp_path / EVAL_FILE).write_text(json.dumps({"epoch": 0, "test_top1": 50.0}) + "\n")
+    FinetuneEvaluationHook(config={}).on_start(SimpleNamespace(checkpoint=None, checkpoint_folder=str(tmp_path)))
+    assert (tmp_path / EVAL_FILE).read_text() == ""
+
+
 def test_the_evaluation_hook_counts_images_and_top1_top5_hits_by_hand():
     from convit_ssl.finetune_hook import _hits
 
