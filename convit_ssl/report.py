@@ -89,13 +89,17 @@ def load_gating_metrics(path: str | os.PathLike, what: str = "gating record") ->
 def result_folders(run_dir: str | os.PathLike, extra: Sequence[str | os.PathLike] = ()) -> List[Path]:
     """Where a run's evaluation results may be: the run folder, ``eval`` beside it (``runs/eval`` for
     ``runs/NAME``), ``runs/eval`` of the working folder (the default ``--out`` of linear-probe and knn), and
-    ``extra``; existing folders only, each once."""
+    ``extra``; existing folders only, and none inside another (searched with it: its results would count twice)."""
     run_dir = Path(run_dir)
     candidates = [run_dir, run_dir.parent / "eval", DEFAULT_RESULTS_DIR, *map(Path, extra)]
     folders: List[Path] = []
     for folder in candidates:
-        if folder.is_dir() and folder.resolve() not in [f.resolve() for f in folders]:
-            folders.append(folder)
+        if not folder.is_dir():
+            continue
+        resolved = folder.resolve()
+        if any(kept == resolved or kept in resolved.parents for kept in (f.resolve() for f in folders)):
+            continue
+        folders = [f for f in folders if resolved not in f.resolve().parents] + [folder]
     return folders
 
 

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,3 +286,13 @@ def test_a_run_reports_its_last_records_diagnostics_and_its_checkpoints_gates(tr
     torch.testing.assert_close(collected.final_gates, torch.tensor(FINAL_GATES))
     assert [maps["blocks"] for maps in collected.attention_maps] == [[0], [1]]
     assert [row["file"] for row in collected.results] == [str(run / "eval" / "linear_probe.json")]
+
+
+def test_a_result_file_under_two_searched_folders_is_listed_once(trunk, images, tmp_path):
+    """``--results`` naming a folder inside a searched one (the run's own ``eval``) or around it (``runs``) must not
+    list the same evaluation twice."""
+    run = make_run(tmp_path / "runs" / "run", trunk, images)
+    linear = str(run / "eval" / "linear_probe.json")
+    for extra in ([run / "eval"], [tmp_path / "runs"], [tmp_path / "runs", run / "eval"]):
+        collected = report.collect_report(run, results=extra)
+        assert [Path(row["file"]).resolve() for row in collected.results] == [Path(linear).resolve()], extra
