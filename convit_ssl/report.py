@@ -38,7 +38,7 @@ from convit_ssl.diagnostics import (CONVOLUTIONAL_GATE, DISTANCE_KINDS, INITIAL_
                                     diagnostics_from_record, gating_diagnostics)
 from convit_ssl.errors import UsageError
 from convit_ssl.evaluation.features import imagenet_statistics
-from convit_ssl.evaluation.results import gather, markdown_table, read_result
+from convit_ssl.evaluation.results import file_sha256, gather, markdown_table, read_result
 from convit_ssl.health import symptom_lines
 from convit_ssl.images import DATASET_IMAGE_FIX, IMAGE_EXTENSIONS, read_image
 from convit_ssl.models.convit import ConViT
@@ -105,13 +105,26 @@ def result_folders(run_dir: str | os.PathLike, extra: Sequence[str | os.PathLike
 
 def run_results(run_dir: str | os.PathLike, folders: Sequence[str | os.PathLike]) -> List[dict]:
     """Rows of the convit-ssl result files under ``folders`` whose manifest names a checkpoint file of this run
-    (a model whose ``file`` lies in ``run_dir``), each row with its ``file``."""
+    (a model whose ``file`` lies in ``run_dir`` and, when the manifest holds its ``sha256`` and the file is there,
+    still has that content: a folder trained again writes other weights under the same names), each row with its
+    ``file``."""
     run_dir = Path(run_dir).resolve()
+    digests: Dict[Path, str] = {}
+
+    def of_this_run(model: Mapping) -> bool:
+        file = Path(model["file"]) if model.get("file") else None
+        if file is None or file.parent != run_dir:
+            return False
+        if not model.get("sha256") or not file.is_file():
+            return True
+        if file not in digests:
+            digests[file] = file_sha256(file)
+        return digests[file] == model["sha256"]
+
     rows = []
     for row in gather(folders):
         result = read_result(row["file"])
-        files = [model.get("file") for model in (result.get("manifest") or {}).get("models", [])]
-        if any(file and Path(file).parent == run_dir for file in files):
+        if any(of_this_run(model) for model in (result.get("manifest") or {}).get("models", [])):
             rows.append(row)
     return rows
 

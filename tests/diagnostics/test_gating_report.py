@@ -296,3 +296,20 @@ def test_a_result_file_under_two_searched_folders_is_listed_once(trunk, images, 
     for extra in ([run / "eval"], [tmp_path / "runs"], [tmp_path / "runs", run / "eval"]):
         collected = report.collect_report(run, results=extra)
         assert [Path(row["file"]).resolve() for row in collected.results] == [Path(linear).resolve()], extra
+
+
+def test_the_results_of_a_checkpoint_file_since_replaced_are_not_the_runs(trunk, images, tmp_path):
+    """The run folder was trained again (its checkpoints deleted, the same names written anew): an evaluation whose
+    manifest holds the sha256 of the old file is another model's and is not listed as this run's."""
+    from convit_ssl.evaluation.results import file_sha256
+
+    run = make_run(tmp_path / "runs" / "run", trunk, images)
+    checkpoint = run / "model_final_checkpoint_phase2.torch"
+    row = {"kind": "knn", "model": "run", "dataset": "digits_val", "k": 20, "top1": 71.25}
+    write_result({"kind": "knn", "manifest": {"models": [{"file": str(checkpoint.resolve()),
+                                                          "sha256": file_sha256(checkpoint)}]}, "rows": [row]},
+                 tmp_path / "runs" / "eval" / "knn-run.json")
+    assert sorted(r["top1"] for r in report.collect_report(run).results) == [61.25, 71.25]
+    set_gates(trunk, [[0.5] * 9, [0.5] * 9])  # the new run's weights
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}}, checkpoint)
+    assert [r["top1"] for r in report.collect_report(run).results] == [61.25]  # no sha256 recorded: kept
