@@ -15,6 +15,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from convit_ssl import atomic
 from convit_ssl.diagnostics import CONVOLUTIONAL_GATE, DIAGNOSTIC_TENSORS, DISTANCE_KINDS, diagnostics_from_record
 
 DPI = 100
@@ -41,7 +42,9 @@ def _new_figure(kind: str) -> Figure:
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    figure.savefig(path, dpi=DPI)
+    """Write ``figure`` to ``path`` as PNG, atomically: a report killed while drawing leaves the previous figure."""
+    with atomic.open_atomic(path, "wb") as stream:
+        figure.savefig(stream, format="png", dpi=DPI)
     return path
 
 

@@ -1,4 +1,5 @@
 """`convit-ssl report` on fake run folders and checkpoints: numbers in the summary, valid figures."""
+import contextlib
 import json
 import math
 import os
@@ -313,3 +314,19 @@ def test_the_results_of_a_checkpoint_file_since_replaced_are_not_the_runs(trunk,
     set_gates(trunk, [[0.5] * 9, [0.5] * 9])  # the new run's weights
     torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}}, checkpoint)
     assert [r["top1"] for r in report.collect_report(run).results] == [61.25]  # no sha256 recorded: kept
+
+
+def test_a_figure_whose_drawing_fails_leaves_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "gates_final.png"
+    report_figures.plot_gate_heatmap(torch.full((2, 9), INIT), path, "before")
+    before = path.read_bytes()
+
+    def cut_short(figure, target, **options):  # a kill or a full disk in the middle of the write
+        with open(target, "wb") if isinstance(target, (str, os.PathLike)) else contextlib.nullcontext(target) as out:
+            out.write(before[:100])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(report_figures.Figure, "savefig", cut_short)
+    with pytest.raises(OSError):
+        report_figures.plot_gate_heatmap(torch.full((2, 9), 0.5), path, "after")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["gates_final.png"]
