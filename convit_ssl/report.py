@@ -130,7 +130,9 @@ def run_results(run_dir: str | os.PathLike, folders: Sequence[str | os.PathLike]
 
 
 def load_epoch_losses(run_dir: str | os.PathLike) -> List[dict]:
-    """``metrics.json`` lines that hold a ``train_loss`` (written by ``convit_ssl.health_hook``), in order."""
+    """``metrics.json`` lines that hold a ``train_loss`` (written by ``convit_ssl.health_hook``), in order, of the
+    run that started last in the folder: a line whose ``iteration`` is not past the previous one's begins a run
+    that started over (VISSL appends to the file; only a resume cuts it back), and the lines before it go."""
     path = Path(run_dir) / EPOCH_LOG
     if not path.is_file():
         return []
@@ -141,6 +143,8 @@ def load_epoch_losses(run_dir: str | os.PathLike) -> List[dict]:
         except ValueError:
             continue  # a line cut short by a killed job
         if isinstance(record, dict) and isinstance(record.get("train_loss", None), (int, float)):
+            if lines and record["iteration"] <= lines[-1]["iteration"]:
+                lines = []
             lines.append(record)
     return lines
 

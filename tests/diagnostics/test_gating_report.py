@@ -330,3 +330,14 @@ def test_a_figure_whose_drawing_fails_leaves_the_previous_one(tmp_path, monkeypa
     with pytest.raises(OSError):
         report_figures.plot_gate_heatmap(torch.full((2, 9), 0.5), path, "after")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["gates_final.png"]
+
+
+def test_the_epoch_losses_are_those_of_the_run_that_started_last_in_the_folder(tmp_path):
+    """A run killed before its first checkpoint logged epochs 0 and 1; the run started over in the folder has
+    logged epoch 0: the loss table is the new run's (VISSL appends to metrics.json; only a resume cuts it back)."""
+    lines = [{"iteration": 22, "train_phase_idx": 0, "train_loss": 4.5},
+             {"iteration": 44, "train_phase_idx": 1, "train_loss": 3.25},
+             {"iteration": 22, "train_phase_idx": 0, "train_loss": 4.0},
+             {"iteration": 22, "phase_idx": 1}]  # a test phase: no training loss
+    (tmp_path / "metrics.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert report.load_epoch_losses(tmp_path) == [lines[2]]
