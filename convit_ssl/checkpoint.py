@@ -68,10 +68,12 @@ class LoadReport:
     dropped: List[str] = field(default_factory=list)
     source_format: str = "timm"
     file: Optional[Path] = None
+    part: str = ""  # which of the file's networks, where it holds several: "DINO teacher"
 
     def __str__(self) -> str:
         dropped = f"; dropped (not part of a trunk): {', '.join(self.dropped)}" if self.dropped else ""
-        return f"loaded {self.mapped} tensors ({self.source_format} format, arch {self.arch}){dropped}"
+        part = f", the {self.part}" if self.part else ""
+        return f"loaded {self.mapped} tensors ({self.source_format} format{part}, arch {self.arch}){dropped}"
 
 
 def _rename(key: str, table) -> str:
@@ -227,6 +229,24 @@ def vissl_trunk_state(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     return _strip_prefixes(node)
 
 
+# Where VISSL's DINO loss keeps the teacher in a training checkpoint's classy_state_dict.loss (DDP wraps it in module.)
+_VISSL_TEACHER_PREFIXES = ("momentum_teacher.module.trunk.", "momentum_teacher.trunk.")
+
+
+def vissl_teacher_state(checkpoint: Mapping) -> Optional[Dict[str, torch.Tensor]]:
+    """The DINO teacher's trunk state dict inside a VISSL training checkpoint, or None when it holds none."""
+    state = checkpoint.get("classy_state_dict")
+    loss = state.get("loss") if isinstance(state, Mapping) else None
+    if not isinstance(loss, Mapping):
+        return None
+    for prefix in _VISSL_TEACHER_PREFIXES:
+        teacher = {key[len(prefix):]: value for key, value in loss.items()
+                   if key.startswith(prefix) and isinstance(value, torch.Tensor)}
+        if teacher:
+            return teacher
+    return None
+
+
 def vissl_model_shapes(path: str | os.PathLike) -> Dict[str, Dict[str, Tuple[int, ...]]]:
     """``{"trunk": {name: shape}, "heads": {name: shape}}`` of the VISSL checkpoint file ``path``, read where VISSL's
     loader reads them (``classy_state_dict/base_model/model``); a part the file lacks is {}."""
@@ -314,21 +334,26 @@ def run_folder_note(path: str | os.PathLike, file: Path) -> Optional[str]:
     return f"{path} is a run folder: using its latest checkpoint {file}{target} ({LATEST_RULE})"
 
 
-def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Load a checkpoint file and return (timm-layout state dict, format name).
+def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], str, str]:
+    """Load a checkpoint file and return (timm-layout state dict, format name, the network read where the file
+    holds several: "DINO teacher", else "").
 
     Formats: VISSL (``classy_state_dict``), official ConViT/DeiT (``{"model": ...}``), DINO
-    (``{"teacher": ...}``), convit_ssl or timm state dicts; a run folder is read as its ``run_checkpoint``.
-    Raises ``CheckpointError`` with a one-line reason for a missing file or an unknown layout.
+    (``{"teacher": ...}``), convit_ssl or timm state dicts; a run folder is read as its ``run_checkpoint``. A DINO
+    training checkpoint, VISSL's or DINO's own, gives its teacher, as DINO's evaluations and paper do (the teacher
+    does better than the student). Raises ``CheckpointError`` with a one-line reason for a missing file or an unknown
+    layout.
     """
     path = checkpoint_file(path)
     checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
+    part = ""
     if "classy_state_dict" in checkpoint or "trunk" in checkpoint:
-        state, fmt = vissl_trunk_state(checkpoint), "vissl"
+        teacher = vissl_teacher_state(checkpoint)
+        state, fmt, part = (teacher, "vissl", "DINO teacher") if teacher else (vissl_trunk_state(checkpoint), "vissl", "")
     elif "teacher" in checkpoint:
-        state, fmt = checkpoint["teacher"], "dino"
+        state, fmt, part = checkpoint["teacher"], "dino", "DINO teacher"
     elif "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
         state, fmt = checkpoint["model"], "official"
     elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
@@ -337,7 +362,7 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], s
         state, fmt = checkpoint, "state_dict"
     state = {key: value for key, value in _strip_prefixes(state).items() if isinstance(value, torch.Tensor)}
     # VISSL and convit_ssl checkpoints carry our names; bring them to timm's layout.
-    return {_rename(key, _OURS_TO_TIMM): value for key, value in state.items()}, fmt
+    return {_rename(key, _OURS_TO_TIMM): value for key, value in state.items()}, fmt, part
 
 
 def run_trunk_kwargs(path: str | os.PathLike) -> Optional[Dict[str, object]]:
@@ -362,7 +387,7 @@ def load_trunk(path: str | os.PathLike, arch: Optional[str] = None, **overrides)
     ``run_checkpoint``; ``report.file`` is the file read.
     """
     path = checkpoint_file(path)
-    state, fmt = read_checkpoint(path)
+    state, fmt, part = read_checkpoint(path)
     run_kwargs = run_trunk_kwargs(path) if fmt == "vissl" and arch is None and not overrides else None
     if run_kwargs is not None:
         trunk = ConViT(**run_kwargs)
@@ -370,7 +395,7 @@ def load_trunk(path: str | os.PathLike, arch: Optional[str] = None, **overrides)
         report = LoadReport(arch="from the run's train_config.yaml", mapped=load_trunk_state(trunk, ours, "vissl"))
     else:
         trunk, report = from_timm_state_dict(state, arch=arch, **overrides)
-    report.source_format, report.file = fmt, path
+    report.source_format, report.file, report.part = fmt, path, part
     return trunk, report
 
 

@@ -184,6 +184,25 @@ def _vissl_checkpoint(path, trunk):
     torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}}, path)
 
 
+@pytest.mark.parametrize("wrapper", ["", "module."])  # DDP wraps the teacher of a distributed run
+def test_a_vissl_dino_checkpoint_gives_its_teacher(tmp_path, wrapper):
+    """DINO's evaluations and paper use the teacher (it does better than the student); VISSL's DINO loss keeps it in
+    the checkpoint's loss state, beside the student in base_model."""
+    student, teacher = create_trunk("convit_tiny", img_size=32), create_trunk("convit_tiny", img_size=32)
+    loss = {"center": torch.zeros(1, 8), **{f"momentum_teacher.{wrapper}trunk.{key}": value
+                                            for key, value in teacher.state_dict().items()},
+            f"momentum_teacher.{wrapper}heads.0.prototypes0.weight": torch.zeros(8, 16)}
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": student.state_dict()}}, "loss": loss}},
+               tmp_path / "dino.torch")
+    trunk, report = load_trunk(tmp_path / "dino.torch")
+    assert report.part == "DINO teacher" and "vissl format, the DINO teacher" in str(report)
+    for key, value in trunk.state_dict().items():
+        assert torch.equal(value, teacher.state_dict()[key]), key
+    _vissl_checkpoint(tmp_path / "simclr.torch", student)  # no teacher: the model itself
+    trunk, report = load_trunk(tmp_path / "simclr.torch")
+    assert report.part == "" and torch.equal(trunk.pos_embedding, student.pos_embedding)
+
+
 def test_the_checkpoint_of_a_run_folder(tmp_path):
     """One rule: VISSL's link checkpoint.torch, else the final checkpoint, else the one trained furthest."""
     from convit_ssl.run_folder import run_checkpoint
