@@ -588,7 +588,6 @@ class PretrainJob:
         if env.cluster == "local":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every "node" is this machine
         config = engine.compose(self.overrides, run_dir=str(run_dir))
-        config.CHECKPOINT.APPEND_DISTR_RUN_ID = False  # the port changes on requeue, the folder must not
         config.DISTRIBUTED.RUN_ID = rendezvous_address(env, run_dir, self.attempt)
         engine.train(config, node_id=env.global_rank)
         return str(run_dir)
@@ -717,7 +716,6 @@ class FinetuneJob:
         prepared = finetune.prepare(given.checkpoint, given.recipe, given.labels, words, given.seed, given.arch,
                                     heldout_fraction=given.heldout_fraction)
         config = engine.compose(prepared.words)
-        config.CHECKPOINT.APPEND_DISTR_RUN_ID = False  # the port changes on requeue, the folder must not
         config.DISTRIBUTED.RUN_ID = rendezvous_address(env, prepared.run_dir, self.attempt)
         engine.train(config, node_id=env.global_rank)
         if env.global_rank == 0:
