@@ -27,7 +27,7 @@ import torch
 
 from convit_ssl import atomic
 from convit_ssl.errors import UsageError
-from convit_ssl.models.convit import PRESETS, ConViT, create_trunk
+from convit_ssl.models.convit import PRESETS, ConViT, create_trunk, mlp_ratio_of
 from convit_ssl.run_folder import CONFIG_FILE, LATEST_LINK, LATEST_RULE, recorded_config, run_checkpoint
 from convit_ssl.trunk_config import trunk_kwargs
 
@@ -116,7 +116,7 @@ def _infer_kwargs(state: Mapping[str, torch.Tensor]) -> Dict[str, object]:
     num_positions = state["pos_embed"].shape[1]
     kwargs: Dict[str, object] = dict(
         embed_dim=embed_dim, patch_size=patch_size, depth=depth, local_up_to_layer=len(gpsa),
-        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        mlp_ratio=mlp_ratio_of(state["blocks.0.mlp.fc1.weight"].shape[0], embed_dim),
     )
     if gpsa:
         kwargs["num_heads"] = state[f"blocks.{gpsa[0]}.attn.gating_param"].shape[0]

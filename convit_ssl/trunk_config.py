@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping
 
 from convit_ssl.errors import UsageError
-from convit_ssl.models.convit import preset_kwargs
+from convit_ssl.models.convit import mlp_ratio_of, preset_kwargs
 
-# VISSL section -> (VISSL key, our keyword). MLP_DIM becomes mlp_ratio = MLP_DIM / HIDDEN_DIM.
+# VISSL section -> (VISSL key, our keyword). MLP_DIM becomes the mlp_ratio of MLP_DIM / HIDDEN_DIM.
 VISSL_KEYS = {
     "VISION_TRANSFORMERS": {
         "IMAGE_SIZE": "img_size",
@@ -68,6 +68,6 @@ def trunk_kwargs(model_config: Mapping[str, Any]) -> Dict[str, Any]:
             if values.get(vissl_key, None) is not None:
                 kwargs[our_key] = values[vissl_key]
     if vit.get("MLP_DIM", None):
-        kwargs["mlp_ratio"] = vit["MLP_DIM"] / vit["HIDDEN_DIM"]
+        kwargs["mlp_ratio"] = mlp_ratio_of(vit["MLP_DIM"], vit["HIDDEN_DIM"])
     # A generic VISSL config has no preset: start from the paper's layout and apply every key.
     return preset_kwargs("convit_tiny", **{**kwargs, **overrides})

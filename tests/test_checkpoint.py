@@ -42,6 +42,24 @@ def test_a_preset_sized_checkpoint_keeps_its_patch_size_and_mlp_width():
         assert torch.equal(loaded.eval()(images)[0], ours(images)[0])
 
 
+def test_an_mlp_width_that_is_no_whole_multiple_of_the_width_loads():
+    """56 wide with a 61-wide MLP: 56 * (61 / 56) is 60.99... in floats, and the MLP of the ratio read from the
+    shapes was built 60 wide, so the checkpoint was refused as mis-shaped; a VISSL config's MLP_DIM=1736 on
+    HIDDEN_DIM=432 built 1735."""
+    from convit_ssl.trunk_config import trunk_kwargs
+
+    from convit_ssl.models.convit import mlp_ratio_of
+
+    ours = create_trunk("convit_tiny", img_size=32, patch_size=8, embed_dim=56, num_heads=4,
+                        mlp_ratio=mlp_ratio_of(61, 56), depth=2, local_up_to_layer=1)
+    assert ours.blocks[0].mlp.fc1.out_features == 61 and int(56 * (61 / 56)) == 60
+    loaded, _ = from_timm_state_dict(to_timm_state_dict(ours))
+    assert loaded.blocks[0].mlp.fc1.out_features == 61
+    vit = {"HIDDEN_DIM": 432, "MLP_DIM": 1736, "NUM_HEADS": 9}
+    kwargs = trunk_kwargs({"TRUNK": {"NAME": "convit_ssl", "VISION_TRANSFORMERS": vit}})
+    assert int(kwargs["embed_dim"] * kwargs["mlp_ratio"]) == 1736
+
+
 def test_round_trip_is_lossless():
     reference = timm.create_model("convit_tiny")
     trunk, _ = from_timm_state_dict(reference.state_dict())

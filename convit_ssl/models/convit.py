@@ -319,6 +319,15 @@ class MultiHeadSelfAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
+def mlp_ratio_of(hidden_dim: int, dim: int) -> float:
+    """The ``mlp_ratio`` that builds an MLP ``hidden_dim`` wide on width ``dim``: blocks take int(dim * mlp_ratio),
+    as timm's do, and hidden_dim / dim can land a rounding below (432 * (1736 / 432) = 1735.99...)."""
+    ratio = hidden_dim / dim
+    while int(dim * ratio) < hidden_dim:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with GPSA or MHSA attention: (B, N, C) -> (B, N, C)."""
 
