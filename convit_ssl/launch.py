@@ -296,10 +296,15 @@ def sweep_points(overrides: Sequence[str], sweeps: Sequence[str]) -> List[Point]
     return points
 
 
+def _name_part(text: str) -> str:
+    """``text`` as part of a job name, which names folders: characters other than letters, digits and . + - as _."""
+    return re.sub(r"[^\w.+-]", "_", text)
+
+
 def default_job_name(overrides: Sequence[str]) -> str:
     """'config=dino model=convit_tiny data=digits' -> 'dino-convit_tiny-digits'."""
     choices = [o.split("=", 1)[1] for o in overrides if "=" in o and "." not in _key(o) and not o.startswith("~")]
-    name = "-".join(re.sub(r"[^\w.+-]", "_", choice.rsplit("/", 1)[-1]) for choice in choices)
+    name = "-".join(_name_part(choice.rsplit("/", 1)[-1]) for choice in choices)
     return name or "convit-ssl"
 
 
@@ -923,7 +928,7 @@ def evaluation_main(parser: argparse.ArgumentParser, args: argparse.Namespace, c
         elif args.dry_run and not args.local:
             partition, cluster_check = dry_run_cluster_check(args)
         recipe = Path(evaluation.recipe or evaluation.data or "digits")  # a recipe's name, or its file: the stem
-        plain = re.sub(r"[^\w.+-]", "_", recipe.stem if recipe.suffix in (".yaml", ".yml") else recipe.name)
+        plain = _name_part(recipe.stem if recipe.suffix in (".yaml", ".yml") else recipe.name)
         job_name = args.job_name or f"{command}-{plain}"
         root = os.environ.get(RUNS_ENV) or "runs"
         job_dir = str(Path(args.job_dir or Path(root) / f"{job_name}-%j").expanduser().absolute())
