@@ -38,6 +38,9 @@ and differs in how it computes it:
 * Relative positions come from the real grid (H x W, non-square allowed), not from sqrt(N), and
   the offset tables are built once per axis length, device and dtype.
 * The position embedding is resampled (bicubic) to any grid, so one model takes several crop sizes.
+* The patch tokens are laid out token-major once, after the patch embedding. The reference keeps the
+  convolution's channel-major strides through the GPSA blocks (its class token, concatenated later, makes
+  them contiguous), so each of their layer norms, residual additions and projections reads strided memory.
 
 Shapes: B batch, N tokens, C width, H heads (``num_heads``), D = C / H per-head width, and the
 patch grid is ``grid_size = (GH, GW)``.
@@ -378,7 +381,9 @@ class PatchEmbed(nn.Module):
             )
         x = self.proj(x)
         grid_size = (x.shape[-2], x.shape[-1])
-        return x.flatten(2).transpose(1, 2), grid_size
+        # token-major memory: the residual stream would otherwise keep the convolution's channel-major strides
+        # through every GPSA block, and each layer norm, residual addition and projection pay for them
+        return x.flatten(2).transpose(1, 2).contiguous(), grid_size
 
 
 _FEATURE_KEY = re.compile(r"^(lastCLS|lastPOOL|concatCLS(\d+)|concatPOOL(\d+)|blkCLS(\d+)|blkPOOL(\d+))$")

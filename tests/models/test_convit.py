@@ -81,6 +81,17 @@ def test_non_square_grid_uses_real_grid_shape():
     assert trunk(images)[0].shape == (1, 192)
 
 
+def test_residual_stream_is_token_major_in_every_block():
+    # the patch embedding's flatten + transpose is a channel-major view; carried into the blocks, every layer norm,
+    # residual addition and projection of the GPSA blocks works on strided memory
+    trunk = create_trunk("convit_tiny", img_size=(64, 48))
+    layouts = []
+    for block in trunk.blocks:
+        block.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+    trunk(torch.randn(2, 3, 64, 48))
+    assert layouts == [True] * len(trunk.blocks)
+
+
 @pytest.mark.parametrize("crops", ["global", "local", "both"])
 def test_multi_crop_gradients_match_finite_differences_in_float64(crops):
     """One step on 32 px global and 16 px local crops (8 x 8 and 4 x 4 patch grids; the position embedding is
