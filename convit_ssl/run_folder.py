@@ -137,19 +137,21 @@ def prune_checkpoints(run_dir, keep_last: int, keep_every_epochs: int) -> List[P
 
     Kept: the ``keep_last`` newest (furthest trained, ``_trained``), the final checkpoint, the target of
     ``checkpoint.torch``, every ``model_phase<N>`` that ends an epoch divisible by ``keep_every_epochs`` (0: no
-    milestones), and every file whose name is not one VISSL gives a consolidated checkpoint. ``keep_last=-1``
+    milestones), every epoch checkpoint that cannot be read (how far it is trained is unknown: it may be the
+    newest), and every file whose name is not one VISSL gives a consolidated checkpoint. ``keep_last=-1``
     keeps everything. Call it only after the newest checkpoint is complete (saves are atomic) and linked.
     """
     if keep_last < 1:
         return []
     folder = Path(run_dir)
-    files = sorted(checkpoint_files(folder), key=_trained, reverse=True)
+    trained = {path: _trained(path) for path in checkpoint_files(folder)}
+    files = sorted(trained, key=trained.get, reverse=True)
     link = folder / LATEST_LINK
     linked = (folder / os.readlink(link)).name if link.is_symlink() else None
     deleted = []
     for path in files[keep_last:]:
         match = _PRUNABLE.fullmatch(path.name)
-        if match is None or path.name == linked:
+        if match is None or path.name == linked or trained[path][0] < 0:
             continue
         kind, number = match.group(1), int(match.group(2))
         if kind == "phase" and keep_every_epochs > 0 and (number + 1) % keep_every_epochs == 0:

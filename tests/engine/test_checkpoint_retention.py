@@ -7,9 +7,13 @@ import torch
 from tiny_training import run, train_command
 
 
-def _write(folder, name, mtime):
+def _write(folder, name, mtime, iteration=None):
+    """A checkpoint file of ``name`` holding VISSL's ``iteration`` (None: bytes that are no checkpoint)."""
     path = folder / name
-    path.write_bytes(b"checkpoint")
+    if iteration is None:
+        path.write_bytes(b"checkpoint")
+    else:
+        torch.save({"iteration": iteration}, path)
     os.utime(path, ns=(mtime, mtime))
     return path
 
@@ -19,7 +23,7 @@ def test_prune_keeps_the_newest_the_linked_the_final_and_milestones(tmp_path):
 
     names = [f"model_phase{n}.torch" for n in range(10)] + ["model_iteration230.torch", "model_iteration250.torch"]
     for order, name in enumerate(names):
-        _write(tmp_path, name, 10**18 + order * 10**9)
+        _write(tmp_path, name, 10**18 + order * 10**9, iteration=20 * (order + 1) if order < 10 else None)
     foreign = ["model_phase3_shard0.torch", "model_phase2.torch.tmp", "model_phase1_backup.torch", "notes.torch"]
     for name in foreign:
         _write(tmp_path, name, 10**18)
@@ -32,6 +36,21 @@ def test_prune_keeps_the_newest_the_linked_the_final_and_milestones(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == kept | {"checkpoint.torch"}
     assert sorted(p.name for p in deleted) == sorted(set(names) - kept)
     assert prune_checkpoints(tmp_path, keep_last=-1, keep_every_epochs=0) == []
+
+
+def test_prune_keeps_an_epoch_checkpoint_it_cannot_read(tmp_path):
+    """How far an unreadable epoch checkpoint is trained is unknown (a newer VISSL's types that a weights-only load
+    refuses, a file a copy cut short): it may be the newest, so pruning keeps it, and the readable ones are pruned
+    as usual."""
+    from convit_ssl.run_folder import latest_checkpoint, prune_checkpoints
+
+    for epoch in range(4):
+        _write(tmp_path, f"model_phase{epoch}.torch", 10**18, iteration=10 * (epoch + 1))
+    _write(tmp_path, "model_phase4.torch", 10**18)
+    deleted = prune_checkpoints(tmp_path, keep_last=1, keep_every_epochs=0)
+    assert sorted(p.name for p in deleted) == ["model_phase0.torch", "model_phase1.torch", "model_phase2.torch"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_phase3.torch", "model_phase4.torch"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "model_phase3.torch"
 
 
 @pytest.mark.slow
