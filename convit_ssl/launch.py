@@ -241,6 +241,17 @@ def check_memory(args: argparse.Namespace) -> None:
                           f"the node's memory): give GB per node, e.g. --mem-gb 64, or leave it to the cluster")
 
 
+def check_job_name(args: argparse.Namespace) -> None:
+    """``--job-name``, which names the job's folder (``NAME-%j``), is one folder name: not empty, no ``/``."""
+    if args.job_name is None:
+        return
+    if not args.job_name:
+        raise LaunchError("--job-name '' is empty: give a name, or leave --job-name out for one from the config")
+    if "/" in args.job_name:
+        raise LaunchError(f"--job-name {args.job_name!r} would make nested folders (it names the job's folder): "
+                          f"e.g. --job-name {_name_part(args.job_name)}, or choose where with --job-dir")
+
+
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -495,6 +506,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise LaunchError("--local runs every node on this machine's GPUs: use --nodes 1, or --cpu")
     check_time(args)
     check_memory(args)
+    check_job_name(args)
     if not any(o.startswith("config=") for o in args.overrides):
         raise LaunchError("no config=NAME among the overrides: e.g. config=dino model=convit_tiny data=digits")
     run_dirs = [o.split("=", 1)[1] for o in args.overrides if _key(o) == "run_dir"]
@@ -918,6 +930,7 @@ def evaluation_main(parser: argparse.ArgumentParser, args: argparse.Namespace, c
             raise LaunchError("--local runs every node on this machine's GPUs: use --nodes 1, or --cpu")
         check_time(args)
         check_memory(args)
+        check_job_name(args)
         evaluation = check_evaluation_args(command, eval_argv, command)
         if evaluation.checkpoint and evaluation.checkpoint != "random":
             checkpoint_file(Path(evaluation.checkpoint))

@@ -454,9 +454,13 @@ def test_then_help_names_only_what_the_launcher_adds(monkeypatch, tmp_path):
     (["--mem-gb", "0.0001"], "--mem-gb 0.0001 is under 1 MB"),
     (["--mem-gb", "0"], "--mem-gb 0 is under 1 MB"),
     (["--signal-delay-s", "-5"], "--signal-delay-s -5 is negative"),
+    (["--job-name", "mine/dino"], "--job-name 'mine/dino' would make nested folders"),
+    (["--job-name", ""], "--job-name '' is empty"),
 ])
-def test_memory_and_signal_delay_are_checked_in_one_line(job_env, capsys, checkpoint, option, message, tiny):
-    """sbatch reads --mem=0MB as all of the node's memory, and a negative delay is no signal before the limit."""
+def test_memory_signal_delay_and_job_name_are_checked_in_one_line(job_env, capsys, checkpoint, option, message,
+                                                                  tiny):
+    """sbatch reads --mem=0MB as all of the node's memory, a negative delay is no signal before the limit, and a job
+    name names the job's folder: a / in it would nest them."""
     for launched in (tiny, ["knn", "--checkpoint", str(checkpoint)]):
         assert launch.main(["--dry-run", *CPU, *option, *launched]) == 2
         err = capsys.readouterr().err
