@@ -68,7 +68,7 @@ class LoadReport:
     dropped: List[str] = field(default_factory=list)
     source_format: str = "timm"
     file: Optional[Path] = None
-    part: str = ""  # which of the file's networks, where it holds several: "DINO teacher"
+    part: str = ""  # which of the file's networks, where it holds several: "DINO teacher", "model weights, not ..."
 
     def __str__(self) -> str:
         dropped = f"; dropped (not part of a trunk): {', '.join(self.dropped)}" if self.dropped else ""
@@ -334,6 +334,13 @@ def run_folder_note(path: str | os.PathLike, file: Path) -> Optional[str]:
     return f"{path} is a run folder: using its latest checkpoint {file}{target} ({LATEST_RULE})"
 
 
+def _ema_left(checkpoint: Mapping, weights: str) -> str:
+    """The report's part for a training checkpoint read from ``weights`` when it also holds an EMA of them
+    (DeiT's main.py: ``model_ema``; timm's train.py: ``state_dict_ema``), else ""."""
+    ema = f"{weights}_ema"
+    return f"{weights} weights, not the EMA in {ema}" if isinstance(checkpoint.get(ema), Mapping) else ""
+
+
 def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], str, str]:
     """Load a checkpoint file and return (timm-layout state dict, format name, the network read where the file
     holds several: "DINO teacher", else "").
@@ -341,7 +348,8 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], s
     Formats: VISSL (``classy_state_dict``), official ConViT/DeiT (``{"model": ...}``), DINO
     (``{"teacher": ...}``), convit_ssl or timm state dicts; a run folder is read as its ``run_checkpoint``. A DINO
     training checkpoint, VISSL's or DINO's own, gives its teacher, as DINO's evaluations and paper do (the teacher
-    does better than the student). Raises ``CheckpointError`` with a one-line reason for a missing file or an unknown
+    does better than the student). A training checkpoint with an EMA of its weights (``model_ema``,
+    ``state_dict_ema``) gives the trained weights, and the part says the EMA was left. Raises ``CheckpointError`` with a one-line reason for a missing file or an unknown
     layout.
     """
     path = checkpoint_file(path)
@@ -355,9 +363,9 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], s
     elif "teacher" in checkpoint:
         state, fmt, part = checkpoint["teacher"], "dino", "DINO teacher"
     elif "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-        state, fmt = checkpoint["model"], "official"
+        state, fmt, part = checkpoint["model"], "official", _ema_left(checkpoint, "model")
     elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
-        state, fmt = checkpoint["state_dict"], "state_dict"
+        state, fmt, part = checkpoint["state_dict"], "state_dict", _ema_left(checkpoint, "state_dict")
     else:
         state, fmt = checkpoint, "state_dict"
     state = {key: value for key, value in _strip_prefixes(state).items() if isinstance(value, torch.Tensor)}

@@ -198,6 +198,22 @@ def test_official_checkpoint_with_its_argparse_namespace_loads(tmp_path):
         assert torch.allclose(dino_trunk.eval()(images)[0], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("weights, ema", [("model", "model_ema"), ("state_dict", "state_dict_ema")],
+                         ids=["deit main.py", "timm train.py"])
+def test_a_checkpoint_with_ema_weights_says_they_were_not_read(tmp_path, weights, ema):
+    """DeiT's main.py saves ``model_ema`` beside ``model``, timm's train.py ``state_dict_ema`` beside
+    ``state_dict``: the load reads the trained weights, and its report says the file's EMA was left."""
+    trained, averaged = create_trunk("convit_tiny", img_size=32), create_trunk("convit_tiny", img_size=32)
+    torch.save({weights: to_timm_state_dict(trained), ema: to_timm_state_dict(averaged), "epoch": 9},
+               tmp_path / "train.pth")
+    trunk, report = load_trunk(tmp_path / "train.pth")
+    assert torch.equal(trunk.pos_embedding, trained.pos_embedding)
+    assert report.part == f"{weights} weights, not the EMA in {ema}", report.part
+    assert f"the {weights} weights, not the EMA in {ema}" in str(report)
+    torch.save({weights: to_timm_state_dict(trained)}, tmp_path / "plain.pth")
+    assert load_trunk(tmp_path / "plain.pth")[1].part == ""
+
+
 def _vissl_checkpoint(path, trunk):
     torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}}, path)
 
