@@ -21,7 +21,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -334,40 +334,60 @@ def run_folder_note(path: str | os.PathLike, file: Path) -> Optional[str]:
     return f"{path} is a run folder: using its latest checkpoint {file}{target} ({LATEST_RULE})"
 
 
-def _ema_left(checkpoint: Mapping, weights: str) -> str:
-    """The report's part for a training checkpoint read from ``weights`` when it also holds an EMA of them
-    (DeiT's main.py: ``model_ema``; timm's train.py: ``state_dict_ema``), else ""."""
+# What ``network=`` (``--network``) can ask for; without it a DINO run gives its teacher, anything else its model.
+NETWORKS = ("student", "ema")
+
+
+def _file_networks(checkpoint: Mapping) -> Tuple[str, str, Dict[Optional[str], Callable[[], Tuple[Mapping, str]]]]:
+    """(format, what the file holds in words, {None: the default network, "student"/"ema": those it also holds})
+    of a loaded checkpoint; each network is read when called, as (state dict, the report's part)."""
+    if "classy_state_dict" in checkpoint or "trunk" in checkpoint:
+        teacher = vissl_teacher_state(checkpoint)
+        if teacher is None:
+            return "vissl", "its model only", {None: lambda: (vissl_trunk_state(checkpoint), "")}
+        return "vissl", "a DINO teacher and its student", {
+            None: lambda: (teacher, "DINO teacher"), "student": lambda: (vissl_trunk_state(checkpoint), "DINO student")}
+    if "teacher" in checkpoint:
+        networks = {None: lambda: (checkpoint["teacher"], "DINO teacher")}
+        if isinstance(checkpoint.get("student"), Mapping):
+            networks["student"] = lambda: (checkpoint["student"], "DINO student")
+        return "dino", f"a DINO teacher{' and its student' if 'student' in networks else ' only'}", networks
+    # DeiT's and ConViT's main.py save {"model", "model_ema"}, timm's train.py {"state_dict", "state_dict_ema"}
+    weights = next((key for key in ("model", "state_dict") if isinstance(checkpoint.get(key), Mapping)), None)
+    fmt = "official" if weights == "model" else "state_dict"
     ema = f"{weights}_ema"
-    return f"{weights} weights, not the EMA in {ema}" if isinstance(checkpoint.get(ema), Mapping) else ""
+    if weights is None or not isinstance(checkpoint.get(ema), Mapping):
+        return fmt, "its model only", {None: lambda: (checkpoint[weights] if weights else checkpoint, "")}
+    return fmt, "its model and their EMA", {
+        None: lambda: (checkpoint[weights], f"{weights} weights, not the EMA in {ema}"),
+        "ema": lambda: (checkpoint[ema], f"EMA weights in {ema}")}
 
 
-def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], str, str]:
+def read_checkpoint(path: str | os.PathLike, network: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], str, str]:
     """Load a checkpoint file and return (timm-layout state dict, format name, the network read where the file
-    holds several: "DINO teacher", else "").
+    holds several: "DINO teacher", "EMA weights in model_ema", ..., else "").
 
     Formats: VISSL (``classy_state_dict``), official ConViT/DeiT (``{"model": ...}``), DINO
     (``{"teacher": ...}``), convit_ssl or timm state dicts; a run folder is read as its ``run_checkpoint``. A DINO
     training checkpoint, VISSL's or DINO's own, gives its teacher, as DINO's evaluations and paper do (the teacher
-    does better than the student). A training checkpoint with an EMA of its weights (``model_ema``,
-    ``state_dict_ema``) gives the trained weights, and the part says the EMA was left. Raises ``CheckpointError`` with a one-line reason for a missing file or an unknown
-    layout.
+    does better than the student); a training checkpoint with an EMA of its weights (``model_ema``,
+    ``state_dict_ema``) gives the trained weights, and the part says the EMA was left. ``network`` (one of
+    ``NETWORKS``) asks for the student or the EMA instead. Raises ``CheckpointError`` with a one-line reason for a
+    missing file, an unknown layout or a network the file does not hold.
     """
+    if network is not None and network not in NETWORKS:
+        raise CheckpointError(f"network {network!r} is not one of {', '.join(NETWORKS)}: leave it out for the file's "
+                              f"own (a DINO run's teacher, else its model)")
     path = checkpoint_file(path)
     checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
-    part = ""
-    if "classy_state_dict" in checkpoint or "trunk" in checkpoint:
-        teacher = vissl_teacher_state(checkpoint)
-        state, fmt, part = (teacher, "vissl", "DINO teacher") if teacher else (vissl_trunk_state(checkpoint), "vissl", "")
-    elif "teacher" in checkpoint:
-        state, fmt, part = checkpoint["teacher"], "dino", "DINO teacher"
-    elif "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-        state, fmt, part = checkpoint["model"], "official", _ema_left(checkpoint, "model")
-    elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
-        state, fmt, part = checkpoint["state_dict"], "state_dict", _ema_left(checkpoint, "state_dict")
-    else:
-        state, fmt = checkpoint, "state_dict"
+    fmt, held, networks = _file_networks(checkpoint)
+    if network not in networks:
+        default = "its DINO teacher" if held.startswith("a DINO teacher") else "its model"
+        raise CheckpointError(f"checkpoint {path} holds no {network} ({fmt} format, {held}): leave --network out to "
+                              f"read {default}")
+    state, part = networks[network]()
     state = {key: value for key, value in _strip_prefixes(state).items() if isinstance(value, torch.Tensor)}
     # VISSL and convit_ssl checkpoints carry our names; bring them to timm's layout.
     return {_rename(key, _OURS_TO_TIMM): value for key, value in state.items()}, fmt, part
@@ -387,15 +407,16 @@ def run_trunk_kwargs(path: str | os.PathLike) -> Optional[Dict[str, object]]:
     return trunk_kwargs(model)
 
 
-def load_trunk(path: str | os.PathLike, arch: Optional[str] = None, **overrides) -> Tuple[ConViT, LoadReport]:
-    """Trunk from any supported checkpoint file (see ``read_checkpoint``).
+def load_trunk(path: str | os.PathLike, arch: Optional[str] = None, network: Optional[str] = None,
+               **overrides) -> Tuple[ConViT, LoadReport]:
+    """Trunk from any supported checkpoint file (see ``read_checkpoint``, and its ``network``).
 
     For a checkpoint in a VISSL run folder, the model is the one the run's config describes (unless ``arch``
     or overrides are given); otherwise it is inferred from the tensor shapes. A run folder stands for its
     ``run_checkpoint``; ``report.file`` is the file read.
     """
     path = checkpoint_file(path)
-    state, fmt, part = read_checkpoint(path)
+    state, fmt, part = read_checkpoint(path, network)
     run_kwargs = run_trunk_kwargs(path) if fmt == "vissl" and arch is None and not overrides else None
     if run_kwargs is not None:
         trunk = ConViT(**run_kwargs)
@@ -407,7 +428,8 @@ def load_trunk(path: str | os.PathLike, arch: Optional[str] = None, **overrides)
     return trunk, report
 
 
-def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Optional[str] = None) -> LoadReport:
+def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Optional[str] = None,
+                network: Optional[str] = None) -> LoadReport:
     """Write the trunk of ``checkpoint`` (VISSL or other, or a run folder) as a timm state dict at ``out``.
 
     ``out`` is written atomically and is never one of the export's inputs (the checkpoint, through any link, and
@@ -424,8 +446,8 @@ def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: Opt
         raise CheckpointError(f"output {out} is an input of the export (the same file as {same[0]}): pass "
                               f"another output path, e.g. {source.parent / (source.stem + '_timm.pth')}")
     try:
-        trunk, report = load_trunk(source, arch=arch)
+        trunk, report = load_trunk(source, arch=arch, network=network)
     except HeadCountUnknown:  # timm's model sets the head count; one head only checks the tensors' fit
-        trunk, report = load_trunk(source, arch=arch, num_heads=1)
+        trunk, report = load_trunk(source, arch=arch, network=network, num_heads=1)
     atomic.torch_save(to_timm_state_dict(trunk), out)
     return report

@@ -214,6 +214,38 @@ def test_a_checkpoint_with_ema_weights_says_they_were_not_read(tmp_path, weights
     assert load_trunk(tmp_path / "plain.pth")[1].part == ""
 
 
+def test_the_student_or_the_ema_is_read_when_asked_for(tmp_path):
+    """``network="student"`` reads a DINO run's student (VISSL's or DINO's own checkpoint), ``network="ema"`` a
+    training checkpoint's EMA; a network the file does not hold is one line naming what it holds."""
+    student, teacher = create_trunk("convit_tiny", img_size=32), create_trunk("convit_tiny", img_size=32)
+    loss = {f"momentum_teacher.trunk.{key}": value for key, value in teacher.state_dict().items()}
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": student.state_dict()}}, "loss": loss}},
+               tmp_path / "vissl_dino.torch")
+    timm_student = {f"module.backbone.{key}": value for key, value in to_timm_state_dict(student).items()}
+    timm_teacher = {f"backbone.{key}": value for key, value in to_timm_state_dict(teacher).items()}
+    torch.save({"student": timm_student, "teacher": timm_teacher}, tmp_path / "dino.pth")
+    torch.save({"model": to_timm_state_dict(teacher), "model_ema": to_timm_state_dict(student)},
+               tmp_path / "deit.pth")
+    for name, network, part in [("vissl_dino.torch", "student", "DINO student"), ("dino.pth", "student",
+                                "DINO student"), ("deit.pth", "ema", "EMA weights in model_ema")]:
+        trunk, report = load_trunk(tmp_path / name, network=network)
+        assert report.part == part, (name, report.part)
+        for key, value in trunk.state_dict().items():
+            assert torch.equal(value, student.state_dict()[key]), (name, key)
+    for name, network, held in [("deit.pth", "student", "its model and their EMA"),
+                                ("vissl_dino.torch", "ema", "a DINO teacher and its student"),
+                                ("dino.pth", "ema", "a DINO teacher and its student")]:
+        with pytest.raises(CheckpointError) as error:
+            load_trunk(tmp_path / name, network=network)
+        message = str(error.value)
+        assert "\n" not in message and f"holds no {network}" in message and held in message, message
+    _vissl_checkpoint(tmp_path / "simclr.torch", student)
+    with pytest.raises(CheckpointError, match="holds no student.*its model only"):
+        load_trunk(tmp_path / "simclr.torch", network="student")
+    with pytest.raises(CheckpointError, match="network 'teacher' is not one of student, ema"):
+        load_trunk(tmp_path / "simclr.torch", network="teacher")
+
+
 def _vissl_checkpoint(path, trunk):
     torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": trunk.state_dict()}}}}, path)
 

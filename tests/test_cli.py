@@ -89,6 +89,19 @@ def test_export_timm_from_vissl_checkpoint(capsys, tmp_path):
     assert missing == ["head.weight", "head.bias"]
 
 
+def test_export_timm_of_a_dino_runs_student(capsys, tmp_path):
+    student, teacher = create_trunk("convit_tiny", img_size=64), create_trunk("convit_tiny", img_size=64)
+    loss = {f"momentum_teacher.trunk.{key}": value for key, value in teacher.state_dict().items()}
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": student.state_dict()}}, "loss": loss}},
+               tmp_path / "ck.torch")
+    assert cli.main(["export-timm", str(tmp_path / "ck.torch"), str(tmp_path / "out.pth"), "--network", "student"]) == 0
+    assert "the DINO student" in capsys.readouterr().out
+    exported = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert torch.equal(exported["pos_embed"], student.pos_embedding)
+    assert "invalid choice: 'teacher'" in _error(capsys, "export-timm", str(tmp_path / "ck.torch"),
+                                                 str(tmp_path / "o.pth"), "--network", "teacher")
+
+
 def test_export_timm_of_missing_or_foreign_file(capsys, tmp_path):
     assert "does not exist" in _error(capsys, "export-timm", str(tmp_path / "nope.torch"), str(tmp_path / "o.pth"))
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pth")

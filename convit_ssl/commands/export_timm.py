@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from convit_ssl.checkpoint import NETWORKS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("The output loads into timm's model of the same size with strict=False (only its classifier "
@@ -13,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="where to write the timm state dict (.pth); written atomically, never over an "
                                     "input")
     parser.add_argument("--arch", default=None, help="preset name, when the shapes are ambiguous (default: inferred)")
+    parser.add_argument("--network", choices=NETWORKS, default=None,
+                        help="a DINO run's student, or a training checkpoint's EMA (default: a DINO run's teacher, "
+                             "else the trained model)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
     note = run_folder_note(args.checkpoint, checkpoint_file(args.checkpoint))
     if note:
         print(note)
-    report = export_timm(args.checkpoint, args.out, arch=args.arch)
+    report = export_timm(args.checkpoint, args.out, arch=args.arch, network=args.network)
     print(f"{report}\nwrote {args.out}")
     return 0

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
+from convit_ssl.checkpoint import NETWORKS
 from convit_ssl.data import data_root, dataset_split_dir
 from convit_ssl.errors import UsageError
 from convit_ssl.evaluation import distributed
@@ -36,6 +37,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "pretrained trunk must beat; set its shape with --trunk-option")
     group.add_argument("--arch", metavar="PRESET",
                        help="with --checkpoint: the preset, when the shapes leave it open (DeiT/ViT head counts)")
+    group.add_argument("--network", choices=NETWORKS, default=None,
+                       help="with --checkpoint: a DINO run's student, or a training checkpoint's EMA (model_ema, "
+                            "state_dict_ema) (default: a DINO run's teacher, else the trained model)")
     group.add_argument("--trunk-option", action="append", default=[], metavar="KEY=VALUE",
                        help="trunk keyword (repeatable), e.g. patch_size=4 or local_up_to_layer=0; for --random the "
                             "image size defaults to the recipe's")
@@ -115,6 +119,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         for item in value if isinstance(value, list) else ([] if value is None else [value]):
             check_number(item, rule, f"--{name.replace('_', '-')}", example)
+    if getattr(args, "network", None) and not getattr(args, "checkpoint", None):
+        raise UsageError(f"--network {args.network} chooses a network of a --checkpoint: drop it with --random")
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -168,11 +174,12 @@ def checkpoint_label(file: Path) -> str:
 
 
 def checkpoint_model(path: Path, name: Optional[str] = None, arch: Optional[str] = None,
-                     **options) -> Tuple[torch.nn.Module, dict]:
-    """(trunk, description for the result manifest) of a checkpoint file or a run folder (its latest checkpoint).
+                     network: Optional[str] = None, **options) -> Tuple[torch.nn.Module, dict]:
+    """(trunk, description for the result manifest) of a checkpoint file or a run folder (its latest checkpoint);
+    ``network`` as ``load_trunk``'s.
 
     The description holds the path given, the file read (links resolved), its run folder's name, the sha256 of
-    the file, the format and the arch; ``name`` defaults to ``checkpoint_label``.
+    the file, the format, the network asked for and the arch; ``name`` defaults to ``checkpoint_label``.
     """
     from convit_ssl.checkpoint import checkpoint_file, load_trunk, run_folder_note
     from convit_ssl.run_folder import is_run_folder
@@ -181,11 +188,12 @@ def checkpoint_model(path: Path, name: Optional[str] = None, arch: Optional[str]
     note = run_folder_note(path, file)
     if note:
         print(note)
-    trunk, report = load_trunk(file, arch=arch, **options)
+    trunk, report = load_trunk(file, arch=arch, network=network, **options)
     resolved = file.resolve()
     return trunk, {"name": name or checkpoint_label(file), "source": "checkpoint", "checkpoint": str(path),
                    "file": str(resolved), "run": resolved.parent.name if is_run_folder(resolved.parent) else None,
-                   "sha256": file_sha256(resolved), "format": report.source_format, "arch": report.arch,
+                   "sha256": file_sha256(resolved), "format": report.source_format, "network": network,
+                   "arch": report.arch,
                    "options": options, "load_report": str(report)}
 
 
@@ -224,7 +232,7 @@ def model_from_args(args: argparse.Namespace, recipe: Recipe) -> Tuple[torch.nn.
 
     options = parse_options(args.trunk_option)
     if args.checkpoint:
-        trunk, info = checkpoint_model(args.checkpoint, args.name, args.arch, **options)
+        trunk, info = checkpoint_model(args.checkpoint, args.name, args.arch, args.network, **options)
     else:
         options.setdefault("img_size", recipe.image_size)
         torch.manual_seed(args.seed)

@@ -100,6 +100,7 @@ def test_errors_are_one_line_and_name_the_fix(digits_data, tmp_path, capsys, com
         (["--random", "convit_tiny", "--recipe", "imagenet"], r"unknown recipe 'imagenet'; known: cifar10"),
         (["--random", "convit_tiny", *TINY_OPTIONS, "--features", "lastFOO"], r"unknown feature key 'lastFOO'"),
         (["--random", "convit_tiny", "--trunk-option", "patch_size"], r"--trunk-option 'patch_size' is not KEY=VALUE"),
+        (["--random", "convit_tiny", "--network", "student"], r"--network student chooses a network of a --checkpoint"),
         (["--random", "convit_huge"], r"unknown arch 'convit_huge'; known presets"),
     ]
     for extra, message in cases:
